@@ -1,0 +1,307 @@
+"""From a `Fault` to a `HangReport`: who is to blame, where, and what everyone was doing.
+
+`name_culprits` is a pure function (records, stacks, log findings in; culprits out). Its
+rules, first match wins:
+
+- **crash**: a rank that failed with its own error (not a communication error caused by a
+  peer), earliest first; else a rank that vanished without recording an exit (SIGKILL, OOM
+  killer, segfault); else srun's first non-"Killed" task; else the earliest communication
+  failure.
+- **hang / stall**: ranks that are dead, exited or stopped (SIGSTOP) while the others wait;
+  else the ranks *not* in the phase the hung ranks wait in, or in it at an earlier step (they
+  never reached the collective); else, from the stacks, the minority whose main thread is
+  somewhere other than where the majority waits; else no culprit (all ranks wait in the same
+  place: suspect the network or the collective itself, see the NCCL findings).
+- **startup**: the ranks that never reported.
+
+`diagnose` gathers the evidence (stacks, logs, flight-recorder dumps) and builds the report;
+`write_report` writes ``reports/<utc>_<kind>.json`` and ``.txt`` plus ``last_report.json`` /
+``last_report.txt``; `load_last_report` reads it back for ``tulu status``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitoring.config import MonitorConfig
+from monitoring.detect import Detector, Fault
+from monitoring.logscan import LogFinding, scan_logs, srun_failed_tasks
+from monitoring.progress import meta_path
+from monitoring.record import STATE_EXITED, STATE_FAILED, RankRecord
+from monitoring.stacks import RankStack, collect_stacks, innermost_frame
+
+__all__ = ["Culprit", "HangReport", "name_culprits", "diagnose", "write_report",
+           "load_last_report", "request_flight_recorder_dumps"]
+
+_COMM_ERROR = re.compile(r"gloo|nccl|ProcessGroup|DistBackendError|DistNetworkError|"
+                         r"Connection (closed|reset)|Broken pipe|collective", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class Culprit:
+    rank: int
+    host: str
+    pid: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "host": self.host, "pid": self.pid, "reason": self.reason}
+
+
+def _c(r: RankRecord, reason: str) -> Culprit:
+    return Culprit(r.rank, r.host, r.pid, reason)
+
+
+def _where(r: RankRecord) -> str:
+    if r.state == STATE_EXITED:
+        return f"exited (code {r.exit_code}{', status unknown' if r.exit_code == -1 else ''})"
+    if r.state == STATE_FAILED:
+        return f"failed (code {r.exit_code}: {r.error or 'no message'})"
+    if r.phase:
+        return f"in phase {r.phase!r} at step {r.phase_step}"
+    return f"between phases after step {r.done_step}"
+
+
+def name_culprits(fault: Fault, records: list[RankRecord | None],
+                  stacks: dict[int, RankStack] | None = None,
+                  alive: dict[int, bool | None] | None = None,
+                  findings: list[LogFinding] | None = None) -> list[Culprit]:
+    stacks, alive, findings = stacks or {}, alive or {}, findings or []
+    present = [r for r in records if r is not None]
+    by_rank = {r.rank: r for r in present}
+
+    if fault.kind == "startup":
+        return [Culprit(rank, "", 0, "never reported progress (did not start, or hung before "
+                        "building its ProgressTracker)") for rank in fault.ranks]
+
+    if fault.kind == "crash":
+        failed = sorted((r for r in present if r.state == STATE_FAILED),
+                        key=lambda r: r.exit_time)
+        own = [r for r in failed if not _COMM_ERROR.search(r.error or "")]
+        if own:
+            return [_c(r, f"failed with its own error (exit code {r.exit_code}): "
+                       f"{r.error or 'no message'}") for r in own]
+        vanished = [r for r in present if alive.get(r.rank) is False and r.state != STATE_FAILED
+                    and r.state != STATE_EXITED]
+        if vanished:
+            return [_c(r, f"process {r.pid} vanished without recording an exit (SIGKILL, "
+                       f"OOM killer or a crash in C code) while {_where(r)}") for r in vanished]
+        tasks = srun_failed_tasks(findings)
+        if tasks:
+            t, node, what = tasks[0]
+            r = by_rank.get(t)
+            return [Culprit(t, node, r.pid if r else 0, f"srun: task {t} on {node}: {what}")]
+        if failed:
+            r = failed[0]
+            return [_c(r, f"first rank to fail (a communication error; its peer may be the real "
+                       f"cause): {r.error}")]
+        return []
+
+    # hang / stall
+    gone = [r for r in present if alive.get(r.rank) is False
+            or r.state in (STATE_EXITED, STATE_FAILED)]
+    stopped = [r for r in present if r not in gone and
+               stacks.get(r.rank) is not None and stacks[r.rank].proc_state.startswith(("T", "t"))]
+    culprits = [_c(r, f"{'process gone' if alive.get(r.rank) is False else _where(r)} while "
+                      f"the others wait") for r in gone]
+    culprits += [_c(r, f"process is stopped ({stacks[r.rank].proc_state}) {_where(r)}")
+                 for r in stopped]
+    if culprits:
+        return culprits
+
+    live = [r for r in present if r.rank not in {c.rank for c in culprits}]
+    if fault.kind == "hang" and fault.phase:
+        waiting = [r for r in live if r.phase == fault.phase]
+        top_step = max((r.phase_step for r in waiting), default=-1)
+        lagging = [r for r in live if r.phase != fault.phase or r.phase_step < top_step]
+        if lagging and len(lagging) < len(live):
+            n = sum(1 for r in waiting if r.phase_step == top_step)
+            return [_c(r, f"not in phase {fault.phase!r} step {top_step} where {n} rank(s) "
+                          f"wait: {_where(r)}") for r in lagging]
+    elif fault.kind == "stall":
+        top = max((r.done_step for r in live), default=-1)
+        lagging = [r for r in live if r.done_step < top]
+        if lagging and len(lagging) < len(live):
+            return [_c(r, f"lags at step {r.done_step} while others finished step {top}; "
+                          f"{_where(r)}") for r in lagging]
+
+    frames = {r.rank: innermost_frame(stacks[r.rank].text) for r in live
+              if r.rank in stacks and stacks[r.rank].text}
+    frames = {k: v for k, v in frames.items() if v}
+    if len(frames) >= 3:
+        (common, n), = Counter(frames.values()).most_common(1)
+        odd = [by_rank[k] for k, v in frames.items() if v != common]
+        if odd and n > len(frames) / 2:
+            return [_c(r, f"its main thread is in {frames[r.rank]} while {n} rank(s) wait in "
+                          f"{common} ({_where(r)})") for r in odd]
+    return []
+
+
+@dataclass(slots=True)
+class HangReport:
+    """What the monitor saw and concluded; written as JSON and as text."""
+
+    kind: str
+    detected_at: float
+    job_id: str | None
+    attempt: int
+    world_size: int
+    fault: dict
+    culprits: list[dict]
+    culprit_nodes: list[str]
+    summary: str
+    ranks: list[dict] = field(default_factory=list)
+    stacks: dict[str, dict] = field(default_factory=dict)
+    log_findings: list[dict] = field(default_factory=list)
+    timeouts: dict = field(default_factory=dict)
+    flight_recorder: dict = field(default_factory=dict)
+    reporter: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def to_text(self) -> str:
+        when = _utc(self.detected_at, pretty=True)
+        lines = [f"tulu-hpc health monitor: {self.kind.upper()} detected at {when}",
+                 f"job {self.job_id or '-'} attempt {self.attempt}, {self.world_size} ranks",
+                 "", self.summary, "", f"rule: {self.fault.get('detail', '')}", ""]
+        if self.culprits:
+            lines.append("culprit(s):")
+            lines += [f"  rank {c['rank']} on {c['host'] or '?'} (pid {c['pid']}): {c['reason']}"
+                      for c in self.culprits]
+        else:
+            lines.append("culprit: not identified (every rank waits in the same place)")
+        lines += ["", "ranks:"]
+        for r in self.ranks:
+            lines.append(f"  {r['rank']:>4} {r['host']:<16} pid {r['pid']:<8} {r['state']:<8} "
+                         f"{r['phase']} step {r['phase_step']} (last done {r['done_step']})")
+        if self.log_findings:
+            lines += ["", "log findings:"]
+            lines += [f"  [{f['kind']}] rank {f['rank']} {Path(f['file']).name}:{f['line_no']}: "
+                      f"{f['line'][:200]}" for f in self.log_findings[:30]]
+        if self.stacks:
+            lines += ["", "stacks:"]
+            for rank, s in sorted(self.stacks.items(), key=lambda kv: int(kv[0])):
+                lines.append(f"--- rank {rank} ({s['method']}) {s['proc_state']} {s['note']}")
+                lines += ["    " + t for t in s["text"].rstrip().splitlines()[:60]]
+        return "\n".join(lines) + "\n"
+
+
+def _utc(t: float, pretty: bool = False) -> str:
+    d = _dt.datetime.fromtimestamp(t, _dt.timezone.utc)
+    return d.strftime("%Y-%m-%d %H:%M:%S UTC" if pretty else "%Y%m%dT%H%M%S") + (
+        "" if pretty else f"{int(t * 1000) % 1000:03d}Z")
+
+
+def request_flight_recorder_dumps(monitor_dir: str | os.PathLike,
+                                  records: list[RankRecord]) -> dict:
+    """Ask PyTorch's NCCL flight recorder of every rank for a dump (GPU only).
+
+    ProcessGroupNCCL creates ``<TORCH_NCCL_DEBUG_INFO_PIPE_FILE><rank>.pipe`` and dumps its
+    trace to ``<TORCH_NCCL_DEBUG_INFO_TEMP_FILE><rank>`` when something is written to it.
+    On CPU (gloo) no pipe exists and this returns what it looked for. Not exercised by the
+    CPU test suite."""
+    out = {"requested": [], "missing_pipe": [], "dump_files": []}
+    for r in records:
+        try:
+            meta = json.loads(meta_path(monitor_dir, r.rank).read_text())
+        except (OSError, ValueError):
+            continue
+        env = meta.get("flight_recorder_env") or {}
+        stem = env.get("TORCH_NCCL_DEBUG_INFO_PIPE_FILE")
+        if not stem:
+            continue
+        pipe = f"{stem}{r.rank}.pipe"
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"1")
+            os.close(fd)
+            out["requested"].append(r.rank)
+        except OSError:
+            out["missing_pipe"].append(r.rank)
+        dump = env.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+        if dump:
+            out["dump_files"].append(f"{dump}{r.rank}")
+    return out
+
+
+def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str | os.PathLike,
+             cfg: MonitorConfig, detector: Detector | None = None,
+             alive: dict[int, bool | None] | None = None, job_id: str | None = None,
+             attempt: int = 0, collect: bool = True, host: str | None = None) -> HangReport:
+    """Collect the evidence for ``fault`` and build its report (does not write it)."""
+    host = host or socket.gethostname()
+    present = [r for r in records if r is not None]
+    alive = alive or {}
+    stacks: dict[int, RankStack] = {}
+    fr: dict = {}
+    live = [r for r in present if r.state not in (STATE_EXITED, STATE_FAILED)
+            and alive.get(r.rank) is not False]
+    if collect and fault.kind != "crash" and live:
+        fr = request_flight_recorder_dumps(monitor_dir, live)
+        stacks = collect_stacks(monitor_dir, live, host, wait_s=cfg.stack_wait_s,
+                                use_py_spy=cfg.use_py_spy)
+    findings = scan_logs(cfg.log_globs) if cfg.log_globs else []
+    culprits = name_culprits(fault, records, stacks, alive, findings)
+    nodes = sorted({c.host for c in culprits if c.host})
+    if culprits:
+        who = ", ".join(f"rank {c.rank} on {c.host or '?'}" for c in culprits[:8])
+        summary = f"{fault.kind}: culprit {who}" + (" ..." if len(culprits) > 8 else "")
+        summary += f" - {culprits[0].reason}"
+    else:
+        summary = (f"{fault.kind}: no culprit rank identified; {fault.detail}. All ranks wait in "
+                   f"the same place: suspect the network/collective (see the NCCL findings).")
+    timeouts = {}
+    if detector is not None:
+        timeouts = {"learned": detector.learned_timeouts(),
+                    "configured": dict(cfg.phase_timeouts_s),
+                    "default_timeout_s": cfg.default_timeout_s,
+                    "stall_timeout_s": cfg.stall_timeout_s}
+    return HangReport(
+        kind=fault.kind, detected_at=time.time(), job_id=job_id, attempt=attempt,
+        world_size=len(records), fault=fault.to_dict(),
+        culprits=[c.to_dict() for c in culprits], culprit_nodes=nodes, summary=summary,
+        ranks=[r.to_dict() for r in present], stacks={str(k): v.to_dict() for k, v in
+                                                      stacks.items()},
+        log_findings=[f.to_dict() for f in findings], timeouts=timeouts, flight_recorder=fr,
+        reporter={"host": host, "pid": os.getpid()})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(monitor_dir: str | os.PathLike, report: HangReport) -> Path:
+    """Write the report; returns the JSON path. ``last_report.json`` is a copy (not a symlink:
+    copies survive rsync and object stores)."""
+    d = Path(monitor_dir) / "reports"
+    d.mkdir(parents=True, exist_ok=True)
+    stem = f"{_utc(report.detected_at)}_{report.kind}"
+    jpath, tpath = d / f"{stem}.json", d / f"{stem}.txt"
+    report.files = {"json": str(jpath), "text": str(tpath)}
+    data = json.dumps(report.to_dict(), indent=1, sort_keys=True)
+    text = report.to_text()
+    _atomic_write(jpath, data)
+    _atomic_write(tpath, text)
+    _atomic_write(Path(monitor_dir) / "last_report.json", data)
+    _atomic_write(Path(monitor_dir) / "last_report.txt", text)
+    return jpath
+
+
+def load_last_report(monitor_dir: str | os.PathLike) -> dict | None:
+    """The newest report as a dict (keys as in `HangReport`), or None if there is none."""
+    try:
+        return json.loads((Path(monitor_dir) / "last_report.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,433 @@
+"""The job config: one YAML file -> one `JobConfig`, validated before anything is submitted.
+
+Sections: `cluster`, `groups` (inference, training), `model`, `stage` + the stage's own section
+(`sft`, `dpo` or `rlvr`), `data`, `checkpoint`, `monitoring`, `run`. `mode` says what the job
+does with the layout: `train` (the stage), `rehearse` (form every group, run one collective in
+each, write a membership report) or `counter` (a tiny resumable loop used to test requeue).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from tulu.config_schema import ConfigError, from_dict, require, to_dict
+
+__all__ = ["JobConfig", "ConfigError", "load_config", "parse_config", "apply_overrides"]
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    executor: Literal["slurm", "local"] = "slurm"
+    nodes: int = 1
+    gpus_per_node: int = 8  # one Slurm task per GPU; on CPU clusters: tasks per node
+    gpu_memory_gb: float = 80.0
+    request_gpus: bool = True  # ask Slurm for --gpus-per-node (fake GPUs on the local cluster)
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_limit_min: int = 60
+    exclusive: bool = False
+    signal_delay_s: int = 90  # warning before the time limit (submitit sends USR2)
+    max_restarts: int = 3  # requeues after a crash or hang; time-limit/preemption requeues are not capped here
+    env: dict[str, str] = field(default_factory=dict)  # extra exports for every task
+
+    def validate(self) -> None:
+        require(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
+        require(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
+        require(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a number > 0")
+        require(self.cpus_per_task >= 1, "cluster.cpus_per_task", self.cpus_per_task, "an integer >= 1")
+        require(self.time_limit_min >= 1, "cluster.time_limit_min", self.time_limit_min, "minutes >= 1")
+        require(
+            0 <= self.signal_delay_s < self.time_limit_min * 60,
+            "cluster.signal_delay_s",
+            self.signal_delay_s,
+            f"seconds in [0, {self.time_limit_min * 60}) (below the time limit)",
+        )
+        require(self.max_restarts >= 0, "cluster.max_restarts", self.max_restarts, "an integer >= 0")
+        if self.executor == "local":
+            require(self.nodes == 1, "cluster.nodes", self.nodes, "1 with cluster.executor 'local'")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(kw_only=True, slots=True)
+class InferenceGroupConfig:
+    gpus: int = 0
+    engine: Literal["vllm", "transformers"] = "vllm"
+    tp: int = 1
+    pp: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 4096
+
+    def validate(self) -> None:
+        require(self.gpus >= 0, "groups.inference.gpus", self.gpus, "an integer >= 0")
+        require(self.tp >= 1, "groups.inference.tp", self.tp, "an integer >= 1")
+        require(self.pp >= 1, "groups.inference.pp", self.pp, "an integer >= 1")
+        require(
+            0 < self.gpu_memory_utilization <= 1,
+            "groups.inference.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "a fraction in (0, 1]",
+        )
+        require(self.max_model_len >= 16, "groups.inference.max_model_len", self.max_model_len, ">= 16")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainingGroupConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int | Literal["auto"] = "auto"
+    distributed_optimizer: bool = True
+    grad_dtype: Literal["bf16", "fp32"] = "fp32"
+    recompute: Literal["none", "selective", "full"] = "none"
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+
+    def validate(self) -> None:
+        require(self.tp >= 1, "groups.training.tp", self.tp, "an integer >= 1")
+        require(self.pp >= 1, "groups.training.pp", self.pp, "an integer >= 1")
+        if self.dp != "auto":
+            require(self.dp >= 1, "groups.training.dp", self.dp, "an integer >= 1 or 'auto'")
+        require(self.micro_batch_size >= 1, "groups.training.micro_batch_size", self.micro_batch_size, ">= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class GroupsConfig:
+    inference: InferenceGroupConfig = field(default_factory=InferenceGroupConfig)
+    training: TrainingGroupConfig = field(default_factory=TrainingGroupConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class TinyArch:
+    """A Llama-shaped model built from scratch: no download, for CPU runs and tests."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+
+    def validate(self, key: str) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{key}.hidden_size",
+            self.hidden_size,
+            f"a multiple of num_attention_heads ({self.num_attention_heads})",
+        )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"{key}.num_key_value_heads",
+            self.num_key_value_heads,
+            f"a divisor of num_attention_heads ({self.num_attention_heads})",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    # Exactly one of: a HF name/path (weights loaded), a named architecture (shape only, e.g.
+    # for planning), or a tiny architecture built from scratch.
+    name_or_path: str | None = None
+    arch: str | None = None
+    tiny: TinyArch | None = None
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    tokenizer: str | None = None
+    value_model: str | None = None  # PPO value model: a named architecture or HF path; default: same as policy
+
+    def validate(self) -> None:
+        given = [k for k in ("name_or_path", "arch", "tiny") if getattr(self, k) is not None]
+        require(len(given) == 1, "model", given or "nothing", "exactly one of model.name_or_path, model.arch, model.tiny")
+        if self.arch is not None:
+            from tulu.model_shapes import ARCHITECTURES
+
+            require(self.arch in ARCHITECTURES, "model.arch", self.arch, ", ".join(sorted(ARCHITECTURES)))
+        if self.value_model is not None:
+            from tulu.model_shapes import ARCHITECTURES
+
+            require(
+                self.value_model in ARCHITECTURES or "/" in self.value_model,
+                "model.value_model",
+                self.value_model,
+                "a HF name/path or one of " + ", ".join(sorted(ARCHITECTURES)),
+            )
+        if self.tiny is not None:
+            self.tiny.validate("model.tiny")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+    def validate(self, key: str) -> None:
+        require(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
+        require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
+        require(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
+        require(self.grad_clip >= 0, f"{key}.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+
+
+@dataclass(kw_only=True, slots=True)
+class SFTConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 2
+    max_steps: int | None = None
+    global_batch_size: int = 128
+    max_seq_len: int = 4096
+    packing: bool = True
+    log_interval: int = 1
+    eval_interval: int = 0
+
+    def validate(self, key: str = "sft") -> None:
+        self.optim.validate(f"{key}.optim")
+        require(self.epochs >= 1, f"{key}.epochs", self.epochs, ">= 1")
+        require(self.max_steps is None or self.max_steps >= 1, f"{key}.max_steps", self.max_steps, ">= 1 or null")
+        require(self.global_batch_size >= 1, f"{key}.global_batch_size", self.global_batch_size, ">= 1")
+        require(self.max_seq_len >= 8, f"{key}.max_seq_len", self.max_seq_len, ">= 8")
+        require(self.log_interval >= 1, f"{key}.log_interval", self.log_interval, ">= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class DPOConfig(SFTConfig):
+    beta: float = 5.0
+    loss: Literal["dpo_norm", "dpo"] = "dpo_norm"  # Tulu 3: length-normalised DPO
+    reference_logprobs: Literal["frozen_model", "precomputed"] = "frozen_model"
+
+    def validate(self, key: str = "dpo") -> None:
+        SFTConfig.validate(self, key)
+        require(self.beta > 0, f"{key}.beta", self.beta, "a number > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RLVRConfig:
+    algorithm: Literal["ppo", "grpo"] = "grpo"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.0))
+    steps: int = 100
+    prompts_per_step: int = 64
+    samples_per_prompt: int = 4
+    response_length: int = 1024
+    temperature: float = 1.0
+    kl_beta: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    value_loss_coef: float = 0.5
+    value_lr: float | None = None
+    verified_reward: float = 10.0
+    unverified_reward: float = 0.0
+    no_eos_penalty: float = 0.0
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int = 2
+    weight_sync_bucket_mb: float = 256.0
+
+    def validate(self, key: str = "rlvr") -> None:
+        self.optim.validate(f"{key}.optim")
+        require(self.steps >= 1, f"{key}.steps", self.steps, ">= 1")
+        require(self.prompts_per_step >= 1, f"{key}.prompts_per_step", self.prompts_per_step, ">= 1")
+        min_samples = 2 if self.algorithm == "grpo" else 1
+        require(
+            self.samples_per_prompt >= min_samples,
+            f"{key}.samples_per_prompt",
+            self.samples_per_prompt,
+            f">= {min_samples} for {self.algorithm} (GRPO normalises within a group)",
+        )
+        require(self.response_length >= 1, f"{key}.response_length", self.response_length, ">= 1")
+        require(self.temperature > 0, f"{key}.temperature", self.temperature, "> 0")
+        require(self.kl_beta >= 0, f"{key}.kl_beta", self.kl_beta, ">= 0")
+        require(0 < self.clip_eps < 1, f"{key}.clip_eps", self.clip_eps, "in (0, 1)")
+        require(0 <= self.gamma <= 1, f"{key}.gamma", self.gamma, "in [0, 1]")
+        require(0 <= self.gae_lambda <= 1, f"{key}.gae_lambda", self.gae_lambda, "in [0, 1]")
+        require(self.verifier_timeout_s > 0, f"{key}.verifier_timeout_s", self.verifier_timeout_s, "> 0")
+        require(self.verifier_workers >= 1, f"{key}.verifier_workers", self.verifier_workers, ">= 1")
+        require(self.weight_sync_bucket_mb > 0, f"{key}.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "> 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train: str | None = None  # local jsonl/parquet path or hub dataset name
+    eval: str | None = None
+    split: str = "train"
+    synthetic: Literal["arithmetic_sft", "arithmetic_preference", "arithmetic_rlvr"] | None = None
+    synthetic_size: int = 512
+    shuffle_seed: int = 1234
+    cache_dir: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    dir: str | None = None  # default: <run.dir>/checkpoints
+    interval: int = 100  # steps
+    keep_last: int = 3
+    load: bool = True
+
+    def validate(self) -> None:
+        require(self.interval >= 1, "checkpoint.interval", self.interval, "steps >= 1")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class MonitoringConfig:
+    enabled: bool = True
+    check_interval_s: float = 5.0
+    default_timeout_s: float = 600.0
+    phase_timeouts_s: dict[str, float] = field(default_factory=dict)
+    stall_timeout_s: float = 1800.0
+    learn_timeouts: bool = True
+    safety_factor: float = 5.0
+    min_learned_timeout_s: float = 60.0
+    exclude_culprit_node: bool = True
+
+    def validate(self) -> None:
+        require(self.check_interval_s > 0, "monitoring.check_interval_s", self.check_interval_s, "> 0")
+        require(self.default_timeout_s > 0, "monitoring.default_timeout_s", self.default_timeout_s, "> 0")
+        require(self.stall_timeout_s > 0, "monitoring.stall_timeout_s", self.stall_timeout_s, "> 0")
+        require(self.safety_factor >= 1, "monitoring.safety_factor", self.safety_factor, ">= 1")
+        for phase, t in self.phase_timeouts_s.items():
+            require(t > 0, f"monitoring.phase_timeouts_s.{phase}", t, "> 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "tulu"
+    dir: str = "runs/{name}"  # `{name}` is replaced; relative paths are relative to the cwd at submit time
+    seed: int = 1234
+    counter_steps: int = 20  # mode=counter: steps of the resumable test loop
+    counter_step_s: float = 0.5
+    counter_checkpoint_interval: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    mode: Literal["train", "rehearse", "counter"] = "train"
+    stage: Literal["sft", "dpo", "rlvr"] = "sft"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyArch()))
+    sft: SFTConfig | None = None
+    dpo: DPOConfig | None = None
+    rlvr: RLVRConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "JobConfig":
+        self.cluster.validate()
+        self.groups.inference.validate()
+        self.groups.training.validate()
+        self.model.validate()
+        for other in ("sft", "dpo", "rlvr"):
+            if other != self.stage and getattr(self, other) is not None:
+                raise ConfigError(other, f"section given but stage is {self.stage!r}; remove it or set stage: {other}")
+        if getattr(self, self.stage) is None:
+            setattr(self, self.stage, {"sft": SFTConfig, "dpo": DPOConfig, "rlvr": RLVRConfig}[self.stage]())
+        self.stage_config.validate()
+        if self.stage == "rlvr" and self.mode == "train":
+            require(self.groups.inference.gpus >= 1, "groups.inference.gpus", self.groups.inference.gpus,
+                    ">= 1 for stage rlvr (someone has to generate)")
+        if self.stage != "rlvr":
+            require(self.groups.inference.gpus == 0 or self.mode != "train", "groups.inference.gpus",
+                    self.groups.inference.gpus, f"0 for stage {self.stage} (only rlvr uses an inference group)")
+        self.checkpoint.validate()
+        self.monitoring.validate()
+        return self
+
+    @property
+    def stage_config(self) -> SFTConfig | DPOConfig | RLVRConfig:
+        return getattr(self, self.stage)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir.format(name=self.run.name))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def fingerprint(self, keys: tuple[str, ...] = ("stage", "model")) -> str:
+        """Hash of the parts a checkpoint must agree with (parallel layout may change)."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_config(data: dict) -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("", f"the config must be a YAML mapping, got {type(data).__name__}")
+    return from_dict(JobConfig, data).validate()
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`groups.training.tp=2` style overrides (values parsed as YAML) on a raw config mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like dotted.key=value")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path} is not valid YAML: {e}") from None
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    if isinstance(data, dict):
+        data.setdefault("run", {}).setdefault("name", Path(path).stem)
+    return parse_config(data)
+
+
+def config_from_dict(data: dict) -> JobConfig:
+    return parse_config(copy.deepcopy(data))

@@ -1,0 +1,88 @@
+"""What every job mode receives: config, plan, this task's role, and the job's folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tulu.config import JobConfig
+from tulu.launch.task_env import TaskEnv
+from tulu.plan import RankPlan, RankRole
+from tulu.stop import StopRequest
+
+
+@dataclass
+class JobContext:
+    cfg: JobConfig
+    plan: RankPlan
+    role: RankRole
+    env: TaskEnv
+    stop: StopRequest
+    run_dir: Path
+    progress: object | None = None  # monitoring.progress tracker when the monitor is on
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def monitor_dir(self) -> Path:
+        return self.run_dir / "monitor"
+
+    @property
+    def is_global_leader(self) -> bool:
+        return self.env.global_rank == 0
+
+    def log(self, message: str) -> None:
+        print(f"[tulu rank {self.env.global_rank} {self.role.role}:{self.role.role_rank}] {message}", flush=True)
+
+    def phase(self, name: str, step: int):
+        """Report a phase to the monitor; a no-op context when monitoring is off."""
+        if self.progress is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return self.progress.phase(name, step)
+
+    def step_done(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.step_done(step)
+
+    def fault_point(self, point: str, step: int) -> None:
+        """Fault injection hook (monitoring.faults); does nothing unless a fault is configured."""
+        try:
+            from monitoring import faults
+        except ImportError:
+            return
+        faults.maybe_inject(point, step=step, rank=self.env.global_rank, restart=self.env.restart_count)
+
+    def requeue(self, reason: str) -> None:
+        """Ask Slurm to run this job again (global rank 0 only); the monitor's recovery module
+        is the one place that requeues, so its markers prevent a second requeue on exit."""
+        if self.env.cluster != "slurm":
+            self.log(f"not requeuing under the local executor ({reason})")
+            return
+        try:
+            from monitoring import recovery
+        except ImportError:
+            recovery = None
+        if recovery is not None and hasattr(recovery, "requeue"):
+            recovery.requeue(self.env.job_id, reason, monitor_dir=str(self.monitor_dir))
+        else:
+            subprocess.run(["scontrol", "requeue", self.env.job_id], check=True, timeout=60)
+        self.log(f"requeued job {self.env.job_id}: {reason}")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def python() -> str:
+    return sys.executable

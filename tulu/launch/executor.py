@@ -1,0 +1,176 @@
+"""Build the submitit executor from a config and its rank plan; submit; remember the job.
+
+Folders of a run (`run.dir`, default `runs/<name>`):
+  logs/<job_id>/<job_id>_<task>_log.{out,err}   per-task logs, appended across requeues
+  monitor/                                      heartbeats, hang reports, requeue decisions
+  checkpoints/                                  committed checkpoints
+The job index `${TULU_HOME:-~/.tulu}/jobs/<job_id>.json` maps a job id back to its run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from tulu.config import JobConfig
+from tulu.launch.task import JobTask
+from tulu.plan import RankPlan
+
+
+@dataclass(frozen=True, slots=True)
+class RunPaths:
+    run_dir: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def monitor(self) -> Path:
+        return self.run_dir / "monitor"
+
+    def job_logs(self, job_id: str) -> Path:
+        return self.logs / str(job_id)
+
+
+def run_paths(cfg: JobConfig) -> RunPaths:
+    return RunPaths(cfg.run_dir.resolve())
+
+
+def task_environment(cfg: JobConfig, paths: RunPaths) -> dict[str, str]:
+    """Exports for every task: NCCL/torch settings that make hangs diagnosable, not silent."""
+    env = {
+        "TULU_RUN_DIR": str(paths.run_dir),
+        "OMP_NUM_THREADS": str(cfg.cluster.cpus_per_task),
+        "PYTHONUNBUFFERED": "1",
+        # Megatron's TP communication overlap needs ordered kernel queues.
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        # Keep NCCL's own watchdog on (Ai2 turned it off); the sidecar reads its verdicts and the
+        # flight recorder dump tells which collective each rank was in.
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(paths.monitor / "nccl_trace_rank_"),
+        "TORCH_NCCL_DEBUG_INFO_PIPE_FILE": str(paths.monitor / "nccl_pipe_rank_"),
+        "NCCL_DEBUG": "WARN",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update(cfg.cluster.env)
+    return env
+
+
+def setup_lines(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> list[str]:
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in task_environment(cfg, paths).items()]
+    lines.append(f"mkdir -p {shlex.quote(str(paths.monitor))}")
+    if cfg.monitoring.enabled:
+        try:
+            from monitoring.recovery import setup_lines as monitor_setup_lines
+        except ImportError:
+            monitor_setup_lines = None
+        if monitor_setup_lines is not None:
+            lines += monitor_setup_lines(str(paths.monitor), plan.world_size, monitor_settings(cfg))
+    return lines
+
+
+def monitor_settings(cfg: JobConfig) -> dict:
+    m = cfg.monitoring
+    return {
+        "check_interval_s": m.check_interval_s,
+        "default_timeout_s": m.default_timeout_s,
+        "phase_timeouts_s": dict(m.phase_timeouts_s),
+        "stall_timeout_s": m.stall_timeout_s,
+        "learn_timeouts": m.learn_timeouts,
+        "safety_factor": m.safety_factor,
+        "min_learned_s": m.min_learned_timeout_s,
+        "restart_budget": cfg.cluster.max_restarts,
+        "exclude_culprit_node": m.exclude_culprit_node,
+        "log_glob": str(run_paths(cfg).logs / "*" / "*_log.*"),
+    }
+
+
+def make_executor(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> submitit.Executor:
+    cl = cfg.cluster
+    folder = paths.logs / "%j"
+    if cl.executor == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(nodes=1, tasks_per_node=cl.gpus_per_node, timeout_min=cl.time_limit_min,
+                             gpus_per_node=0)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable), max_num_timeout=1000)
+    params = dict(
+        job_name=cfg.run.name,
+        nodes=cl.nodes,
+        ntasks_per_node=cl.gpus_per_node,
+        cpus_per_task=cl.cpus_per_task,
+        time=cl.time_limit_min,
+        signal_delay_s=cl.signal_delay_s,
+        setup=setup_lines(cfg, plan, paths),
+        # A task that dies takes the step down at once, instead of its peers hanging in a
+        # collective; the EXIT trap then decides about the requeue.
+        srun_args=["--kill-on-bad-exit=1"],
+        additional_parameters={"requeue": True},
+    )
+    if cl.request_gpus:
+        params["gpus_per_node"] = cl.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cl, key):
+            params[key] = getattr(cl, key)
+    if cl.exclusive:
+        params["exclusive"] = True
+    if cl.mem_gb:
+        params["mem"] = f"{int(cl.mem_gb)}GB"
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(cfg: JobConfig, plan: RankPlan) -> str:
+    paths = run_paths(cfg)
+    ex = make_executor(cfg, plan, paths)
+    if not isinstance(ex, submitit.SlurmExecutor):
+        raise ValueError("cluster.executor is 'local': there is no sbatch script")
+    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+def tulu_home() -> Path:
+    return Path(os.environ.get("TULU_HOME", Path.home() / ".tulu"))
+
+
+def record_job(job_id: str, cfg: JobConfig, paths: RunPaths, config_path: str | None) -> Path:
+    rec = {"job_id": job_id, "run_dir": str(paths.run_dir), "log_dir": str(paths.job_logs(job_id)),
+           "monitor_dir": str(paths.monitor), "config_path": config_path, "submitted": time.time(),
+           "executor": cfg.cluster.executor, "config": cfg.to_dict()}
+    out = tulu_home() / "jobs" / f"{job_id}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, out)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.run_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({k: rec[k] for k in ("job_id", "submitted", "config_path")}) + "\n")
+    return out
+
+
+def find_job(job_id: str) -> dict:
+    f = tulu_home() / "jobs" / f"{job_id}.json"
+    if not f.exists():
+        raise FileNotFoundError(f"job {job_id} was not submitted through tulu on this machine "
+                                f"(no {f}); pass the run folder instead")
+    return json.loads(f.read_text())
+
+
+def submit(cfg: JobConfig, plan: RankPlan, config_path: str | None = None) -> submitit.Job:
+    paths = run_paths(cfg)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.monitor.mkdir(parents=True, exist_ok=True)
+    (paths.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    ex = make_executor(cfg, plan, paths)
+    job = ex.submit(JobTask(cfg.to_dict(), str(paths.run_dir)))
+    record_job(str(job.job_id), cfg, paths, config_path)
+    return job

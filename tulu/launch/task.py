@@ -1,0 +1,65 @@
+"""The callable submitit pickles and every Slurm task runs: map the environment to a role,
+then hand over to the job mode."""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+from tulu.config import config_from_dict
+from tulu.launch import task_env
+from tulu.launch.context import JobContext
+from tulu.plan import build_plan
+from tulu.stop import StopRequest
+
+MODES = {
+    "rehearse": "tulu.jobs.rehearse",
+    "counter": "tulu.jobs.counter",
+    "train": "tulu.jobs.train",
+}
+
+
+class JobTask:
+    def __init__(self, cfg_dict: dict, run_dir: str):
+        self.cfg_dict = cfg_dict
+        self.run_dir = run_dir
+
+    def __call__(self):
+        from pathlib import Path
+
+        cfg = config_from_dict(self.cfg_dict)
+        env = task_env.current()
+        plan = build_plan(cfg)
+        if env.world_size != plan.world_size:
+            raise RuntimeError(f"Slurm started {env.world_size} tasks but the plan needs {plan.world_size} "
+                               f"({plan.nodes} nodes x {plan.gpus_per_node}); check the sbatch script")
+        role = plan.role_of(env.global_rank)
+        stop = StopRequest().install()
+        ctx = JobContext(cfg, plan, role, env, stop, Path(self.run_dir))
+        ctx.progress = _progress_tracker(ctx)
+        ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
+                f"mode {cfg.mode}, role {role.role} rank {role.role_rank}/{role.role_world_size} "
+                f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}")
+        started = time.time()
+        result = importlib.import_module(MODES[cfg.mode]).run(ctx)
+        ctx.log(f"finished mode {cfg.mode} in {time.time() - started:.1f} s: {result}")
+        if ctx.progress is not None:
+            ctx.progress.exit(0)
+        return result
+
+    def checkpoint(self, *args, **kwargs):
+        # submitit calls this only if our USR2 handler was not installed yet (the signal arrived
+        # during start-up): requeue the same task; it resumes from its last committed checkpoint.
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def _progress_tracker(ctx: JobContext):
+    if not ctx.cfg.monitoring.enabled:
+        return None
+    try:
+        from monitoring.progress import ProgressTracker
+    except ImportError:
+        return None
+    return ProgressTracker(str(ctx.monitor_dir), ctx.env.global_rank, ctx.env.world_size, role=ctx.role.role)

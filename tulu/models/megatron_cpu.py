@@ -1,0 +1,202 @@
+"""Make megatron-core 0.16.1 run on a CPU-only torch (gloo, tiny models, CI boxes).
+
+Megatron-core assumes a CUDA device in a handful of places. On a CPU-only build of torch each of
+those calls raises ("Torch not compiled with CUDA enabled"), so redirecting them to the CPU
+changes no working behaviour: it turns crashes into the CPU equivalent. :func:`apply` does it,
+only when ``torch.cuda.is_available()`` is false, and is idempotent. Call it once, before building
+a model (``tulu.models.llama.build_gpt_model`` does). The patches:
+
+1. ``torch.cuda.current_device`` returns ``"cpu"`` (global). Megatron passes it as ``device=``
+   in ~40 places (linear layers, tensor-parallel mappings, rotary embeddings, p2p shapes, ...).
+2. ``torch.cuda.synchronize`` becomes a no-op (global). Called after batched p2p in the pipeline
+   schedules and by checkpointing; CPU ops are synchronous already.
+3. Literal ``device="cuda"`` tensor factories (``torch.zeros(..., device="cuda")`` etc.) in the
+   modules listed in ``LITERAL_CUDA_MODULES``: their module-level name ``torch`` is replaced by
+   a copy of the torch module whose factories (``FACTORIES``) map a CUDA device to ``"cpu"``.
+   Hit by: the pipeline schedules (token counters), ``transformer.utils.get_default_causal_mask``
+   (every causal attention without an explicit mask), the optimizer's scale/found-inf tensors,
+   grad clipping's norm buffers and the DDP grad buffer. Nothing outside those modules changes.
+4. The CUDA RNG state tracker works on the CPU generator: ``tensor_parallel.random``'s
+   ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` get/set ``torch``'s default (CPU) generator
+   state, and ``CudaRNGStatesTracker.add`` / ``.fork`` are replaced by versions that seed and
+   swap that generator (the originals call ``torch.cuda.get_rng_state``, and ``fork`` warns
+   whenever the CPU state changes inside the fork, which on CPU is every dropout call). This
+   keeps Megatron's semantics: tensor-parallel regions draw from a per-TP-rank stream.
+   ``model_parallel_cuda_manual_seed``'s own ``torch.cuda.manual_seed`` is queued lazily by
+   torch on a CPU build and never runs: seed the CPU generator yourself (``torch.manual_seed``).
+
+Known not to work on CPU (not patched): sequence parallelism with torch norms, the distributed
+optimizer, DDP ``overlap_grad_reduce`` (CUDA streams), CUDA graphs, ``.cuda()`` calls in
+``dist_checkpointing.exchange_utils`` (fully parallel load) and ``utils.check_param_hashes``.
+
+``PATCH_TARGETS`` names every attribute patched, with the parameters the patch relies on; the
+unit test ``tests/unit/test_models_megatron_cpu.py`` checks them against the installed
+megatron-core so that an upgrade that moves a target fails loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+__all__ = ["apply", "is_applied", "PATCH_TARGETS", "LITERAL_CUDA_MODULES", "FACTORIES"]
+
+#: Modules that create tensors with a literal ``device="cuda"`` on the paths we use.
+LITERAL_CUDA_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+
+#: torch factories whose ``device=`` is redirected inside ``LITERAL_CUDA_MODULES``.
+FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like",
+             "empty_like", "full_like")
+
+#: (module, attribute, parameters the patch relies on, in order; None = not a function we wrap).
+PATCH_TARGETS = (
+    ("torch.cuda", "current_device", ()),
+    ("torch.cuda", "synchronize", ("device",)),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state",
+     ("device", "clone", "graph_safe")),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state",
+     ("new_state", "device", "graph_safe")),
+    ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", ("self", "name", "seed")),
+    ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork", ("self", "name")),
+) + tuple((m, "torch", None) for m in LITERAL_CUDA_MODULES)
+
+_MARK = "_tulu_cpu_patch"
+
+
+def is_applied() -> bool:
+    """True when the CPU redirects are in place in this process."""
+    return getattr(torch.cuda.current_device, _MARK, False)
+
+
+def apply() -> bool:
+    """Install the CPU redirects if CUDA is unavailable. Returns True when they are in place."""
+    if torch.cuda.is_available():
+        return False
+    if is_applied():
+        return True
+    _patch_torch_cuda()
+    _patch_literal_cuda_devices()
+    _patch_rng_tracker()
+    return True
+
+
+# --- 1 and 2: torch.cuda.current_device / synchronize -------------------------------------------
+
+def _current_device() -> str:
+    return "cpu"
+
+
+def _synchronize(device=None) -> None:  # noqa: ARG001 - same signature as torch.cuda.synchronize
+    return None
+
+
+def _patch_torch_cuda() -> None:
+    for fn in (_current_device, _synchronize):
+        setattr(fn, _MARK, True)
+    torch.cuda.current_device = _current_device
+    torch.cuda.synchronize = _synchronize
+
+
+# --- 3: literal device="cuda" ------------------------------------------------------------------
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+@functools.cache
+def _torch_on_cpu() -> types.ModuleType:
+    """A stand-in for the ``torch`` module: identical, except FACTORIES accept a CUDA device."""
+    proxy = types.ModuleType("torch", torch.__doc__)
+    proxy.__dict__.update(torch.__dict__)
+    for name in FACTORIES:
+        setattr(proxy, name, _on_cpu(getattr(torch, name)))
+    setattr(proxy, _MARK, True)
+    return proxy
+
+
+def _patch_literal_cuda_devices() -> None:
+    for name in LITERAL_CUDA_MODULES:
+        module = importlib.import_module(name)
+        if module.torch is torch:
+            module.torch = _torch_on_cpu()
+
+
+# --- 4: the RNG state tracker on the CPU generator ----------------------------------------------
+
+def _get_rng_state(device="cuda", clone=False, graph_safe=False):  # noqa: ARG001
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state, device=-1, graph_safe=False):  # noqa: ARG001
+    torch.set_rng_state(new_state)
+
+
+def _tracker_add(self, name, seed):
+    """CudaRNGStatesTracker.add on the CPU generator (same checks as the original)."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    orig = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig)
+
+
+@contextlib.contextmanager
+def _tracker_fork(self, name="model-parallel-rng"):
+    """CudaRNGStatesTracker.fork on the CPU generator, without the CPU-state-changed warning."""
+    if name not in self.states_:
+        raise Exception(f"rng state {name} is not added")
+    orig_state = torch.get_rng_state()
+    orig_name = self._current_state_name
+    if orig_name != "default-rng":
+        self.states_[orig_name] = orig_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(
+                f"current rng state {self._current_state_name} is not the forked state {name}"
+            )
+        self.states_[name] = torch.get_rng_state()
+        if orig_name != "default-rng":
+            orig_state = self.states_[orig_name]
+        torch.set_rng_state(orig_state)
+        self._current_state_name = orig_name
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _get_rng_state
+    mrandom._set_cuda_rng_state = _set_rng_state
+    mrandom.CudaRNGStatesTracker.add = _tracker_add
+    mrandom.CudaRNGStatesTracker.fork = _tracker_fork

@@ -1,0 +1,295 @@
+"""The rank plan: nodes x GPUs -> inference group + training group, TP/PP/DP, memory per GPU.
+
+Global ranks are laid out inference first (the first nodes), then training. Inside the training
+group ranks follow Megatron's default order (tp fastest, then dp, then pp), so
+`role_rank = tp_rank + tp * (dp_rank + dp * pp_rank)`. The bridge group joins each pipeline
+stage's leader (tp 0, dp 0) with every inference rank: leaders first, then inference ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tulu.config import ConfigError, JobConfig
+from tulu.memory import (
+    InferenceMemory,
+    MemoryBreakdown,
+    TrainingMemoryInputs,
+    inference_memory,
+    training_memory,
+)
+from tulu.model_shapes import ARCHITECTURES, ModelShape, resolve_shape
+
+
+class PlanError(ConfigError):
+    """The layout cannot run: it does not divide or does not fit. Carries the breakdown."""
+
+
+def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Even split when it divides; otherwise lighter first/last stages (they also hold the
+    embedding and the output layer), as Megatron's `num_layers_in_{first,last}_pipeline_stage`
+    allow. 126 layers in 10 stages -> 11, 13 x 8, 11."""
+    if pp < 1 or num_layers < pp:
+        raise ValueError(f"cannot split {num_layers} layers into {pp} pipeline stages")
+    if num_layers % pp == 0:
+        return (num_layers // pp,) * pp
+    if pp == 2:
+        return (num_layers // 2, num_layers - num_layers // 2)
+    splits = []
+    for edge in range(1, num_layers):
+        middle, rem = divmod(num_layers - 2 * edge, pp - 2)
+        if rem == 0 and middle >= 1:
+            splits.append((edge,) + (middle,) * (pp - 2) + (edge,))
+    if splits:  # the most even split, lighter edges first
+        return min(splits, key=lambda s: (max(s) - min(s), s[0] > s[1]))
+    raise ValueError(f"cannot split {num_layers} layers into {pp} pipeline stages")
+
+
+@dataclass(frozen=True, slots=True)
+class RankRole:
+    global_rank: int
+    node: int
+    local_rank: int
+    role: str  # "inference" | "training"
+    role_rank: int
+    role_world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int  # training: data-parallel rank; inference: engine index
+    bridge_rank: int | None  # None: not in the bridge group
+
+
+@dataclass(slots=True)
+class Candidate:
+    tp: int
+    pp: int
+    dp: int
+    memory: MemoryBreakdown
+
+    @property
+    def label(self) -> str:
+        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}"
+
+
+@dataclass(slots=True)
+class RankPlan:
+    nodes: int
+    gpus_per_node: int
+    inference_gpus: int
+    inference_tp: int
+    inference_pp: int
+    training_tp: int
+    training_pp: int
+    training_dp: int
+    layers: tuple[int, ...]
+    shape: ModelShape
+    training_mem: MemoryBreakdown | None = None
+    inference_mem: InferenceMemory | None = None
+    alternatives: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def training_gpus(self) -> int:
+        return self.world_size - self.inference_gpus
+
+    @property
+    def inference_engines(self) -> int:
+        return self.inference_gpus // (self.inference_tp * self.inference_pp) if self.inference_gpus else 0
+
+    @property
+    def bridge_size(self) -> int:
+        return self.training_pp + self.inference_gpus if self.inference_gpus else 0
+
+    def training_coords(self, role_rank: int) -> tuple[int, int, int]:
+        tp, dp = self.training_tp, self.training_dp
+        return role_rank % tp, (role_rank // tp) % dp, role_rank // (tp * dp)
+
+    def role_of(self, global_rank: int) -> RankRole:
+        if not 0 <= global_rank < self.world_size:
+            raise ValueError(f"rank {global_rank} outside world of {self.world_size}")
+        node, local = divmod(global_rank, self.gpus_per_node)
+        if global_rank < self.inference_gpus:
+            per_engine = self.inference_tp * self.inference_pp
+            engine, in_engine = divmod(global_rank, per_engine)
+            return RankRole(global_rank, node, local, "inference", global_rank, self.inference_gpus,
+                            in_engine % self.inference_tp, in_engine // self.inference_tp, engine,
+                            self.training_pp + global_rank)
+        r = global_rank - self.inference_gpus
+        tp_rank, dp_rank, pp_rank = self.training_coords(r)
+        bridge = pp_rank if (self.inference_gpus and tp_rank == 0 and dp_rank == 0) else None
+        return RankRole(global_rank, node, local, "training", r, self.training_gpus, tp_rank, pp_rank, dp_rank,
+                        bridge)
+
+    def bridge_members(self) -> list[int]:
+        """Global ranks in bridge-rank order."""
+        if not self.inference_gpus:
+            return []
+        leaders = [self.inference_gpus + pp * self.training_tp * self.training_dp for pp in range(self.training_pp)]
+        return leaders + list(range(self.inference_gpus))
+
+    def describe(self) -> str:
+        lines = [
+            f"model: {self.shape.name} ({self.shape.num_params / 1e9:.2f}B parameters, "
+            f"{self.shape.num_layers} layers, bf16 weights {self.shape.num_params * 2 / 1e9:.1f} GB)",
+            f"cluster: {self.nodes} nodes x {self.gpus_per_node} GPUs = {self.world_size} ranks",
+        ]
+        if self.inference_gpus:
+            first_t_node = self.inference_gpus // self.gpus_per_node
+            lines.append(
+                f"inference group: ranks 0-{self.inference_gpus - 1} ({self.inference_gpus} GPUs, nodes 0-"
+                f"{(self.inference_gpus - 1) // self.gpus_per_node}): {self.inference_engines} vLLM engine(s) of "
+                f"TP{self.inference_tp} x PP{self.inference_pp}")
+        else:
+            first_t_node = 0
+        lines.append(
+            f"training group: ranks {self.inference_gpus}-{self.world_size - 1} ({self.training_gpus} GPUs, nodes "
+            f"{first_t_node}-{self.nodes - 1}): TP{self.training_tp} x PP{self.training_pp} x DP{self.training_dp}")
+        lines.append(f"layers per pipeline stage: {', '.join(map(str, self.layers))}")
+        if self.bridge_size:
+            lines.append(f"bridge group: {self.training_pp} pipeline-stage leader(s) + {self.inference_gpus} "
+                         f"inference rank(s) = {self.bridge_size} ranks (global ranks {self.bridge_members()[:self.training_pp]} + inference)")
+        if self.training_mem:
+            lines += ["", self.training_mem.table()]
+        if self.inference_mem:
+            im = self.inference_mem
+            lines += ["", im.breakdown.table().rsplit("\n", 1)[0],
+                      f"  KV cache holds ~{im.kv_tokens:,} tokens per engine"]
+        if self.alternatives:
+            same_tp = [c for c in self.alternatives if c.tp == self.training_tp]
+            best = best_candidate(self.alternatives)
+            lines += ["", f"training layouts with TP{self.training_tp} (fullest stage):"]
+            for c in same_tp + ([best] if best and best not in same_tp else []):
+                mark = "<- chosen" if (c.tp, c.pp, c.dp) == (self.training_tp, self.training_pp, self.training_dp) else ""
+                verdict = "fits" if c.memory.fits else "does not fit"
+                lines.append(f"  {c.label:<22}{c.memory.total_gb:7.1f} GB  {verdict} {mark}".rstrip())
+            others = len(self.alternatives) - len(same_tp)
+            if others:
+                lines.append(f"  ({others} layouts with other TP sizes considered; "
+                             f"fewest model-parallel ways that fit: {best.label if best else 'none'})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _seq_len(cfg: JobConfig) -> tuple[int, int]:
+    """(sequence length, sequences per micro-batch) the trainer sees."""
+    if cfg.stage == "rlvr":
+        return cfg.groups.inference.max_model_len, 1
+    st = cfg.stage_config
+    return st.max_seq_len, 2 if cfg.stage == "dpo" else 1
+
+
+def _memory_inputs(cfg: JobConfig, shape: ModelShape, tp: int, pp: int, dp: int) -> TrainingMemoryInputs:
+    t = cfg.groups.training
+    seq, per_mb = _seq_len(cfg)
+    needs_ref = (cfg.stage == "dpo" and cfg.stage_config.reference_logprobs == "frozen_model") or (
+        cfg.stage == "rlvr" and cfg.stage_config.kl_beta > 0)
+    value_shape = None
+    if cfg.stage == "rlvr" and cfg.stage_config.algorithm == "ppo":
+        vm = cfg.model.value_model
+        value_shape = ARCHITECTURES.get(vm) if vm else shape
+        if value_shape is None:
+            value_shape = resolve_shape(type(cfg.model)(name_or_path=vm))
+    wbytes = 2 if cfg.model.dtype == "bf16" else 4
+    return TrainingMemoryInputs(
+        shape=shape, tp=tp, pp=pp, dp=dp, layers_per_stage=layers_per_stage(shape.num_layers, pp),
+        seq_len=seq, micro_batch_size=t.micro_batch_size, weight_bytes=wbytes,
+        grad_bytes=2 if t.grad_dtype == "bf16" else 4, distributed_optimizer=t.distributed_optimizer,
+        sequence_parallel=t.sequence_parallel, recompute=t.recompute, reference_model=needs_ref,
+        value_shape=value_shape, sequences_per_micro_batch=per_mb)
+
+
+def _layout_problem(shape: ModelShape, gpus_per_node: int, tp: int, pp: int) -> str | None:
+    if gpus_per_node % tp:
+        return f"TP{tp} does not divide {gpus_per_node} GPUs per node (TP groups must stay inside a node)"
+    if shape.num_kv_heads % tp:
+        return f"TP{tp} does not divide the {shape.num_kv_heads} key/value heads"
+    if pp > shape.num_layers:
+        return f"PP{pp} exceeds the {shape.num_layers} layers"
+    try:
+        layers_per_stage(shape.num_layers, pp)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def candidates(cfg: JobConfig, shape: ModelShape, training_gpus: int) -> list[Candidate]:
+    out = []
+    cap = cfg.cluster.gpu_memory_gb
+    for tp in _divisors(cfg.cluster.gpus_per_node):
+        for pp in _divisors(training_gpus // tp) if training_gpus % tp == 0 else []:
+            if _layout_problem(shape, cfg.cluster.gpus_per_node, tp, pp):
+                continue
+            dp = training_gpus // (tp * pp)
+            out.append(Candidate(tp, pp, dp, training_memory(_memory_inputs(cfg, shape, tp, pp, dp), cap)))
+    return out
+
+
+def best_candidate(cands: list[Candidate]) -> Candidate | None:
+    """Fewest model-parallel ways that fit (max DP, least pipeline bubble), then most headroom."""
+    fitting = [c for c in cands if c.memory.fits]
+    return min(fitting, key=lambda c: (c.tp * c.pp, c.pp, c.memory.total_gb)) if fitting else None
+
+
+def build_plan(cfg: JobConfig) -> RankPlan:
+    """Validate the layout of `cfg` and compute its memory; raise PlanError with a suggestion."""
+    cl, inf, tr = cfg.cluster, cfg.groups.inference, cfg.groups.training
+    shape = resolve_shape(cfg.model)
+    world = cl.world_size
+    if inf.gpus >= world:
+        raise PlanError("groups.inference.gpus", f"got {inf.gpus}; allowed: fewer than the {world} GPUs of "
+                        f"{cl.nodes} nodes x {cl.gpus_per_node}, leaving some for training")
+    if inf.gpus and inf.gpus % (inf.tp * inf.pp):
+        raise PlanError("groups.inference.gpus", f"got {inf.gpus}; allowed: a multiple of inference TP x PP = "
+                        f"{inf.tp * inf.pp} (one engine is TP x PP GPUs)")
+    training_gpus = world - inf.gpus
+    notes = []
+    if (inf.gpus % cl.gpus_per_node) % tr.tp:
+        raise PlanError("groups.inference.gpus", f"got {inf.gpus}; the training group would start mid-node and "
+                        f"split a TP{tr.tp} group across nodes; use a multiple of {tr.tp}")
+    if inf.gpus and inf.tp > cl.gpus_per_node:
+        notes.append(f"inference TP{inf.tp} spans nodes; vLLM users report TP>8 across nodes as fragile "
+                     f"(consider groups.inference.tp={cl.gpus_per_node}, pp={inf.tp * inf.pp // cl.gpus_per_node})")
+    problem = _layout_problem(shape, cl.gpus_per_node, tr.tp, tr.pp)
+    if problem:
+        key = "groups.training.tp" if "TP" in problem.split()[0] else "groups.training.pp"
+        valid = [t for t in _divisors(cl.gpus_per_node) if shape.num_kv_heads % t == 0]
+        raise PlanError(key, f"got {getattr(tr, key.rsplit('.', 1)[1])}; {problem}. Allowed TP values here: {valid}")
+    cands = candidates(cfg, shape, training_gpus)
+    best = best_candidate(cands)
+    if training_gpus % (tr.tp * tr.pp):
+        valid_pp = [p for p in _divisors(training_gpus // tr.tp) if not _layout_problem(shape, cl.gpus_per_node, tr.tp, p)] \
+            if training_gpus % tr.tp == 0 else []
+        raise PlanError("groups.training.pp", f"got {tr.pp}; TP{tr.tp} x PP{tr.pp} does not divide the "
+                        f"{training_gpus} training GPUs; allowed PP with TP{tr.tp}: {valid_pp}"
+                        + (f"; suggested layout: {best.label}" if best else ""))
+    dp = training_gpus // (tr.tp * tr.pp)
+    if tr.dp != "auto" and tr.dp != dp:
+        raise PlanError("groups.training.dp", f"got {tr.dp}; TP{tr.tp} x PP{tr.pp} over {training_gpus} training "
+                        f"GPUs gives DP{dp}; set dp: {dp} or 'auto'")
+    mem = training_memory(_memory_inputs(cfg, shape, tr.tp, tr.pp, dp), cl.gpu_memory_gb)
+    plan = RankPlan(cl.nodes, cl.gpus_per_node, inf.gpus, inf.tp, inf.pp, tr.tp, tr.pp, dp,
+                    layers_per_stage(shape.num_layers, tr.pp), shape, mem, None,
+                    sorted(cands, key=lambda c: (c.tp, c.pp)), notes)
+    if inf.gpus:
+        plan.inference_mem = inference_memory(shape, inf.tp, inf.pp, cl.gpu_memory_gb, inf.gpu_memory_utilization)
+        if plan.inference_mem.kv_tokens < inf.max_model_len:
+            raise PlanError("groups.inference.gpus", f"got {inf.gpus}; a TP{inf.tp} x PP{inf.pp} engine leaves room "
+                            f"for {plan.inference_mem.kv_tokens} KV tokens, fewer than max_model_len "
+                            f"{inf.max_model_len}\n" + plan.inference_mem.breakdown.table()
+                            + "\nsuggestion: raise groups.inference.tp or pp, or gpu_memory_utilization")
+    if not mem.fits and cfg.mode == "train":
+        hint = (f"suggestion: groups.training.tp={best.tp}, pp={best.pp}, dp={best.dp} needs "
+                f"{best.memory.total_gb:.1f} GB" if best else
+                "suggestion: no TP/PP split fits; set groups.training.recompute=full, "
+                "distributed_optimizer=true, grad_dtype=bf16, or add nodes")
+        raise PlanError("groups.training", f"TP{tr.tp} x PP{tr.pp} x DP{dp} does not fit in "
+                        f"{cl.gpu_memory_gb:.0f} GB per GPU\n{mem.table()}\n{hint}")
+    return plan

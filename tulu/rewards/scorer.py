@@ -1,0 +1,312 @@
+"""`RewardScorer`: scores rows in a pool of worker processes, each call under a hard time-out.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker (only the whole
+pool, and a killed worker breaks it). Here each worker has its own pipe; the parent sends one task
+to an idle worker, waits on all pipes with the earliest deadline, and when a task overruns it
+SIGKILLs that worker and starts a replacement. So the pool never hangs, a time-out costs one
+worker restart (a new interpreter, ready in a second or two), and nothing a verifier does — an
+exception, a ``RecursionError``, running out of its memory limit, a crash — reaches the caller:
+such a row scores as unverified and is counted in :attr:`RewardScorer.stats`.
+
+Rows follow Ai2's RLVR schema: ``dataset`` names the verifier (case-insensitive), ``ground_truth``
+is its string (for IFEval a JSON object, or an already-parsed dict), ``completion`` is the model's
+text, and the optional ``ended_with_eos`` (default True) feeds ``RewardConfig.no_eos_penalty``.
+A row missing one of these, or naming an unknown verifier, is scored unverified with an error.
+
+Each worker is a fresh interpreter (``python -m tulu.rewards.worker``) talking over a socket pair:
+safe beside CUDA and threads in the training process, and — unlike multiprocessing's spawn and
+forkserver — it never re-imports the caller's ``__main__`` (a training script). Workers import and
+warm the verifiers before they take work; a replacement takes about a second or two to be ready,
+while the other workers carry on. The training process never imports math-verify or langdetect.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from tulu.rewards.config import RewardConfig
+from tulu.rewards.verifier import UnknownVerifierError, get_verifier
+
+REQUIRED_COLUMNS = ("completion", "dataset", "ground_truth")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """The outcome of one row. ``verifier`` is the registry name (lower case) or the row's raw
+    ``dataset`` value when it names no verifier; ``error`` says why a row could not be verified
+    (bad row, verifier error, ``timeout``, worker crash) and is None otherwise."""
+
+    reward: float
+    verified: bool
+    verifier: str
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class VerifierStats:
+    rows: int = 0
+    verified: int = 0
+    errors: int = 0
+    timeouts: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.verified / self.rows if self.rows else 0.0
+
+
+@dataclass(slots=True)
+class ScoreStats:
+    """Counters since the scorer started. ``errors`` includes bad rows and worker crashes but not
+    time-outs, which are counted in ``timeouts``; ``workers_replaced`` counts killed/dead workers."""
+
+    rows: int = 0
+    verified: int = 0
+    errors: int = 0
+    bad_rows: int = 0
+    timeouts: int = 0
+    workers_replaced: int = 0
+    per_verifier: dict[str, VerifierStats] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for name, vs in self.per_verifier.items():
+            out["per_verifier"][name]["accuracy"] = round(vs.accuracy, 6)
+        return out
+
+
+class RewardScorerError(RuntimeError):
+    """The worker pool cannot run at all (workers die while starting)."""
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "ready", "task", "deadline", "started")
+
+    def __init__(self, memory_limit_mb: int | None):
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # as multiprocessing's spawn
+        fd = child_sock.fileno()
+        cmd = [sys.executable, "-m", "tulu.rewards.worker", str(fd), str(memory_limit_mb or 0)]
+        self.proc = subprocess.Popen(cmd, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+        child_sock.close()
+        self.conn = multiprocessing.connection.Connection(parent_sock.detach())
+        self.ready = False
+        self.task: int | None = None
+        self.deadline = 0.0
+        self.started = time.monotonic()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for w in workers:
+        try:
+            w.conn.send(None)
+        except (OSError, ValueError):
+            pass
+    for w in workers:
+        try:
+            w.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            pass
+        w.kill()
+    workers.clear()
+
+
+class RewardScorer:
+    """A pool of ``workers`` processes scoring rows with a ``timeout_s`` limit per row.
+
+    ``memory_limit_mb`` caps each worker's address space (``RLIMIT_AS``; None for no cap): a
+    verifier that runs out scores 0 with an error instead of swapping the node.
+    ``startup_timeout_s`` bounds a worker's start; if workers keep dying while starting,
+    :class:`RewardScorerError` is raised (the environment is broken: fix it, don't train on zeros).
+    """
+
+    def __init__(
+        self,
+        cfg: RewardConfig | None = None,
+        *,
+        workers: int = 2,
+        timeout_s: float = 5.0,
+        memory_limit_mb: int | None = 4096,
+        startup_timeout_s: float = 120.0,
+    ):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.cfg = cfg or RewardConfig()
+        self.timeout_s = float(timeout_s)
+        self.memory_limit_mb = memory_limit_mb
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.stats = ScoreStats()
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        for _ in range(workers):
+            self._workers.append(_Worker(memory_limit_mb))
+        self._wait_until_ready()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the workers. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not all(w.ready for w in self._workers):
+            self._poll(max(0.0, deadline - time.monotonic()), {}, lambda *a: None)
+            if time.monotonic() > deadline:
+                raise RewardScorerError(
+                    f"reward workers did not start within {self.startup_timeout_s:.0f} s"
+                )
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self.stats.workers_replaced += 1
+        self._workers[self._workers.index(w)] = _Worker(self.memory_limit_mb)
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def _result(self, key: str, verified: bool, eos: bool, error: str | None) -> ScoreResult:
+        s = self.stats
+        vs = s.per_verifier.setdefault(key, VerifierStats())
+        s.rows += 1
+        vs.rows += 1
+        if verified:
+            s.verified += 1
+            vs.verified += 1
+        if error == "timeout":
+            s.timeouts += 1
+            vs.timeouts += 1
+        elif error is not None:
+            s.errors += 1
+            vs.errors += 1
+        return ScoreResult(self.cfg.reward(verified, eos), verified, key, error)
+
+    def _check_row(self, row: object) -> tuple[str, str | None]:
+        """``(verifier key, problem)``: the problem is None for a good row."""
+        if not isinstance(row, Mapping):
+            return "?", f"row must be a mapping, got {type(row).__name__}"
+        missing = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
+        if missing:
+            return str(row.get("dataset", "?")), f"missing column(s) {missing}"
+        try:
+            key = get_verifier(row["dataset"]).name.lower()
+        except UnknownVerifierError as exc:
+            return str(row["dataset"]), str(exc)
+        if not isinstance(row["completion"], str):
+            return key, f"'completion' must be a string, got {type(row['completion']).__name__}"
+        if not isinstance(row["ground_truth"], (str, dict)):
+            return key, f"'ground_truth' must be a string, got {type(row['ground_truth']).__name__}"
+        return key, None
+
+    def score(self, rows: Iterable[Mapping]) -> list[ScoreResult]:
+        """Score ``rows`` (see the module docstring); one result per row, in order. Never raises
+        because of a row's content; raises :class:`RewardScorerError` only if no worker can start."""
+        if not self._workers:
+            raise RuntimeError("RewardScorer is closed")
+        rows = list(rows)
+        results: list[ScoreResult | None] = [None] * len(rows)
+        keys: list[str] = [""] * len(rows)
+        eos = [True] * len(rows)
+        queue: deque[int] = deque()
+        for i, row in enumerate(rows):
+            key, problem = self._check_row(row)
+            keys[i] = key
+            if problem is None:
+                eos[i] = bool(row.get("ended_with_eos", True))
+                queue.append(i)
+            else:
+                self.stats.bad_rows += 1
+                results[i] = self._result(key, False, eos[i], f"bad row: {problem}")
+
+        def done(i: int, verified: bool, error: str | None) -> None:
+            results[i] = self._result(keys[i], verified, eos[i], error)
+
+        while queue or any(w.task is not None for w in self._workers):
+            for w in self._workers:
+                if w.ready and w.task is None and queue:
+                    i = queue.popleft()
+                    row = rows[i]
+                    try:
+                        w.conn.send((i, keys[i], row["completion"], row["ground_truth"]))
+                    except (OSError, ValueError):  # died while idle: retry the row elsewhere
+                        queue.appendleft(i)
+                        self._replace(w)
+                        continue
+                    w.task, w.deadline = i, time.monotonic() + self.timeout_s
+            self._poll(self._next_wait(), results, done)
+        return results  # type: ignore[return-value]
+
+    def _next_wait(self) -> float:
+        now = time.monotonic()
+        deadlines = [w.deadline for w in self._workers if w.task is not None]
+        deadlines += [w.started + self.startup_timeout_s for w in self._workers if not w.ready]
+        return max(0.0, min(deadlines) - now) if deadlines else 0.05
+
+    def _poll(self, wait_s: float, results, done) -> None:
+        by_conn = {w.conn: w for w in self._workers}
+        for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
+            w = by_conn[conn]
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the worker died (crash, OOM killer, external kill)
+                w.kill()  # reaps it, so the exit code is known
+                if not w.ready:
+                    raise RewardScorerError(
+                        f"a reward worker died while starting (exit code {w.exitcode}); "
+                        "run `python -c 'import tulu.rewards.worker as w; w.warm_up()'` to see why"
+                    )
+                if w.task is not None:
+                    done(w.task, False, f"worker died (exit code {w.exitcode})")
+                    w.task = None
+                self._replace(w)
+                continue
+            if msg[0] == "ready":
+                w.ready = True
+                continue
+            task_id, verified, error = msg
+            if task_id == w.task:
+                done(task_id, verified, error)
+                w.task = None
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task is not None and now >= w.deadline:
+                done(w.task, False, "timeout")
+                w.task = None
+                self._replace(w)
+            elif not w.ready and now >= w.started + self.startup_timeout_s:
+                raise RewardScorerError(
+                    f"a reward worker did not start within {self.startup_timeout_s:.0f} s"
+                )

@@ -1,0 +1,74 @@
+"""The body of one scorer worker process: receive a task, verify, send the answer back.
+
+Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB`` with one end of a
+socket pair as FD. Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
+ground_truth)`` or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
+``(task_id, verified, error)`` per task, where ``error`` is None or ``"ExcType: message"``.
+The worker never decides time-outs: the parent kills it when a task overruns.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+_ERROR_CHARS = 500
+
+
+def warm_up() -> None:
+    """Import the verifiers and run each once (math-verify's grammar, langdetect's profiles)."""
+    from tulu.rewards.verifier import get_verifier
+
+    get_verifier("gsm8k").verify("so 12", "12")
+    get_verifier("math").verify("\\boxed{\\frac{1}{2}}", "0.5")
+    get_verifier("ifeval").verify(
+        "This is an English sentence.", '{"func_name": "validate_response_language", "language": "en"}'
+    )
+
+
+def _limit_memory(memory_limit_mb: int | None) -> None:
+    if not memory_limit_mb:
+        return
+    import resource
+
+    limit = int(memory_limit_mb) * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def worker_main(conn, memory_limit_mb: int | None) -> None:
+    """Serve tasks from ``conn`` until it closes or sends None."""
+    import os
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _limit_memory(memory_limit_mb)
+    from tulu.rewards.verifier import get_verifier
+
+    warm_up()
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        task_id, name, completion, ground_truth = msg
+        try:
+            verified, error = bool(get_verifier(name).verify(completion, ground_truth)), None
+        except (Exception, RecursionError, MemoryError) as exc:  # noqa: BLE001 - scored 0, counted
+            verified, error = False, f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        conn.send((task_id, verified, error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from multiprocessing.connection import Connection
+
+    fd, memory_limit_mb = (argv if argv is not None else sys.argv[1:])[:2]
+    worker_main(Connection(int(fd)), int(memory_limit_mb) or None)
+
+
+if __name__ == "__main__":
+    main()
