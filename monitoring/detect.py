@@ -141,14 +141,18 @@ class Detector:
 
         sig = tuple((r.rank, r.done_step) for r in present)
         if sig != self._progress_sig:
+            # When did the newest step finish? (The ranks' clock, not when we looked: a sidecar
+            # that starts or polls late must not shift the stall window.)
             self._progress_sig = sig
-            self.last_progress = now
+            newest = max([self.start_time] + [r.done_time for r in present])
+            self.last_progress = min(now, max(self.last_progress, newest))
         stall_timeout, stall_source = self.timeout_for(STEP_GAP)
         idle = now - self.last_progress
         # Ranks inside an open phase are the phase rule's business; the stall rule covers the
         # code between phases (a rank stuck in a data loader, an un-instrumented wait).
+        # Until every rank has reported, the startup rule owns the silence.
         between = [r for r in running if not r.phase]
-        if between and idle > stall_timeout and not hung:
+        if between and idle > stall_timeout and not hung and len(present) == self.world_size:
             step = max(r.done_step for r in present)
             faults.append(Fault(
                 "stall", tuple(r.rank for r in running), phase="", step=step, elapsed_s=idle,

@@ -48,16 +48,18 @@ _COMM_ERROR = re.compile(r"gloo|nccl|ProcessGroup|DistBackendError|DistNetworkEr
 @dataclass(frozen=True, slots=True)
 class Culprit:
     rank: int
-    host: str
+    node: str     # scheduler node name (what ExcNodeList takes); "" if unknown
     pid: int
     reason: str
+    host: str = ""
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "host": self.host, "pid": self.pid, "reason": self.reason}
+        return {"rank": self.rank, "node": self.node, "host": self.host or self.node,
+                "pid": self.pid, "reason": self.reason}
 
 
 def _c(r: RankRecord, reason: str) -> Culprit:
-    return Culprit(r.rank, r.host, r.pid, reason)
+    return Culprit(r.rank, r.node, r.pid, reason, host=r.host)
 
 
 def _where(r: RankRecord) -> str:
@@ -176,13 +178,13 @@ class HangReport:
                  "", self.summary, "", f"rule: {self.fault.get('detail', '')}", ""]
         if self.culprits:
             lines.append("culprit(s):")
-            lines += [f"  rank {c['rank']} on {c['host'] or '?'} (pid {c['pid']}): {c['reason']}"
+            lines += [f"  rank {c['rank']} on {c['node'] or '?'} (pid {c['pid']}): {c['reason']}"
                       for c in self.culprits]
         else:
             lines.append("culprit: not identified (every rank waits in the same place)")
         lines += ["", "ranks:"]
         for r in self.ranks:
-            lines.append(f"  {r['rank']:>4} {r['host']:<16} pid {r['pid']:<8} {r['state']:<8} "
+            lines.append(f"  {r['rank']:>4} {r['node']:<16} pid {r['pid']:<8} {r['state']:<8} "
                          f"{r['phase']} step {r['phase_step']} (last done {r['done_step']})")
         if self.log_findings:
             lines += ["", "log findings:"]
@@ -252,9 +254,9 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
                                 use_py_spy=cfg.use_py_spy)
     findings = scan_logs(cfg.log_globs) if cfg.log_globs else []
     culprits = name_culprits(fault, records, stacks, alive, findings)
-    nodes = sorted({c.host for c in culprits if c.host})
+    nodes = sorted({c.node for c in culprits if c.node})
     if culprits:
-        who = ", ".join(f"rank {c.rank} on {c.host or '?'}" for c in culprits[:8])
+        who = ", ".join(f"rank {c.rank} on {c.node or '?'}" for c in culprits[:8])
         summary = f"{fault.kind}: culprit {who}" + (" ..." if len(culprits) > 8 else "")
         summary += f" - {culprits[0].reason}"
     else:

@@ -26,7 +26,7 @@ __all__ = ["LogFinding", "scan_logs", "scan_text", "PATTERNS"]
 PATTERNS: list[tuple[str, re.Pattern]] = [
     ("nccl_watchdog_timeout", re.compile(
         r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(?P<seq>\d+), "
-        r"OpType=(?P<op>\w+)[^)]*\) ran for (?P<ms>\d+) milliseconds")),
+        r"OpType=(?P<op>\w+).*?\) ran for (?P<ms>\d+) milliseconds")),
     ("nccl_watchdog_stuck", re.compile(r"ProcessGroupNCCL's watchdog got stuck")),
     ("nccl_error", re.compile(r"(NCCL error|ncclInternalError|ncclSystemError|ncclRemoteError)"
                               r"[^\n]{0,200}")),

@@ -89,6 +89,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class ProgressTracker:
     """This rank's progress record. Cheap, non-blocking, safe to call every micro-step.
 
+    ``node`` is the scheduler's name for this node (Slurm's ``SLURMD_NODENAME``, from the rank
+    plan; default ``TULU_NODE`` or the hostname): recovery excludes culprit nodes by it.
     ``attempt`` is the job's restart count (Slurm's ``SLURM_RESTART_COUNT``): the sidecar of
     attempt N ignores records left by attempt N-1. ``from_env`` reads it from ``TULU_ATTEMPT``,
     which the monitor's setup lines export for every task.
@@ -103,12 +105,14 @@ class ProgressTracker:
         role: str = "",
         attempt: int = 0,
         host: str | None = None,
+        node: str | None = None,
         install_hooks: bool = True,
         flight_recorder: bool = True,
     ) -> None:
         self.monitor_dir = Path(monitor_dir)
         self.rank, self.world_size, self.attempt = int(rank), int(world_size), int(attempt)
         self.host = host or socket.gethostname()
+        self.node = node or os.environ.get("TULU_NODE") or self.host
         self.pid = os.getpid()
         self._stack: list[tuple[str, int, float]] = []   # enclosing phases (nesting)
         self._slots: dict[str, int] = {}
@@ -128,7 +132,7 @@ class ProgressTracker:
         now = time.time()
         L.IDENT.pack_into(buf, L.OFF_IDENT, MAGIC, self.rank, self.world_size, self.pid,
                           self.attempt, _proc_start_time(self.pid), _b(self.host, 64),
-                          _b(role, 16))
+                          _b(self.node, 64), _b(role, 16))
         L.PHASE.pack_into(buf, L.OFF_PHASE, b"", -1, now, now)
         L.DONE.pack_into(buf, L.OFF_DONE, -1, now, 0.0, 0, now)
         L.EXIT.pack_into(buf, L.OFF_EXIT, STATE_RUNNING, 0, 0.0, b"")
@@ -144,6 +148,7 @@ class ProgressTracker:
             self._install_hooks()
         meta = {
             "rank": self.rank, "world_size": self.world_size, "pid": self.pid, "host": self.host,
+            "node": self.node,
             "role": role, "attempt": self.attempt, "python": sys.executable,
             "stack_file": str(stack_file(self.monitor_dir, self.rank)),
             "stack_signal": int(STACK_DUMP_SIGNAL) if install_hooks else None,

@@ -46,7 +46,8 @@ class RecordLayout:
     """Offsets and `struct.Struct` objects of the record; writer and reader share them."""
 
     SEQ = struct.Struct("<Q")
-    IDENT = struct.Struct("<4siiiid64s16s")   # magic rank world pid attempt proc_start host role
+    IDENT = struct.Struct("<4siiiid64s64s16s")  # magic rank world pid attempt proc_start host
+    #                                              node role
     PHASE = struct.Struct("<32sqdd")          # phase phase_step phase_start updated
     DONE = struct.Struct("<qddqd")            # done_step done_time max_step_gap n_steps updated
     EXIT = struct.Struct("<iid160s")          # state exit_code exit_time error
@@ -81,7 +82,8 @@ class RankRecord:
     pid: int
     attempt: int
     proc_start: float
-    host: str
+    host: str             # hostname (pid checks are only meaningful on the same host)
+    node: str             # the scheduler's node name (what ExcNodeList takes)
     role: str
     phase: str            # "" = between phases
     phase_step: int
@@ -103,7 +105,7 @@ class RankRecord:
 
     def to_dict(self) -> dict:
         return {
-            "rank": self.rank, "host": self.host, "pid": self.pid, "role": self.role,
+            "rank": self.rank, "host": self.host, "node": self.node, "pid": self.pid, "role": self.role,
             "attempt": self.attempt, "state": self.state_name, "exit_code": self.exit_code,
             "error": self.error, "phase": self.phase or "(between phases)",
             "phase_step": self.phase_step, "phase_start": self.phase_start,
@@ -113,7 +115,8 @@ class RankRecord:
 
 def decode(buf: bytes) -> RankRecord | None:
     L = RecordLayout
-    magic, rank, world, pid, attempt, proc_start, host, role = L.IDENT.unpack_from(buf, L.OFF_IDENT)
+    magic, rank, world, pid, attempt, proc_start, host, node, role = L.IDENT.unpack_from(
+        buf, L.OFF_IDENT)
     if magic != MAGIC:
         return None
     phase, phase_step, phase_start, updated = L.PHASE.unpack_from(buf, L.OFF_PHASE)
@@ -126,7 +129,7 @@ def decode(buf: bytes) -> RankRecord | None:
             stats[_s(name)] = (longest, count)
     return RankRecord(
         rank=rank, world_size=world, pid=pid, attempt=attempt, proc_start=proc_start,
-        host=_s(host), role=_s(role), phase=_s(phase), phase_step=phase_step,
+        host=_s(host), node=_s(node) or _s(host), role=_s(role), phase=_s(phase), phase_step=phase_step,
         phase_start=phase_start, updated=max(updated, done_updated), done_step=done_step,
         done_time=done_time, max_step_gap=max_gap, n_steps=n_steps, state=state,
         exit_code=exit_code, exit_time=exit_time, error=_s(error), phase_stats=stats,

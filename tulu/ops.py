@@ -131,6 +131,15 @@ def status(job: str, out=sys.stdout) -> dict:
     for k in ("job_id", "state", "restarts", "nodes", "exit_code", "elapsed", "last_step", "run_dir"):
         if k in info:
             print(f"{k:>10}: {info[k]}", file=out)
+    try:
+        from monitoring.recovery import stop_reason
+
+        stopped = stop_reason(rec["monitor_dir"], rec["job_id"])
+    except (ImportError, OSError, ValueError):
+        stopped = None
+    if stopped:
+        info["requeue_stopped"] = stopped
+        print(f"{'requeues':>10}: stopped: {stopped}", file=out)
     if report:
         info["last_report"] = report
         summary = report.get("summary") or report.get("kind")

@@ -1,6 +1,7 @@
 # Shared by start.sh, stop.sh and status.sh (sourced, not run).
 # A real Slurm cluster on one host, no systemd: see DESIGN.md section 7.
 
+export PATH="$PATH:/usr/sbin:/sbin" # daemons live in sbin
 H="${TULU_SLURM_HOME:-/tmp/tulu-slurm}"
 CLUSTER_NAME="${TULU_SLURM_CLUSTER:-tulu}"
 HOST_SHORT="$(hostname -s)"
@@ -27,6 +28,7 @@ MUNGE_PID="$MUNGE_RUN/munged.pid"
 CTLD_PID="$RUN/slurmctld.pid"
 DBD_PID="$RUN/slurmdbd.pid"
 MARKER="$H/.tulu-slurm-home"
+MUNGE_OWNED="$RUN/munged.started-here" # munged is host-wide: stop it only if we started it
 
 export SLURM_CONF="$ETC/slurm.conf"
 
@@ -96,6 +98,18 @@ stop_pidfiles() {
 stop_pidfile() { stop_pidfiles "${3:-20}" "$2" "$1"; }
 
 slurmd_pidfiles() { compgen -G "$RUN/slurmd-*.pid" || true; }
+
+# port_busy PORT: something accepts TCP connections on 127.0.0.1:PORT.
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# need_free_port PORT WHAT: fail clearly when a daemon we do not own (another
+# TULU_SLURM_HOME, or a system-wide install) already holds our port.
+need_free_port() {
+  port_busy "$1" || return 0
+  die "port $1 (for $2) is already in use by a process not started from $H.
+Another local cluster (different TULU_SLURM_HOME?) may be running: stop it with
+  TULU_SLURM_HOME=<its home> $(dirname "${BASH_SOURCE[0]}")/stop.sh"
+}
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 

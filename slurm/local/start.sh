@@ -47,6 +47,7 @@ TIMEOUT=${TULU_SLURM_START_TIMEOUT:-60}
 take_lock
 T0=${EPOCHREALTIME/[.,]/}
 elapsed() { local t=${EPOCHREALTIME/[.,]/}; printf '%d.%d' $(((t - T0) / 1000000)) $(((t - T0) / 100000 % 10)); }
+log() { printf '[tulu-slurm +%ss] %s\n' "$(elapsed)" "$*" >&2; }
 
 [[ $(id -u) == 0 ]] || die "start.sh must run as root (munged, MariaDB and slurmd need it)"
 for b in munged slurmctld slurmd slurmdbd mariadbd mariadb-install-db sinfo sacctmgr; do
@@ -192,6 +193,7 @@ else
 $(tail -n 20 /var/log/munge/munged.log 2>/dev/null)"
   for ((i = 0; i < 50; i++)); do munge_ok && break; sleep 0.1; done
   munge_ok || die "munged started but munge -n | unmunge fails"
+  touch "$MUNGE_OWNED"
   log "munged: started"
 fi
 
@@ -200,6 +202,7 @@ if alive "$DB_PID" mariadbd && db_ok; then
   log "mariadb: already running"
 else
   stop_pidfile "$DB_PID" mariadbd 20
+  need_free_port "$DB_PORT" MariaDB
   if [[ ! -d $DBDATA/mysql ]]; then
     log "mariadb: initialising $DBDATA"
     mariadb-install-db --no-defaults --user=mysql --datadir="$DBDATA" \
@@ -211,7 +214,7 @@ $(tail -n 20 "$LOG/mariadb-install.log")"
   setsid mariadbd --no-defaults --user=mysql --datadir="$DBDATA" \
     --socket="$DB_SOCK" --pid-file="$DB_PID" --log-error="$DBRUN/mariadb.err" \
     --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
-    --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 --max-connections=200 \
+    --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 --max-connections=200 \
     9>&- </dev/null >>"$LOG/mariadb.out" 2>&1 &
   for ((i = 0; i < 300; i++)); do db_ok && break; sleep 0.1; done
   db_ok || die "MariaDB did not answer within 30 s; $DBRUN/mariadb.err:
@@ -232,6 +235,7 @@ if ((DBD_CHANGED == 0)) && alive "$DBD_PID" slurmdbd; then
   log "slurmdbd: already running"
 else
   stop_pidfile "$DBD_PID" slurmdbd 20
+  need_free_port "$DBD_PORT" slurmdbd
   setsid slurmdbd 9>&- </dev/null >>"$LOG/slurmdbd.out" 2>&1 ||
     die "slurmdbd failed to start:
 $(tail -n 20 "$LOG/slurmdbd.log" 2>/dev/null; tail -n 5 "$LOG/slurmdbd.out")"
@@ -265,6 +269,7 @@ ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 if alive "$CTLD_PID" slurmctld; then
   log "slurmctld: already running"
 else
+  need_free_port "$CTLD_PORT" slurmctld
   setsid slurmctld -i -f "$ETC/slurm.conf" 9>&- </dev/null >>"$LOG/slurmctld.out" 2>&1 ||
     die "slurmctld failed to start:
 $(tail -n 20 "$LOG/slurmctld.log" 2>/dev/null; tail -n 5 "$LOG/slurmctld.out")"
@@ -309,11 +314,11 @@ while :; do
       echo "$states"
       scontrol show nodes 2>/dev/null | grep -E 'NodeName|State=|Reason=' | head -n 40
       echo "--- $LOG/slurmctld.log (tail)"
-      tail -n 20 "$LOG/slurmctld.log" 2>/dev/null
+      tail -n 20 "$LOG/slurmctld.log" 2>/dev/null | grep -vE 'pmix|MPI: Cannot create'
       while read -r node st; do
         [[ -n $node && ! $st =~ ^(idle|mixed|allocated|completing)$ ]] || continue
         echo "--- $LOG/slurmd-$node.log (tail)"
-        tail -n 10 "$LOG/slurmd-$node.log" 2>/dev/null
+        tail -n 10 "$LOG/slurmd-$node.log" 2>/dev/null | grep -vE 'pmix|MPI: Cannot create'
       done <<<"$states"
     } >&2
     exit 1

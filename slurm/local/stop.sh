@@ -41,13 +41,18 @@ for f in $(slurmd_pidfiles); do alive "$f" slurmd && n=$((n + 1)); done
 # shellcheck disable=SC2046
 stop_pidfiles 20 slurmd $(slurmd_pidfiles)
 ((n)) && log "stopped $n slurmd"
-for d in "$CTLD_PID:slurmctld" "$DBD_PID:slurmdbd" "$DB_PID:mariadbd" "$MUNGE_PID:munged"; do
+daemons=("$CTLD_PID:slurmctld" "$DBD_PID:slurmdbd" "$DB_PID:mariadbd")
+# munged (/run/munge) is shared by the whole host: stop it only if this
+# cluster's start.sh started it.
+[[ -f $MUNGE_OWNED ]] && daemons+=("$MUNGE_PID:munged")
+for d in "${daemons[@]}"; do
   f=${d%:*} c=${d#*:}
   if alive "$f" "$c"; then
     stop_pidfile "$f" "$c" 30
     log "stopped $c"
   fi
 done
+rm -f "$MUNGE_OWNED"
 
 if ((PURGE)); then
   if [[ -d $H ]]; then

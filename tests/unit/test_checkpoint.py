@@ -331,3 +331,13 @@ def test_export_writes_hf_safetensors_through_the_given_conversion(tmp_path):
     index = json.loads((tmp_path / "hf1" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(models[1].state_dict())
     assert len(set(index["weight_map"].values())) > 1
+
+
+def test_loading_an_explicit_step_that_is_missing_or_corrupt_fails_loudly(tmp_path):
+    mgr, _ = _save_steps(tmp_path, [1, 2])
+    with pytest.raises(FileNotFoundError, match="step 3"):
+        mgr.load(Tiny(0), step=3)
+    (tmp_path / "step_1" / "trainer_state.pt").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="does not verify"):
+        mgr.load(Tiny(0), step=1)
+    assert mgr.load(Tiny(0), step=2).step == 2

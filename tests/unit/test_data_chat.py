@@ -66,7 +66,9 @@ def test_tulu_template_is_the_fallback_for_tokenizers_without_one():
     tok = build_tiny_tokenizer(chat_template=None)
     assert not tok.chat_template
     assert ChatFormat(tok).template == TULU_CHAT_TEMPLATE
-    assert ChatFormat(build_tiny_tokenizer(chat_template=CHATML), "tulu").template == TULU_CHAT_TEMPLATE
+    forced = ChatFormat(build_tiny_tokenizer(chat_template=CHATML), "tulu")
+    assert forced.template == TULU_CHAT_TEMPLATE
+    assert forced.render(CONVO[1:3]).startswith("<|user|>\nWhat is 2+2?\n<|assistant|>\n")
 
 
 def test_generation_prompt_ends_with_assistant_header():

@@ -271,13 +271,13 @@ class CheckpointManager:
         share of the files, rank 0's listing and the gathered verdict decide."""
         r = collectives.rank()
         if r == 0:
-            cands = self._candidates()
+            cands: list[tuple[int, Path]] | str = self._candidates()
             if step is not None:
-                cands = [(s, p) for s, p in cands if s == step]
-                if not cands:
-                    raise FileNotFoundError(f"no committed checkpoint for step {step} in "
-                                            f"{self.root}")
+                cands = [(s, p) for s, p in cands if s == step] or \
+                    f"no committed checkpoint for step {step} in {self.root}"
         cands = collectives.broadcast_object(cands if r == 0 else None)
+        if isinstance(cands, str):  # raised on every rank, so none waits in a collective
+            raise FileNotFoundError(cands)
         for s, path in cands:
             manifest_or_error: Manifest | str
             if r == 0:
@@ -313,6 +313,9 @@ class CheckpointManager:
         a plain torch optimizer) only under the layout it was saved with; otherwise it is left
         as is and listed in ``not_restored`` with a warning.
         """
+        if sharded.has_sharded_state(optimizer) and model is None:
+            raise ValueError("a Megatron optimizer loads against the model's sharded state "
+                             "dict: pass model= too")
         t0 = time.perf_counter()
         chosen = self._choose(step)
         if chosen is None:

@@ -61,7 +61,7 @@ class TokenizedChat:
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
     """Return ``messages`` as a list of {role, content}, or raise :class:`BadRow` saying why not."""
-    if messages is None or (isinstance(messages, Sequence) and not isinstance(messages, str) and len(messages) == 0):
+    if messages is None or (isinstance(messages, (list, tuple)) and len(messages) == 0):
         raise BadRow("empty_messages")
     if isinstance(messages, str) or not isinstance(messages, Sequence):
         raise BadRow("not_a_conversation", f"expected a list of messages, got {type(messages).__name__}")
@@ -91,12 +91,12 @@ class ChatFormat:
     """
 
     def __init__(self, tokenizer, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        if chat_template == "tulu" or (chat_template is None and not getattr(tokenizer, "chat_template", None)):
-            chat_template = TULU_CHAT_TEMPLATE
-        self.template = chat_template or tokenizer.chat_template
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has no eos_token; chat training needs one to end assistant turns")
+        self.tokenizer = tokenizer
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None) or TULU_CHAT_TEMPLATE
+        self.template = TULU_CHAT_TEMPLATE if chat_template == "tulu" else chat_template
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -75,27 +75,36 @@ class BatchLoader:
         self.num_epochs = num_epochs
         self.seq_length = data.max_length
         self._lengths = np.asarray(data.dataset["length"], dtype=np.int64)
-        self._rows_cache: tuple[int, list[list[int]]] | None = None
+        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self.state = self._normalize(state or DataState())
 
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.dp_size
 
-    def epoch_rows(self, epoch: int) -> list[list[int]]:
-        """All rows of an epoch, each a list of dataset indices (one index unless packing)."""
-        if self._rows_cache is None or self._rows_cache[0] != epoch:
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, starts): row ``k`` of the epoch is ``order[starts[k]:starts[k + 1]]``."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
             order = epoch_order(len(self._lengths), self.seed, epoch, self.shuffle)
             if self.pack:
-                rows = [[int(order[p]) for p in pack]
-                        for pack in plan_packs(self._lengths[order], self.seq_length)]
+                sizes = [len(p) for p in plan_packs(self._lengths[order], self.seq_length)]
+                starts = np.concatenate([[0], np.cumsum(sizes)])
             else:
-                rows = [[int(i)] for i in order]
-            self._rows_cache = (epoch, rows)
-        return self._rows_cache[1]
+                starts = np.arange(len(order) + 1)
+            self._plan_cache = (epoch, order, starts)
+        return self._plan_cache[1], self._plan_cache[2]
+
+    def num_rows(self, epoch: int) -> int:
+        """Rows (samples, or packs when packing) in an epoch, before dropping the last partial batch."""
+        return len(self._plan(epoch)[1]) - 1
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """All rows of an epoch, each a list of dataset indices (one index unless packing)."""
+        order, starts = self._plan(epoch)
+        return [order[starts[k]:starts[k + 1]].tolist() for k in range(len(starts) - 1)]
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.epoch_rows(epoch)) // self.rows_per_step
+        return self.num_rows(epoch) // self.rows_per_step
 
     def total_steps(self, num_epochs: int) -> int:
         """Steps in epochs ``0..num_epochs-1`` (with packing the count can vary by epoch)."""
@@ -103,18 +112,20 @@ class BatchLoader:
 
     def rows_at(self, state: DataState) -> list[list[int]]:
         """The dataset indices this rank reads in the batch at ``state`` (a normalized position)."""
-        start = state.index + self.dp_rank * self.batch_size
-        return self.epoch_rows(state.epoch)[start:start + self.batch_size]
+        order, starts = self._plan(state.epoch)
+        first = state.index + self.dp_rank * self.batch_size
+        last = min(first + self.batch_size, len(starts) - 1)
+        return [order[starts[k]:starts[k + 1]].tolist() for k in range(first, last)]
 
     def _normalize(self, state: DataState) -> DataState:
         """Move a position past the last full global batch of an epoch to the next epoch's start."""
         if state.epoch < 0 or state.index < 0:
             raise ValueError(f"invalid data position {state}")
         if self.steps_in_epoch(state.epoch) == 0:
-            raise ValueError(f"epoch {state.epoch} has {len(self.epoch_rows(state.epoch))} rows, fewer "
+            raise ValueError(f"epoch {state.epoch} has {self.num_rows(state.epoch)} rows, fewer "
                              f"than one global batch (batch_size {self.batch_size} x dp_size "
                              f"{self.dp_size}); use a smaller batch or more data")
-        if state.index + self.rows_per_step > len(self.epoch_rows(state.epoch)):
+        if state.index + self.rows_per_step > self.num_rows(state.epoch):
             return self._normalize(DataState(state.epoch + 1, 0))
         return state
 
@@ -152,7 +163,9 @@ class BatchLoader:
                 k += len(row)
         return self._collate(docs, layout)
 
-    def _collate(self, docs: list[tuple[list[int], list[int]]], layout: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _collate(self, docs: list[tuple[list[int], list[int]]],
+                 layout: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Lay documents into fixed-length rows: ``layout[r]`` lists the documents of row ``r``."""
         n_rows, length = len(layout), self.seq_length
         tokens = np.full((n_rows, length), self.data.pad_token_id, dtype=np.int64)
         labels = np.full((n_rows, length), IGNORE_INDEX, dtype=np.int64)

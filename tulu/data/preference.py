@@ -48,11 +48,11 @@ class PreferenceRow:
 
 def load_preference_dataset(source: str | Path, tokenizer, *, max_length: int, split: str = "train",
                             cache_dir: str | Path | None = None, chat_template: str | None = None,
-                            last_turn_only: bool = False) -> TokenizedDataset:
+                            last_turn_only: bool = False, num_proc: int | None = None) -> TokenizedDataset:
     """Load and tokenize preference pairs; a pair is skipped if either side is unusable or too long."""
     raw = load_source(source, split, cache_dir)
     row = PreferenceRow(ChatFormat(tokenizer, chat_template), max_length, last_turn_only)
     empty = {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [],
              "rejected_labels": [], "length": 0}
     return tokenize_rows(raw, row, empty=empty, kind="preference", pad_token_id=pad_id_of(tokenizer),
-                         max_length=max_length, source=f"{source}:{split}")
+                         max_length=max_length, source=f"{source}:{split}", num_proc=num_proc)

@@ -24,7 +24,8 @@ class SFTRow:
 
 def load_sft_dataset(source: str | Path, tokenizer, *, max_length: int, split: str = "train",
                      cache_dir: str | Path | None = None, chat_template: str | None = None,
-                     messages_key: str = "messages", last_turn_only: bool = False) -> TokenizedDataset:
+                     messages_key: str = "messages", last_turn_only: bool = False,
+                     num_proc: int | None = None) -> TokenizedDataset:
     """Load and tokenize an SFT set (a path or a hub name such as ``allenai/tulu-3-sft-mixture``).
 
     Rows longer than ``max_length`` tokens are skipped (counted as ``too_long``), not truncated.
@@ -33,4 +34,4 @@ def load_sft_dataset(source: str | Path, tokenizer, *, max_length: int, split: s
     row = SFTRow(ChatFormat(tokenizer, chat_template), max_length, messages_key, last_turn_only)
     return tokenize_rows(raw, row, empty={"input_ids": [], "labels": [], "length": 0}, kind="sft",
                          pad_token_id=pad_id_of(tokenizer), max_length=max_length,
-                         source=f"{source}:{split}")
+                         source=f"{source}:{split}", num_proc=num_proc)

@@ -113,13 +113,13 @@ def _is_good(reason: str) -> bool:
 
 def tokenize_rows(raw: datasets.Dataset, row_fn: Callable[[dict[str, Any]], dict[str, Any]], *,
                   empty: dict[str, Any], kind: str, pad_token_id: int, max_length: int,
-                  source: str) -> TokenizedDataset:
+                  source: str, num_proc: int | None = None) -> TokenizedDataset:
     """Map ``row_fn`` over ``raw``; skip and count rejected rows; error if none are left."""
     with quiet_progress():
-        mapped = raw.map(_RowMapper(row_fn, empty), batched=True, batch_size=256, num_proc=None,
+        mapped = raw.map(_RowMapper(row_fn, empty), batched=True, batch_size=256, num_proc=num_proc,
                          remove_columns=raw.column_names, desc=f"tokenizing {source}")
         skipped = dict(sorted(Counter(r for r in mapped["bad_reason"] if r).items()))
-        good = mapped.filter(_is_good, input_columns="bad_reason", num_proc=None) if skipped else mapped
+        good = mapped.filter(_is_good, input_columns="bad_reason", num_proc=num_proc) if skipped else mapped
         good = good.remove_columns("bad_reason")
     if skipped:
         log.warning("%s: skipped %d of %d rows (%s)", source, sum(skipped.values()), len(raw),

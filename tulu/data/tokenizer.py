@@ -28,7 +28,8 @@ TINY_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (what the ByteLevel decoder inverts)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

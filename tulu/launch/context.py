@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,20 +57,18 @@ class JobContext:
         faults.maybe_inject(point, step=step, rank=self.env.global_rank, restart=self.env.restart_count)
 
     def requeue(self, reason: str) -> None:
-        """Ask Slurm to run this job again (global rank 0 only); the monitor's recovery module
-        is the one place that requeues, so its markers prevent a second requeue on exit."""
+        """Ask for this job to run again after the ranks exit (global rank 0 only).
+
+        The batch script's EXIT trap (monitoring.on_exit) performs the requeue once srun has
+        returned, so ranks finish writing and exit cleanly, and a graceful stop never spends
+        the crash restart budget."""
         if self.env.cluster != "slurm":
             self.log(f"not requeuing under the local executor ({reason})")
             return
-        try:
-            from monitoring import recovery
-        except ImportError:
-            recovery = None
-        if recovery is not None and hasattr(recovery, "requeue"):
-            recovery.requeue(self.env.job_id, reason, monitor_dir=str(self.monitor_dir))
-        else:
-            subprocess.run(["scontrol", "requeue", self.env.job_id], check=True, timeout=60)
-        self.log(f"requeued job {self.env.job_id}: {reason}")
+        from monitoring.recovery import request_requeue
+
+        request_requeue(str(self.monitor_dir), self.env.job_id, self.env.restart_count, reason)
+        self.log(f"requeue of job {self.env.job_id} requested: {reason}")
 
 
 def write_json_atomic(path: Path, data) -> None:

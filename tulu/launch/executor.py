@@ -75,7 +75,10 @@ def setup_lines(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> list[str]:
         except ImportError:
             monitor_setup_lines = None
         if monitor_setup_lines is not None:
-            lines += monitor_setup_lines(str(paths.monitor), plan.world_size, monitor_settings(cfg))
+            from monitoring.config import MonitorConfig
+
+            lines += monitor_setup_lines(str(paths.monitor), plan.world_size,
+                                         MonitorConfig.from_dict(monitor_settings(cfg)))
     return lines
 
 
@@ -90,8 +93,8 @@ def monitor_settings(cfg: JobConfig) -> dict:
         "safety_factor": m.safety_factor,
         "min_learned_s": m.min_learned_timeout_s,
         "restart_budget": cfg.cluster.max_restarts,
-        "exclude_culprit_node": m.exclude_culprit_node,
-        "log_glob": str(run_paths(cfg).logs / "*" / "*_log.*"),
+        "exclude_culprit_nodes": m.exclude_culprit_node,
+        "log_globs": [str(run_paths(cfg).logs / "*" / "*_log.*")],
     }
 
 

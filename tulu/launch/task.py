@@ -1,16 +1,14 @@
 """The callable submitit pickles and every Slurm task runs: map the environment to a role,
-then hand over to the job mode."""
+then hand over to the job mode.
+
+This module imports nothing heavy at the top: submitit unpickles the task *before* it installs
+its USR2 handler, and a time-limit warning that lands while torch is still importing would
+kill the task outright (seen on the local cluster under load)."""
 
 from __future__ import annotations
 
 import importlib
 import time
-
-from tulu.config import config_from_dict
-from tulu.launch import task_env
-from tulu.launch.context import JobContext
-from tulu.plan import build_plan
-from tulu.stop import StopRequest
 
 MODES = {
     "rehearse": "tulu.jobs.rehearse",
@@ -27,6 +25,14 @@ class JobTask:
     def __call__(self):
         from pathlib import Path
 
+        from tulu.config import config_from_dict
+        from tulu.launch import task_env
+        from tulu.launch.context import JobContext
+        from tulu.plan import build_plan
+        from tulu.stop import StopRequest
+
+        stop = StopRequest().install()
+
         cfg = config_from_dict(self.cfg_dict)
         env = task_env.current()
         plan = build_plan(cfg)
@@ -34,7 +40,6 @@ class JobTask:
             raise RuntimeError(f"Slurm started {env.world_size} tasks but the plan needs {plan.world_size} "
                                f"({plan.nodes} nodes x {plan.gpus_per_node}); check the sbatch script")
         role = plan.role_of(env.global_rank)
-        stop = StopRequest().install()
         ctx = JobContext(cfg, plan, role, env, stop, Path(self.run_dir))
         ctx.progress = _progress_tracker(ctx)
         ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
@@ -62,4 +67,6 @@ def _progress_tracker(ctx: JobContext):
         from monitoring.progress import ProgressTracker
     except ImportError:
         return None
-    return ProgressTracker(str(ctx.monitor_dir), ctx.env.global_rank, ctx.env.world_size, role=ctx.role.role)
+    # Slurm's node name, not the host name: the recovery policy excludes nodes by that name.
+    return ProgressTracker(str(ctx.monitor_dir), ctx.env.global_rank, ctx.env.world_size, role=ctx.role.role,
+                           attempt=ctx.env.restart_count, node=ctx.env.hostname)

@@ -163,6 +163,7 @@ def build_gpt_model(
     dtype: torch.dtype | None = None,
     attention: str = "sdpa",
     vocab_multiple: int = 1,
+    seed: int = 1234,
     **config_overrides: Any,
 ):
     """This process's shard of a Megatron ``GPTModel`` with the architecture of ``hf_config``.
@@ -172,6 +173,10 @@ def build_gpt_model(
     ``tp_size * vocab_multiple``. ``config_overrides`` go to ``TransformerConfig`` (e.g.
     ``recompute_granularity``). Weights are randomly initialised; load real ones with
     ``tulu.models.convert.hf_state_dict_to_megatron``.
+
+    Megatron's model-parallel RNG tracker (dropout streams; the unfused attention forks it on
+    every call) is seeded with ``seed`` via ``model_parallel_cuda_manual_seed`` unless the
+    caller has done so already.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -183,6 +188,10 @@ def build_gpt_model(
             "build_gpt_model needs Megatron's parallel state: call "
             "megatron.core.parallel_state.initialize_model_parallel(tp, pp) first"
         )
+    from megatron.core import tensor_parallel
+
+    if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = transformer_config_from_hf(hf_config, dtype=dtype, **config_overrides)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "sdpa":

@@ -15,7 +15,8 @@ a model (``tulu.models.llama.build_gpt_model`` does). The patches:
    a copy of the torch module whose factories (``FACTORIES``) map a CUDA device to ``"cpu"``.
    Hit by: the pipeline schedules (token counters), ``transformer.utils.get_default_causal_mask``
    (every causal attention without an explicit mask), the optimizer's scale/found-inf tensors,
-   grad clipping's norm buffers and the DDP grad buffer. Nothing outside those modules changes.
+   grad clipping's norm buffers, ``utils.local_multi_tensor_l2_norm`` (the grad norm without
+   Apex) and the DDP grad buffer. Nothing outside those modules changes.
 4. The CUDA RNG state tracker works on the CPU generator: ``tensor_parallel.random``'s
    ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` get/set ``torch``'s default (CPU) generator
    state, and ``CudaRNGStatesTracker.add`` / ``.fork`` are replaced by versions that seed and
@@ -24,9 +25,13 @@ a model (``tulu.models.llama.build_gpt_model`` does). The patches:
    keeps Megatron's semantics: tensor-parallel regions draw from a per-TP-rank stream.
    ``model_parallel_cuda_manual_seed``'s own ``torch.cuda.manual_seed`` is queued lazily by
    torch on a CPU build and never runs: seed the CPU generator yourself (``torch.manual_seed``).
+5. Gradient clipping: ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts
+   ``param.grad.type() == 'torch.cuda.FloatTensor'``; it is replaced (in ``clip_grads`` and in
+   ``optimizer.optimizer``, which imported it by name) by the same scaling with the assert
+   relaxed to "fp32 gradient on any device".
 
 Known not to work on CPU (not patched): sequence parallelism with torch norms, the distributed
-optimizer, DDP ``overlap_grad_reduce`` (CUDA streams), CUDA graphs, ``.cuda()`` calls in
+optimizer (not tried), DDP ``overlap_grad_reduce`` (CUDA streams), CUDA graphs, ``.cuda()`` calls in
 ``dist_checkpointing.exchange_utils`` (fully parallel load) and ``utils.check_param_hashes``.
 
 ``PATCH_TARGETS`` names every attribute patched, with the parameters the patch relies on; the
@@ -43,7 +48,7 @@ import types
 
 import torch
 
-__all__ = ["apply", "is_applied", "PATCH_TARGETS", "LITERAL_CUDA_MODULES", "FACTORIES"]
+__all__ = ["apply", "is_applied", "original", "PATCH_TARGETS", "LITERAL_CUDA_MODULES", "FACTORIES"]
 
 #: Modules that create tensors with a literal ``device="cuda"`` on the paths we use.
 LITERAL_CUDA_MODULES = (
@@ -52,6 +57,7 @@ LITERAL_CUDA_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 
 #: torch factories whose ``device=`` is redirected inside ``LITERAL_CUDA_MODULES``.
@@ -68,14 +74,47 @@ PATCH_TARGETS = (
      ("new_state", "device", "graph_safe")),
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", ("self", "name", "seed")),
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork", ("self", "name")),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+     ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+     ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
 ) + tuple((m, "torch", None) for m in LITERAL_CUDA_MODULES)
 
 _MARK = "_tulu_cpu_patch"
+_ORIGINALS: dict[tuple[str, str], object] = {}
+_STATE = {"applied": False}
+
+
+def original(module: str, attribute: str):
+    """The object a patch replaced (or the current one if not patched): ``attribute`` may be
+    dotted (``"CudaRNGStatesTracker.add"``). Lets tests check the installed megatron-core's
+    signatures even after :func:`apply` ran in the same process."""
+    if (module, attribute) in _ORIGINALS:
+        return _ORIGINALS[(module, attribute)]
+    obj = importlib.import_module(module)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _replace(module: str, attribute: str, new) -> None:
+    """Set ``module.attribute`` (dotted: ``Class.method``) to ``new``, remembering the original."""
+    owner = importlib.import_module(module)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    if not hasattr(owner, name):
+        raise AttributeError(
+            f"megatron_cpu: {module}.{attribute} is gone (megatron-core upgrade?); the CPU patch "
+            "list in tulu/models/megatron_cpu.py needs updating"
+        )
+    _ORIGINALS.setdefault((module, attribute), getattr(owner, name))
+    setattr(owner, name, new)
 
 
 def is_applied() -> bool:
     """True when the CPU redirects are in place in this process."""
-    return getattr(torch.cuda.current_device, _MARK, False)
+    return _STATE["applied"]
 
 
 def apply() -> bool:
@@ -87,6 +126,8 @@ def apply() -> bool:
     _patch_torch_cuda()
     _patch_literal_cuda_devices()
     _patch_rng_tracker()
+    _patch_grad_clipping()
+    _STATE["applied"] = True
     return True
 
 
@@ -101,10 +142,8 @@ def _synchronize(device=None) -> None:  # noqa: ARG001 - same signature as torch
 
 
 def _patch_torch_cuda() -> None:
-    for fn in (_current_device, _synchronize):
-        setattr(fn, _MARK, True)
-    torch.cuda.current_device = _current_device
-    torch.cuda.synchronize = _synchronize
+    _replace("torch.cuda", "current_device", _current_device)
+    _replace("torch.cuda", "synchronize", _synchronize)
 
 
 # --- 3: literal device="cuda" ------------------------------------------------------------------
@@ -139,9 +178,8 @@ def _torch_on_cpu() -> types.ModuleType:
 
 def _patch_literal_cuda_devices() -> None:
     for name in LITERAL_CUDA_MODULES:
-        module = importlib.import_module(name)
-        if module.torch is torch:
-            module.torch = _torch_on_cpu()
+        if importlib.import_module(name).torch is torch:
+            _replace(name, "torch", _torch_on_cpu())
 
 
 # --- 4: the RNG state tracker on the CPU generator ----------------------------------------------
@@ -194,9 +232,35 @@ def _tracker_fork(self, name="model-parallel-rng"):
 
 
 def _patch_rng_tracker() -> None:
-    from megatron.core.tensor_parallel import random as mrandom
+    m = "megatron.core.tensor_parallel.random"
+    _replace(m, "_get_cuda_rng_state", _get_rng_state)
+    _replace(m, "_set_cuda_rng_state", _set_rng_state)
+    _replace(m, "CudaRNGStatesTracker.add", _tracker_add)
+    _replace(m, "CudaRNGStatesTracker.fork", _tracker_fork)
 
-    mrandom._get_cuda_rng_state = _get_rng_state
-    mrandom._set_cuda_rng_state = _set_rng_state
-    mrandom.CudaRNGStatesTracker.add = _tracker_add
-    mrandom.CudaRNGStatesTracker.fork = _tracker_fork
+
+# --- 5: gradient clipping without the CUDA type assert ------------------------------------------
+
+@torch.no_grad()
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """clip_grad_by_total_norm_fp32 for fp32 gradients on any device (in place)."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = []
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            assert grad.dtype in (torch.float32, torch.bfloat16) if use_decoupled_grad \
+                else grad.dtype == torch.float32, f"expected fp32 gradients, got {grad.dtype}"
+            grads.append(to_local_if_dtensor(grad).detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_grad_clipping() -> None:
+    for m in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        _replace(m, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)

@@ -15,7 +15,7 @@ Each candidate is first compared as a normalised string, then (if that fails) th
 ``math_verify.parse``/``math_verify.verify`` with their ``signal.alarm`` time-outs switched off
 (``parsing_timeout=None, timeout_seconds=None``): the scorer enforces time-outs by killing the
 worker process instead, which also works off the main thread. Candidates that would make sympy
-build astronomically large numbers (numeric exponent towers such as ``10^{10^{10}}`` or
+build astronomically large numbers (numeric exponent towers such as ``10^{10^{10}}``, ``e^{e^{e}}`` or
 ``9**9**9``, exponents of six digits or more, factorials of four digits or more), answers longer
 than :data:`MAX_ANSWER_CHARS`, and answers nested deeper than :data:`MAX_BRACE_DEPTH` get the
 string comparison only.
@@ -123,7 +123,7 @@ def normalize_answer(answer: str) -> str:
 
 
 _EXPLOSIVE = re.compile(
-    r"\^\s*\{?\s*\(?\s*[0-9.]+\s*\}?\s*\^"  # numeric exponent tower: 10^{10^…}, 9^9^9
+    r"\^\s*\{?\s*\(?\s*(?:[0-9.]+|e|\\pi)\s*\}?\s*\^"  # numeric tower: 10^{10^…}, e^{e^…}
     r"|\*\*\s*\(?\s*[0-9.]+\s*\)?\s*\*\*"  # 9**9**9
     r"|(?:\^|\*\*)\s*\{?\s*\(?\s*[0-9]{6,}"  # an exponent of six or more digits
     r"|[0-9]{4,}\s*!"  # a huge factorial

@@ -103,15 +103,22 @@ def verify_letter_frequency(text: str, letter: str, N: object) -> bool:
 
 # --- language ---------------------------------------------------------------------------------
 
+LANGUAGE_SAMPLE_CHARS = 20_000
+
 
 def validate_response_language(text: str, language: str) -> bool:
     """langdetect's best guess equals the ISO 639-1 code (``DetectorFactory.seed = 0``).
 
     Text with no detectable features (empty, digits only) is not in any language: False.
+    Deviation: of a text longer than :data:`LANGUAGE_SAMPLE_CHARS`, only the first and last
+    halves of that many characters are judged.
     """
     import langdetect
     from langdetect.lang_detect_exception import LangDetectException
 
+    if len(text) > LANGUAGE_SAMPLE_CHARS:  # langdetect is ~2 s per MB; judge the two ends
+        half = LANGUAGE_SAMPLE_CHARS // 2
+        text = text[:half] + "\n" + text[-half:]
     langdetect.DetectorFactory.seed = 0
     try:
         return langdetect.detect(text) == str(language).strip().lower()
@@ -181,8 +188,8 @@ def verify_postscript(text: str, postscript_marker: str) -> bool:
 
 
 def validate_placeholders(text: str, N: object) -> bool:
-    """At least N placeholders in square brackets, e.g. ``[address]``."""
-    return len(re.findall(r"\[(.*?)\]", text)) >= _as_int(N, "N")
+    """At least N placeholders in square brackets, e.g. ``[address]`` (innermost brackets, one line)."""
+    return len(re.findall(r"\[[^\[\]\n]*\]", text)) >= _as_int(N, "N")
 
 
 # --- detectable format ------------------------------------------------------------------------
@@ -204,9 +211,10 @@ def verify_bullet_points(text: str, N: object) -> bool:
 def validate_title(text: str) -> bool:
     """A title wrapped in double angular brackets, e.g. ``<<poem of joy>>``.
 
-    Deviation: the title must not be blank (Google's rule; Ai2 accepts ``<<>>``).
+    Deviation: the title must not be blank (Google's rule; Ai2 accepts ``<<>>``), and holds no
+    ``<``/``>`` (which keeps the search linear on adversarial input).
     """
-    return any(t.strip() for t in re.findall(r"<<([^\n]*?)>>", text))
+    return any(t.strip() for t in re.findall(r"<<([^\n<>]*)>>", text))
 
 
 def validate_choice(text: str, options: object) -> bool:
@@ -242,8 +250,10 @@ def validate_json_format(text: str) -> bool:
     Deeply nested input that exhausts the parser's recursion is not JSON.
     """
     body = text.strip()
-    body = re.sub(r"^```(?:json|JSON|Json)?\s*", "", body)
-    body = re.sub(r"\s*```$", "", body)
+    if body.startswith("```") and body.endswith("```") and len(body) >= 6:
+        body = body[3:-3]
+        if body[:4].lower() == "json":
+            body = body[4:]
     try:
         json.loads(body)
     except (ValueError, RecursionError):

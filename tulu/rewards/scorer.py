@@ -22,6 +22,7 @@ while the other workers carry on. The training process never imports math-verify
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing.connection
 import os
 import socket
@@ -30,13 +31,15 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from tulu.rewards.config import RewardConfig
 from tulu.rewards.verifier import UnknownVerifierError, get_verifier
 
 REQUIRED_COLUMNS = ("completion", "dataset", "ground_truth")
+INVALID_ROW = "<invalid>"
+"""The verifier name reported for a row that is not a mapping (e.g. a line that is not JSON)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class VerifierStats:
     rows: int = 0
     verified: int = 0
     errors: int = 0
+    bad_rows: int = 0
     timeouts: int = 0
 
     @property
@@ -65,8 +69,10 @@ class VerifierStats:
 
 @dataclass(slots=True)
 class ScoreStats:
-    """Counters since the scorer started. ``errors`` includes bad rows and worker crashes but not
-    time-outs, which are counted in ``timeouts``; ``workers_replaced`` counts killed/dead workers."""
+    """Counters since the scorer started. ``errors``: a verifier raised (e.g. malformed ground
+    truth) or its worker died; ``bad_rows``: rows rejected before verification (missing column,
+    unknown verifier); ``timeouts``: rows that ran out of time; ``workers_replaced``: workers
+    killed or found dead and restarted. Every such row is scored unverified."""
 
     rows: int = 0
     verified: int = 0
@@ -83,6 +89,10 @@ class ScoreStats:
         return out
 
 
+MAX_STARTUP_FAILURES = 3
+"""Workers dying this many times in a row before they are ready means a broken environment."""
+
+
 class RewardScorerError(RuntimeError):
     """The worker pool cannot run at all (workers die while starting)."""
 
@@ -90,12 +100,13 @@ class RewardScorerError(RuntimeError):
 class _Worker:
     __slots__ = ("proc", "conn", "ready", "task", "deadline", "started")
 
-    def __init__(self, memory_limit_mb: int | None):
+    def __init__(self, memory_limit_mb: int | None, plugins: tuple[str, ...]):
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # as multiprocessing's spawn
         fd = child_sock.fileno()
         cmd = [sys.executable, "-m", "tulu.rewards.worker", str(fd), str(memory_limit_mb or 0)]
+        cmd.append(",".join(plugins))
         self.proc = subprocess.Popen(cmd, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         child_sock.close()
         self.conn = multiprocessing.connection.Connection(parent_sock.detach())
@@ -138,8 +149,11 @@ class RewardScorer:
 
     ``memory_limit_mb`` caps each worker's address space (``RLIMIT_AS``; None for no cap): a
     verifier that runs out scores 0 with an error instead of swapping the node.
-    ``startup_timeout_s`` bounds a worker's start; if workers keep dying while starting,
-    :class:`RewardScorerError` is raised (the environment is broken: fix it, don't train on zeros).
+    ``startup_timeout_s`` bounds a worker's start; if a worker does not start in time, or
+    :data:`MAX_STARTUP_FAILURES` in a row die while starting, the scorer closes and raises
+    :class:`RewardScorerError` (the environment is broken: fix it, don't train on zeros).
+    ``plugins``: modules imported by the workers (and here) before work starts; they register
+    custom verifiers with :func:`tulu.rewards.register_verifier`.
     """
 
     def __init__(
@@ -150,6 +164,7 @@ class RewardScorer:
         timeout_s: float = 5.0,
         memory_limit_mb: int | None = 4096,
         startup_timeout_s: float = 120.0,
+        plugins: Sequence[str] = (),
     ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -160,10 +175,14 @@ class RewardScorer:
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = float(startup_timeout_s)
         self.stats = ScoreStats()
+        self.plugins = tuple(plugins)
+        for module in self.plugins:  # so that rows naming plugin verifiers pass the row check
+            importlib.import_module(module)
+        self._startup_failures = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         for _ in range(workers):
-            self._workers.append(_Worker(memory_limit_mb))
+            self._workers.append(_Worker(memory_limit_mb, self.plugins))
         self._wait_until_ready()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -194,11 +213,13 @@ class RewardScorer:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         self.stats.workers_replaced += 1
-        self._workers[self._workers.index(w)] = _Worker(self.memory_limit_mb)
+        self._workers[self._workers.index(w)] = _Worker(self.memory_limit_mb, self.plugins)
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def _result(self, key: str, verified: bool, eos: bool, error: str | None) -> ScoreResult:
+    def _result(
+        self, key: str, verified: bool, eos: bool, error: str | None, *, bad: bool = False
+    ) -> ScoreResult:
         s = self.stats
         vs = s.per_verifier.setdefault(key, VerifierStats())
         s.rows += 1
@@ -206,7 +227,10 @@ class RewardScorer:
         if verified:
             s.verified += 1
             vs.verified += 1
-        if error == "timeout":
+        if bad:
+            s.bad_rows += 1
+            vs.bad_rows += 1
+        elif error == "timeout":
             s.timeouts += 1
             vs.timeouts += 1
         elif error is not None:
@@ -217,10 +241,10 @@ class RewardScorer:
     def _check_row(self, row: object) -> tuple[str, str | None]:
         """``(verifier key, problem)``: the problem is None for a good row."""
         if not isinstance(row, Mapping):
-            return "?", f"row must be a mapping, got {type(row).__name__}"
+            return INVALID_ROW, f"row must be a mapping, got {type(row).__name__}"
         missing = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
         if missing:
-            return str(row.get("dataset", "?")), f"missing column(s) {missing}"
+            return str(row.get("dataset") or INVALID_ROW), f"missing column(s) {missing}"
         try:
             key = get_verifier(row["dataset"]).name.lower()
         except UnknownVerifierError as exc:
@@ -248,8 +272,7 @@ class RewardScorer:
                 eos[i] = bool(row.get("ended_with_eos", True))
                 queue.append(i)
             else:
-                self.stats.bad_rows += 1
-                results[i] = self._result(key, False, eos[i], f"bad row: {problem}")
+                results[i] = self._result(key, False, True, f"bad row: {problem}", bad=True)
 
         def done(i: int, verified: bool, error: str | None) -> None:
             results[i] = self._result(keys[i], verified, eos[i], error)
@@ -284,10 +307,14 @@ class RewardScorer:
             except (EOFError, OSError):  # the worker died (crash, OOM killer, external kill)
                 w.kill()  # reaps it, so the exit code is known
                 if not w.ready:
-                    raise RewardScorerError(
-                        f"a reward worker died while starting (exit code {w.exitcode}); "
-                        "run `python -c 'import tulu.rewards.worker as w; w.warm_up()'` to see why"
-                    )
+                    self._startup_failures += 1
+                    if self._startup_failures >= MAX_STARTUP_FAILURES:
+                        self.close()
+                        raise RewardScorerError(
+                            f"{MAX_STARTUP_FAILURES} reward workers in a row died while starting "
+                            f"(last exit code {w.exitcode}); run `python -c 'import "
+                            "tulu.rewards.worker as w; w.warm_up()'` to see why"
+                        )
                 if w.task is not None:
                     done(w.task, False, f"worker died (exit code {w.exitcode})")
                     w.task = None
@@ -295,6 +322,7 @@ class RewardScorer:
                 continue
             if msg[0] == "ready":
                 w.ready = True
+                self._startup_failures = 0
                 continue
             task_id, verified, error = msg
             if task_id == w.task:
@@ -307,6 +335,7 @@ class RewardScorer:
                 w.task = None
                 self._replace(w)
             elif not w.ready and now >= w.started + self.startup_timeout_s:
+                self.close()
                 raise RewardScorerError(
                     f"a reward worker did not start within {self.startup_timeout_s:.0f} s"
                 )

@@ -10,7 +10,8 @@ module is a regular-expression splitter with a little more care than Ai2's, and 
 - a blank line (paragraph break) always ends a sentence, with or without punctuation;
 - a period does not end a sentence after a known abbreviation (``Mr.``, ``Dr.``, ``e.g.``,
   ``etc.``, ``vs.``, ``U.S.``, …) or after a single-letter initial (``J. K. Rowling``);
-- an ellipsis followed by a lower-case word continues the sentence;
+- an ellipsis, or a mark inside closing quotes, followed by a lower-case word continues the
+  sentence (``Wait... what?``, ``"Hi!" she said.``);
 - numbers such as ``3.14`` never split (no whitespace after the period).
 
 What it cannot do (Punkt learns these from data, a regex cannot): tell an abbreviation it does not
@@ -35,7 +36,7 @@ ABBREVIATIONS = frozenset(
 )
 
 _BOUNDARY = re.compile(
-    r"(?P<punct>[.!?\u2026]+)(?P<close>[\"'\u201d\u2019)\]]*)(?=\s|$)"
+    r"(?<![.!?\u2026])(?P<punct>[.!?\u2026]+)(?P<close>[\"'\u201d\u2019)\]]*)(?=\s|$)"
     r"|(?P<cjk>[\u3002\uff01\uff1f]+)"
     r"|(?P<blank>\n[ \t\r\f\v]*\n\s*)"
 )
@@ -54,7 +55,7 @@ def _is_boundary(text: str, m: re.Match[str]) -> bool:
                 return False
             if len(word) == 1 and word.isalpha():  # an initial: "J. K. Rowling"
                 return False
-    if punct in ("...", "\u2026"):
+    if punct in ("...", "\u2026") or m.group("close"):  # 'Wait... what' / '"Hi!" she said'
         rest = text[m.end() : m.end() + 3].lstrip()
         if rest[:1].islower():
             return False

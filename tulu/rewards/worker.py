@@ -1,7 +1,8 @@
 """The body of one scorer worker process: receive a task, verify, send the answer back.
 
-Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB`` with one end of a
-socket pair as FD. Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
+Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB [PLUGINS]`` with one
+end of a socket pair as FD; PLUGINS is a comma-separated list of modules to import first (they
+register custom verifiers). Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
 ground_truth)`` or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
 ``(task_id, verified, error)`` per task, where ``error`` is None or ``"ExcType: message"``.
 The worker never decides time-outs: the parent kills it when a task overruns.
@@ -38,14 +39,17 @@ def _limit_memory(memory_limit_mb: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def worker_main(conn, memory_limit_mb: int | None) -> None:
+def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()) -> None:
     """Serve tasks from ``conn`` until it closes or sends None."""
+    import importlib
     import os
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _limit_memory(memory_limit_mb)
     from tulu.rewards.verifier import get_verifier
 
+    for module in plugins:
+        importlib.import_module(module)
     warm_up()
     conn.send(("ready", os.getpid()))
     while True:
@@ -66,8 +70,9 @@ def worker_main(conn, memory_limit_mb: int | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     from multiprocessing.connection import Connection
 
-    fd, memory_limit_mb = (argv if argv is not None else sys.argv[1:])[:2]
-    worker_main(Connection(int(fd)), int(memory_limit_mb) or None)
+    args = list(argv if argv is not None else sys.argv[1:]) + [""]
+    fd, memory_limit_mb, plugins = args[:3]
+    worker_main(Connection(int(fd)), int(memory_limit_mb) or None, tuple(filter(None, plugins.split(","))))
 
 
 if __name__ == "__main__":

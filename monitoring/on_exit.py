@@ -1,0 +1,142 @@
+"""The batch script's EXIT trap: decide what srun's exit status means for the job.
+
+    python -m monitoring.on_exit --rc RC --monitor-dir D --world-size N [--job-id J]
+                                 [--attempt A] [--sidecar-pid P] [--config-json JSON]
+
+When ``srun`` returns (a task crashed and ``--kill-on-bad-exit`` took the step down, or
+everything finished), the batch script ends and Slurm kills every process of the job, the
+sidecar included; so the crash -> requeue decision is taken here, in the script's EXIT trap
+(installed by `monitoring.recovery.setup_lines`).
+
+1. If the sidecar is busy with a fault (``sidecar_busy.json``), wait up to
+   ``sidecar_wait_s`` for its verdict: one decision per attempt.
+2. rc 0: the job finished, unless the graceful-stop path asked for a requeue
+   (`recovery.request_requeue`), which is honoured without spending the fault budget.
+3. rc != 0: nothing to do if the job was cancelled (``JobState=CANCELLED``), or this attempt
+   was already requeued (by the sidecar, or by submitit: ``Restarts`` > attempt). Otherwise a
+   crash report (records + logs: srun's "task 3: Exited with exit code 3" names the task)
+   and `recovery.handle_fault`.
+
+Exit status (the batch script's final status): srun's rc, or `EXIT_DO_NOT_REQUEUE` (79) when
+the restart chain was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from monitoring import slurm
+from monitoring.config import MonitorConfig
+from monitoring.detect import Fault
+from monitoring.diagnosis import diagnose, write_report
+from monitoring.record import STATE_FAILED, read_all
+from monitoring.recovery import (
+    EXIT_DO_NOT_REQUEUE, already_requeued, handle_fault, record_decision, requeue,
+    requeue_requested, stop_reason,
+)
+from monitoring.sidecar import BUSY, log
+
+__all__ = ["decide_on_exit", "main"]
+
+
+def _wait_for_sidecar(monitor_dir: Path, pid: int | None, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (monitor_dir / BUSY).exists() and time.monotonic() < deadline:
+        if pid and not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.2)
+
+
+def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
+                   cfg: MonitorConfig, *, job_id: str | None, attempt: int,
+                   sidecar_pid: int | None = None) -> int:
+    d = Path(monitor_dir)
+    _wait_for_sidecar(d, sidecar_pid, cfg.sidecar_wait_s)
+    base = dict(job_id=job_id, attempt=attempt, by="on_exit", rc=rc)
+
+    if stop_reason(d, job_id):
+        log(f"srun exited {rc}; restart chain already stopped: {stop_reason(d, job_id)}")
+        return EXIT_DO_NOT_REQUEUE
+
+    asked = requeue_requested(d, job_id, attempt)
+    if asked and not already_requeued(d, job_id, attempt) and job_id and cfg.act:
+        record_decision(d, action="requeue", fault_kind="requested", reason=asked, **base)
+        try:
+            requeue(job_id, asked, monitor_dir=d, attempt=attempt, by="on_exit")
+            log(f"srun exited {rc}; requeued as requested: {asked}")
+        except slurm.SlurmCommandError as e:
+            record_decision(d, action="requeue_failed", reason=str(e), **base)
+            log(f"requested requeue failed: {e}")
+        return rc
+
+    if rc == 0:
+        record_decision(d, action="none", reason="srun exited 0: job finished", **base)
+        log("srun exited 0: job finished")
+        return 0
+
+    info = None
+    if job_id:
+        try:
+            info = slurm.show_job(job_id)
+        except slurm.SlurmCommandError as e:
+            log(f"cannot read the job's state: {e}")
+    if info is not None and info.state == "CANCELLED":
+        record_decision(d, action="none", reason=f"srun exited {rc}: job was cancelled", **base)
+        log(f"srun exited {rc}: the job was cancelled; not requeueing")
+        return rc
+    who = already_requeued(d, job_id, attempt)
+    if who:
+        record_decision(d, action="none", reason=f"srun exited {rc}; attempt {attempt} already "
+                        f"requeued by {who}", **base)
+        log(f"srun exited {rc}; already requeued by {who}")
+        return rc
+
+    records = read_all(d, world_size)
+    records = [r if r is not None and r.attempt == attempt else None for r in records]
+    failed = tuple(r.rank for r in records if r is not None and r.state == STATE_FAILED)
+    why = f"srun exited with status {rc}" + (
+        f" (job state {info.state})" if info is not None else "")
+    # A time limit or preemption that nobody handled gracefully is requeued like a crash (the
+    # run resumes from its last checkpoint), under its own name so that "the same fault at
+    # the same step twice" still ends a loop that makes no progress.
+    kind = {"TIMEOUT": "timeout", "PREEMPTED": "preempted", "NODE_FAIL": "node_fail"}.get(
+        info.state if info is not None else "", "crash")
+    fault = Fault("crash", failed, detail=why)
+    report = diagnose(fault, records, monitor_dir=d, cfg=cfg, job_id=job_id, attempt=attempt,
+                      collect=False)
+    path = write_report(d, report)
+    log(f"report {path}: {report.summary}")
+    step = max((r.done_step for r in records if r is not None), default=-1)
+    decision = handle_fault(
+        d, job_id=job_id, attempt=attempt, fault_kind=kind, step=step, cfg=cfg,
+        culprit_nodes=report.culprit_nodes, culprit_ranks=[c["rank"] for c in report.culprits],
+        by="on_exit", report=str(path), job_running=False, rc=rc)
+    log(f"decision: {decision.action}: {decision.reason}", exclude=list(decision.exclude_nodes))
+    return EXIT_DO_NOT_REQUEUE if decision.action == "stop" else rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m monitoring.on_exit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rc", type=int, required=True, help="srun's exit status")
+    ap.add_argument("--monitor-dir", required=True)
+    ap.add_argument("--world-size", type=int, required=True)
+    ap.add_argument("--job-id", default=None)
+    ap.add_argument("--attempt", type=int, default=None)
+    ap.add_argument("--sidecar-pid", type=int, default=None)
+    ap.add_argument("--config-json", default=None)
+    args = ap.parse_args(argv)
+    cfg = MonitorConfig.from_json(args.config_json)
+    job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
+    attempt = args.attempt if args.attempt is not None else int(
+        os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    return decide_on_exit(args.rc, args.monitor_dir, args.world_size, cfg, job_id=job_id,
+                          attempt=attempt, sidecar_pid=args.sidecar_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The monitor sidecar: a separate process that watches every rank's progress record.
+
+    python -m monitoring.sidecar --monitor-dir D --world-size N [--job-id J] [--attempt A]
+                                 [--config-json '{"check_interval_s": 5, ...}']
+
+Every ``check_interval_s`` it reads the records (plain ``pread``s: a stopped, deadlocked or
+dead rank cannot block it), checks which local pids are still alive, and runs the
+`Detector`. On the first fault it diagnoses (stacks, logs, culprits), writes the report, and
+hands the decision to `monitoring.recovery.handle_fault` (requeue / stop). Then it exits:
+after a requeue Slurm ends the job anyway, and one report per attempt is enough.
+
+Exit status: 0 when every rank exited cleanly, `EXIT_FAULT` (3) after a fault was handled,
+2 on bad arguments. While it diagnoses it keeps ``sidecar_busy.json`` in the monitor dir so
+the EXIT trap's on_exit waits for its verdict instead of racing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from monitoring.config import MonitorConfig
+from monitoring.detect import Detector, Fault
+from monitoring.diagnosis import diagnose, write_report
+from monitoring.record import STATE_RUNNING, RankRecord, read_all
+from monitoring.recovery import handle_fault
+
+__all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT"]
+
+EXIT_FAULT = 3
+BUSY = "sidecar_busy.json"
+LEARNED = "learned_timeouts.json"
+
+
+def pid_alive(r: RankRecord, host: str) -> bool | None:
+    """False if rank r's process is known gone (or a zombie, or the pid was reused), None if
+    it runs on another host (cannot tell), True otherwise."""
+    if r.host != host:
+        return None
+    try:
+        import psutil
+
+        p = psutil.Process(r.pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if r.proc_start and abs(p.create_time() - r.proc_start) > 1.0:
+            return False   # the pid now belongs to another process
+        return True
+    except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied on a dying process
+        return os.path.exists(f"/proc/{r.pid}")
+
+
+def log(msg: str, **fields) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    extra = (" " + json.dumps(fields, sort_keys=True)) if fields else ""
+    print(f"[monitor {stamp}Z] {msg}{extra}", flush=True)
+
+
+class Sidecar:
+    def __init__(self, monitor_dir: str | os.PathLike, world_size: int, cfg: MonitorConfig,
+                 *, job_id: str | None = None, attempt: int = 0, host: str | None = None,
+                 clock=time.time) -> None:
+        self.dir = Path(monitor_dir)
+        self.world_size, self.cfg, self.job_id, self.attempt = world_size, cfg, job_id, attempt
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.detector = Detector(cfg, world_size, attempt, start_time=clock())
+        self.detector.observed.update(self._load_learned())
+        self._saved_learned: dict = dict(self.detector.observed)
+
+    def _load_learned(self) -> dict[str, tuple[float, int]]:
+        """Durations observed by earlier attempts (a restart should not forget that a
+        checkpoint takes 4 minutes)."""
+        try:
+            data = json.loads((self.dir / LEARNED).read_text())
+            return {k: (float(v[0]), int(v[1])) for k, v in data.get("observed", {}).items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            return {}
+
+    def _save_learned(self) -> None:
+        if self.detector.observed == self._saved_learned:
+            return
+        self._saved_learned = dict(self.detector.observed)
+        data = {"observed": self.detector.observed,
+                "timeouts": self.detector.learned_timeouts()}
+        tmp = self.dir / f".{LEARNED}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, self.dir / LEARNED)
+
+    def snapshot(self) -> tuple[list[RankRecord | None], dict[int, bool | None]]:
+        records = read_all(self.dir, self.world_size)
+        alive = {r.rank: pid_alive(r, self.host) for r in records
+                 if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING}
+        return records, alive
+
+    def check_once(self) -> list[Fault]:
+        records, alive = self.snapshot()
+        return self.detector.check(records, self.clock(), alive)
+
+    def handle(self, fault: Fault) -> dict:
+        busy = self.dir / BUSY
+        busy.write_text(json.dumps({"pid": os.getpid(), "fault": fault.to_dict()}))
+        try:
+            log(f"detected {fault.kind}: {fault.detail}")
+            records, alive = self.snapshot()
+            records = [r if r is not None and r.attempt == self.attempt else None
+                       for r in records]
+            report = diagnose(fault, records, monitor_dir=self.dir, cfg=self.cfg,
+                              detector=self.detector, alive=alive, job_id=self.job_id,
+                              attempt=self.attempt, host=self.host)
+            path = write_report(self.dir, report)
+            log(f"report {path}: {report.summary}")
+            step = max((r.done_step for r in records if r is not None), default=-1)
+            decision = handle_fault(
+                self.dir, job_id=self.job_id, attempt=self.attempt, fault_kind=fault.kind,
+                step=step, cfg=self.cfg, culprit_nodes=report.culprit_nodes,
+                culprit_ranks=[c["rank"] for c in report.culprits], by="sidecar",
+                report=str(path), job_running=True)
+            log(f"decision: {decision.action}: {decision.reason}",
+                exclude=list(decision.exclude_nodes))
+            if self.cfg.kill_ranks_on_fault and not self.job_id:
+                self._kill_local_ranks(records)
+            return {"report": str(path), "decision": decision.action}
+        finally:
+            busy.unlink(missing_ok=True)
+
+    def _kill_local_ranks(self, records: list[RankRecord | None]) -> None:
+        for r in records:
+            if r is not None and r.host == self.host and pid_alive(r, self.host):
+                try:
+                    os.kill(r.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def run(self, max_seconds: float | None = None) -> int:
+        log("watching", monitor_dir=str(self.dir), world_size=self.world_size,
+            job_id=self.job_id, attempt=self.attempt, host=self.host, pid=os.getpid())
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        while deadline is None or time.monotonic() < deadline:
+            faults = self.check_once()
+            self._save_learned()
+            if faults:
+                self.handle(faults[0])
+                return EXIT_FAULT
+            if self.detector.finished:
+                log("every rank exited cleanly")
+                return 0
+            time.sleep(self.cfg.check_interval_s)
+        log("max_seconds reached")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m monitoring.sidecar", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--monitor-dir", required=True)
+    ap.add_argument("--world-size", type=int, required=True)
+    ap.add_argument("--job-id", default=None, help="Slurm job id (default: $SLURM_JOB_ID); "
+                    "without one the sidecar only reports")
+    ap.add_argument("--attempt", type=int, default=None,
+                    help="restart count (default: $SLURM_RESTART_COUNT or 0)")
+    ap.add_argument("--config-json", default=None, help="MonitorConfig fields as JSON")
+    ap.add_argument("--max-seconds", type=float, default=None)
+    args = ap.parse_args(argv)
+    cfg = MonitorConfig.from_json(args.config_json)
+    job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
+    attempt = args.attempt if args.attempt is not None else int(
+        os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    Path(args.monitor_dir).mkdir(parents=True, exist_ok=True)
+    sidecar = Sidecar(args.monitor_dir, args.world_size, cfg, job_id=job_id, attempt=attempt)
+    return sidecar.run(args.max_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The recovery policy against a fake scontrol/sinfo/scancel that log their argv: requeue
+(with ExcNodeList only when spare nodes exist), budget, the same-fault-twice stop, one
+decision per attempt, and the batch-script lines that take the decision when srun returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from monitoring.config import MonitorConfig
+from monitoring.on_exit import decide_on_exit
+from monitoring.recovery import (
+    EXIT_DO_NOT_REQUEUE, decide, handle_fault, read_decisions, request_requeue, setup_lines,
+)
+from monitoring.slurm import expand_hostlist, parse_job, spare_nodes
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ("JobId=77 JobName=rlvr UserId=root(0) JobState=RUNNING Reason=None Requeue=1 "
+       "Restarts={restarts} BatchFlag=1 NodeList=n[1-2] NumNodes=2 NumCPUs=16 "
+       "Partition=debug ExcNodeList=(null) Command=/a b/submit.sh")
+SINFO_SPARE = "n1 alloc\nn2 alloc\nn3 idle\nn4 mix\n"
+SINFO_FULL = "n1 alloc\nn2 alloc\nn3 down*\nn4 drain\n"
+CFG = MonitorConfig(restart_budget=3)
+
+
+class FakeSlurm:
+    def __init__(self, root: Path) -> None:
+        self.bin, self.log = root / "fakebin", root / "slurm_calls.log"
+        self.bin.mkdir()
+        self.state = root / "fake_state"
+        self.state.mkdir()
+        self.set(job=JOB.format(restarts=0), sinfo=SINFO_SPARE)
+        for tool in ("scontrol", "sinfo", "scancel"):
+            p = self.bin / tool
+            p.write_text(f"""#!/bin/bash
+echo "{tool} $*" >> "{self.log}"
+if [[ {tool} == scontrol && "$1" == show ]]; then cat "{self.state}/job"; fi
+if [[ {tool} == sinfo ]]; then cat "{self.state}/sinfo"; fi
+exit 0
+""")
+            p.chmod(0o755)
+
+    def set(self, job: str | None = None, sinfo: str | None = None) -> None:
+        if job is not None:
+            (self.state / "job").write_text(job)
+        if sinfo is not None:
+            (self.state / "sinfo").write_text(sinfo)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def actions(self) -> list[str]:
+        return [c for c in self.calls() if not c.startswith(("scontrol show", "sinfo"))]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> FakeSlurm:
+    f = FakeSlurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{f.bin}{os.pathsep}{os.environ['PATH']}")
+    return f
+
+
+def fault(mon, attempt, kind="hang", step=5, nodes=("n2",), cfg=CFG, running=True):
+    return handle_fault(mon, job_id="77", attempt=attempt, fault_kind=kind, step=step, cfg=cfg,
+                        culprit_nodes=list(nodes), culprit_ranks=[3], by="test",
+                        job_running=running)
+
+
+# ---------------------------------------------------------------- parsers (captured text)
+def test_scontrol_show_job_is_parsed():
+    info = parse_job(JOB.format(restarts=2))
+    assert (info.job_id, info.state, info.restarts, info.num_nodes, info.partition) == \
+        ("77", "RUNNING", 2, 2, "debug")
+    assert info.nodes == ["n1", "n2"] and info.excluded == []
+
+
+def test_hostlists_expand_with_ranges_and_padding():
+    assert expand_hostlist("n[1-3,5],gpu07,a[08-10]") == \
+        ["n1", "n2", "n3", "n5", "gpu07", "a08", "a09", "a10"]
+    assert expand_hostlist("(null)") == []
+
+
+def test_spare_nodes_counts_usable_nodes_outside_the_exclusion():
+    job = parse_job(JOB.format(restarts=0))
+    assert spare_nodes(SINFO_SPARE, job, ["n2"])[0]
+    ok, why = spare_nodes(SINFO_FULL, job, ["n2"])
+    assert not ok and "needs 2" in why
+
+
+# ---------------------------------------------------------------- policy (pure)
+def test_budget_and_no_progress_rules():
+    cfg = MonitorConfig(restart_budget=2)
+    h = [{"job_id": "77", "attempt": 0, "action": "requeue", "fault_kind": "hang", "step": 4}]
+    assert decide(h, job_id="77", attempt=1, fault_kind="hang", step=9, cfg=cfg).action == "requeue"
+    assert decide(h, job_id="77", attempt=1, fault_kind="crash", step=4,
+                  cfg=cfg).action == "requeue"
+    same = decide(h, job_id="77", attempt=1, fault_kind="hang", step=4, cfg=cfg)
+    assert same.action == "stop" and "no progress" in same.reason
+    h.append({"job_id": "77", "attempt": 1, "action": "requeue", "fault_kind": "crash", "step": 9})
+    spent = decide(h, job_id="77", attempt=2, fault_kind="hang", step=20, cfg=cfg)
+    assert spent.action == "stop" and "budget" in spent.reason
+    assert decide(h, job_id="78", attempt=0, fault_kind="hang", step=4,
+                  cfg=cfg).action == "requeue"   # another job's history does not count
+
+
+# ---------------------------------------------------------------- actions (fake Slurm)
+def test_requeue_excludes_the_culprit_node_when_spare_nodes_exist(tmp_path, fake):
+    d = fault(tmp_path / "mon", 0)
+    assert d.action == "requeue" and d.exclude_nodes == ("n2",)
+    assert fake.actions() == ["scontrol requeuehold 77",
+                              "scontrol update JobId=77 ExcNodeList=n2",
+                              "scontrol release 77"]
+    assert [e["action"] for e in read_decisions(tmp_path / "mon")] == ["requeue", "exclusion"]
+
+
+def test_requeue_without_exclusion_when_the_cluster_has_no_spare_node(tmp_path, fake):
+    fake.set(sinfo=SINFO_FULL)
+    d = fault(tmp_path / "mon", 0)
+    assert d.action == "requeue" and d.exclude_nodes == ()
+    assert fake.actions() == ["scontrol requeue 77"]
+    assert "needs 2" in read_decisions(tmp_path / "mon")[-1]["reason"]
+
+
+def test_exhausted_budget_stops_the_chain_and_cancels_the_hung_job(tmp_path, fake):
+    mon = tmp_path / "mon"
+    cfg = dataclasses.replace(CFG, restart_budget=2)
+    assert fault(mon, 0, step=1, cfg=cfg).action == "requeue"
+    assert fault(mon, 1, step=2, cfg=cfg).action == "requeue"
+    d = fault(mon, 2, step=3, cfg=cfg)
+    assert d.action == "stop" and "budget exhausted" in d.reason
+    assert fake.actions()[-1] == "scancel 77"
+    assert json.loads((mon / "do_not_requeue.json").read_text())["reason"] == d.reason
+
+
+def test_same_fault_at_the_same_step_twice_stops_with_a_clear_reason(tmp_path, fake):
+    mon = tmp_path / "mon"
+    assert fault(mon, 0, step=5).action == "requeue"
+    d = fault(mon, 1, step=5)
+    assert d.action == "stop"
+    assert "same fault (hang) at the same step (5)" in d.reason
+    assert decide_on_exit(143, mon, 4, CFG, job_id="77", attempt=1) == EXIT_DO_NOT_REQUEUE
+
+
+def test_second_fault_in_the_same_attempt_does_not_requeue_twice(tmp_path, fake):
+    mon = tmp_path / "mon"
+    assert fault(mon, 0, nodes=()).action == "requeue"
+    d = fault(mon, 0, kind="crash", nodes=())
+    assert d.action == "none" and "already requeued" in d.reason
+    assert fake.actions() == ["scontrol requeue 77"]
+
+
+def test_attempt_already_requeued_by_submitit_is_left_alone(tmp_path, fake):
+    fake.set(job=JOB.format(restarts=1))       # Restarts=1 while we are attempt 0
+    assert decide_on_exit(143, tmp_path / "mon", 2, CFG, job_id="77", attempt=0) == 143
+    assert fake.actions() == []
+
+
+def test_cancelled_job_is_not_requeued(tmp_path, fake):
+    fake.set(job=JOB.format(restarts=0).replace("RUNNING", "CANCELLED"))
+    assert decide_on_exit(143, tmp_path / "mon", 2, CFG, job_id="77", attempt=0) == 143
+    assert fake.actions() == []
+
+
+def test_crash_after_srun_returns_is_reported_and_requeued(tmp_path, fake):
+    mon = tmp_path / "mon"
+    (mon).mkdir()
+    (mon / "77_0_log.err").write_text("srun: error: n2: task 3: Exited with exit code 3\n")
+    cfg = dataclasses.replace(CFG, log_globs=[str(mon / "*_log.err")])
+    assert decide_on_exit(3, mon, 4, cfg, job_id="77", attempt=0) == 3
+    report = json.loads((mon / "last_report.json").read_text())
+    assert report["kind"] == "crash" and report["culprits"][0]["rank"] == 3
+    assert report["culprit_nodes"] == ["n2"]
+    assert fake.actions()[0] == "scontrol requeuehold 77"
+
+
+def test_clean_exit_finishes_unless_the_graceful_path_asked_for_a_requeue(tmp_path, fake):
+    mon = tmp_path / "mon"
+    assert decide_on_exit(0, mon, 2, CFG, job_id="77", attempt=0) == 0
+    assert fake.actions() == []
+    request_requeue(mon, "77", 1, "preempted: saved step 40")
+    assert decide_on_exit(0, mon, 2, CFG, job_id="77", attempt=1) == 0
+    assert fake.actions() == ["scontrol requeue 77"]
+    entry = [e for e in read_decisions(mon) if e["action"] == "requeue"][0]
+    assert entry["fault_kind"] == "requested"            # does not spend the fault budget
+
+
+# ---------------------------------------------------------------- the sbatch lines, in bash
+WEIRD = "mon dir 'with' \"quotes\" $HOME `x`"
+
+
+def _script(tmp_path: Path, body: str, cfg: MonitorConfig = CFG) -> tuple[Path, Path]:
+    mon = tmp_path / WEIRD
+    lines = setup_lines(mon, 1, cfg)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n" + "\n".join(lines) + "\n" + body + "\n")
+    return script, mon
+
+
+def test_setup_lines_requeue_a_crash_seen_by_the_exit_trap_with_a_weird_path(tmp_path, fake):
+    script, mon = _script(tmp_path, 'echo "$TULU_MONITOR_DIR" > "$TULU_MONITOR_DIR/seen"\n'
+                                    "(exit 3)  # srun: a task exited with 3")
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="0")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert (mon / "seen").read_text().strip() == str(mon)
+    assert "scontrol requeue 77" in fake.calls()
+    entry = [e for e in read_decisions(mon) if e["action"] == "requeue"][0]
+    assert entry["by"] == "on_exit" and entry["rc"] == 3
+    assert (mon / "monitor_77_0.log").exists()
+
+
+def test_setup_lines_see_143_when_slurm_terminates_the_batch_script(tmp_path, fake):
+    script, mon = _script(tmp_path, "sleep 30 & wait $!")
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="2")
+    p = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not (mon / "monitor_77_2.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGTERM)          # Slurm signals every process of the job
+    assert p.wait(timeout=60) == 143
+    entry = [e for e in read_decisions(mon) if e["action"] == "requeue"][0]
+    assert entry["rc"] == 143 and entry["attempt"] == 2
+
+
+def test_setup_lines_exit_with_do_not_requeue_code_once_the_chain_is_stopped(tmp_path, fake):
+    script, mon = _script(tmp_path, "(exit 1)")
+    mon.mkdir(parents=True)
+    (mon / "do_not_requeue.json").write_text(json.dumps({"reason": "budget", "job_id": "77"}))
+    env = dict(os.environ, SLURM_JOB_ID="77")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=60)
+    assert out.returncode == EXIT_DO_NOT_REQUEUE
+    assert fake.actions() == []
+
+
+def test_setup_lines_quote_every_path_and_use_this_python():
+    lines = setup_lines("/x/it's here", 8, CFG, python="/opt/py 3/bin/python")
+    text = "\n".join(lines)
+    assert "'/opt/py 3/bin/python' -m monitoring.sidecar" in text
+    assert "--monitor-dir '/x/it'\"'\"'s here' --world-size 8" in text
+    assert setup_lines("/m", 1)[0].startswith("#") and sys.executable in "\n".join(
+        setup_lines("/m", 1))
