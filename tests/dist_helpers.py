@@ -107,6 +107,7 @@ def run_distributed(
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         while len(outputs) + len(failures) < world_size:
             try:
@@ -126,6 +127,7 @@ def run_distributed(
                 if failures:
                     break
                 if time.monotonic() > deadline:
+                    timed_out = True
                     raise DistributedTestError(
                         f"{fn.__name__} on {world_size} ranks timed out after {timeout:.0f} s; "
                         f"ranks that never returned: {pending} (a hang in a collective, or "
@@ -140,7 +142,7 @@ def run_distributed(
                 break  # the others would hang in their next collective; report now
     finally:
         for p in procs:
-            p.join(timeout=0.5 if failures else 5.0)
+            p.join(timeout=0.5 if failures or timed_out else 5.0)
         for p in procs:
             if p.is_alive():
                 p.kill()

@@ -156,7 +156,8 @@ def test_crashing_task_is_requeued_then_stops_at_the_restart_budget(runner):
     job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, "--set", "run.name=crash", "--set", "run.counter_steps=40",
                         "--set", "cluster.max_restarts=1", "--set", f"cluster.env.TULU_FAULT={faults}")
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
-    assert st["state"] == "FAILED" and int(st["restarts"]) == 1
+    # The monitor ends the job when it stops the chain (CANCELLED) or srun fails first (FAILED).
+    assert st["state"] in ("FAILED", "CANCELLED") and int(st["restarts"]) == 1
     actions = [(d["attempt"], d["action"]) for d in _decisions(runner, "crash") if d["action"] in ("requeue", "stop")]
     assert actions == [(0, "requeue"), (1, "stop")]
     stop = [d for d in _decisions(runner, "crash") if d["action"] == "stop"][0]
@@ -172,6 +173,7 @@ def test_a_crash_that_recurs_at_the_same_step_stops_the_chain(runner):
                         "--set", "cluster.max_restarts=5",
                         "--set", "cluster.env.TULU_FAULT=kind=exception,rank=6,step=3,restart=any")
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
-    assert st["state"] == "FAILED" and int(st["restarts"]) == 1
+    # The monitor ends the job when it stops the chain (CANCELLED) or srun fails first (FAILED).
+    assert st["state"] in ("FAILED", "CANCELLED") and int(st["restarts"]) == 1
     stop = [d for d in _decisions(runner, "recur") if d["action"] == "stop"]
     assert len(stop) == 1 and "same step" in stop[0]["reason"]

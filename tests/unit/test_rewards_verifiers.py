@@ -50,7 +50,7 @@ def test_verifier_agrees_with_hand_checked_label(case):
 
 
 def test_registry_names_are_case_insensitive_and_match_ai2_dataset_column():
-    assert known_verifiers() == ["gsm8k", "ifeval", "math"]
+    assert {"gsm8k", "ifeval", "math"} <= set(known_verifiers())  # plus any test plugins
     assert get_verifier("MATH") is get_verifier("math")
     assert get_verifier("GSM8K") is get_verifier("gsm8k")
     assert get_verifier(" IFEval ") is get_verifier("ifeval")

@@ -22,6 +22,7 @@ def run(ctx: JobContext) -> dict:
     state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "total": 0, "history": []}
     step, total = state["step"], state["total"]
     ctx.log(f"counter resumes at step {step} (total {total}), attempt {ctx.env.restart_count}")
+    ctx.step_done(step)  # the monitor compares fault steps across attempts: report where we resume
     if ctx.is_global_leader:
         state["history"].append({"attempt": ctx.env.restart_count, "resumed_at": step, "time": time.time()})
         write_json_atomic(state_file, state)

@@ -3,19 +3,19 @@
 Name and layout mapping, for global layer ``L`` (HF) held as local layer ``l`` by its stage
 (Megatron numbers each stage's layers from 0; ``TransformerLayer.layer_number`` is global):
 
-=====================================================  =============================================
-Megatron (local shard)                                 Hugging Face (full tensor)
-=====================================================  =============================================
-embedding.word_embeddings.weight   [Vp/tp, H]          model.embed_tokens.weight   [V, H]  row shard
-decoder.layers.l.input_layernorm.weight                model.layers.L.input_layernorm.weight
-decoder.layers.l.self_attention.linear_qkv.weight      model.layers.L.self_attn.{q,k,v}_proj.weight
-decoder.layers.l.self_attention.linear_proj.weight     model.layers.L.self_attn.o_proj.weight col
-decoder.layers.l.pre_mlp_layernorm.weight              model.layers.L.post_attention_layernorm.weight
-decoder.layers.l.mlp.linear_fc1.weight                 model.layers.L.mlp.{gate,up}_proj.weight
-decoder.layers.l.mlp.linear_fc2.weight                 model.layers.L.mlp.down_proj.weight     col
-decoder.final_layernorm.weight                         model.norm.weight
-output_layer.weight                [Vp/tp, H]          lm_head.weight              [V, H]  row shard
-=====================================================  =============================================
+==================================================  ==============================================
+Megatron (this rank's shard)                        Hugging Face (full tensor); how it is split
+==================================================  ==============================================
+embedding.word_embeddings.weight  [Vp/tp, H]        model.embed_tokens.weight [V, H]; rows
+decoder.layers.l.input_layernorm.weight             model.layers.L.input_layernorm.weight
+decoder.layers.l.self_attention.linear_qkv.weight   model.layers.L.self_attn.{q,k,v}_proj.weight
+decoder.layers.l.self_attention.linear_proj.weight  model.layers.L.self_attn.o_proj.weight; cols
+decoder.layers.l.pre_mlp_layernorm.weight           model.layers.L.post_attention_layernorm.weight
+decoder.layers.l.mlp.linear_fc1.weight              model.layers.L.mlp.{gate,up}_proj.weight; rows
+decoder.layers.l.mlp.linear_fc2.weight              model.layers.L.mlp.down_proj.weight; cols
+decoder.final_layernorm.weight                      model.norm.weight
+output_layer.weight  [Vp/tp, H]                     lm_head.weight [V, H]; rows
+==================================================  ==============================================
 
 * ``linear_qkv`` is grouped by KV head: for each query group ``g`` (``ng`` = KV heads,
   ``hpg`` = query heads per group) the rows are ``[q heads g*hpg .. g*hpg+hpg-1, k_g, v_g]``,
@@ -25,7 +25,9 @@ output_layer.weight                [Vp/tp, H]          lm_head.weight           
 * ``linear_fc1`` holds ``[gate shard; up shard]`` per TP rank (Megatron splits the fused
   weight in halves after the matmul), not ``[gate; up]`` of the full matrices.
 * The vocabulary is padded to ``model.vocab_size`` (a multiple of TP; see
-  ``tulu.models.llama.padded_vocab_size``): import fills padding rows with zeros, export drops them.
+  ``tulu.models.llama.padded_vocab_size``): import fills padding rows with zeros, export drops
+  them. The model's logits then have ``Vp`` columns, the padding ones 0: take
+  ``logits[..., :V]`` before a softmax (no padding for Llama 3's 128256 at power-of-two TP).
 
 Written by hand rather than with nvidia-modelopt's ``import_mcore_gpt_from_hf`` /
 ``export_mcore_gpt_to_hf``: those read and write checkpoint folders on disk, while training
@@ -139,7 +141,8 @@ def _megatron_shard(mname: str, layer_of: dict[int, int], hf: Mapping[str, torch
     if rest == "self_attention.linear_proj.weight":
         return cols(get(p + "self_attn.o_proj.weight"))
     if rest == "mlp.linear_fc1.weight":
-        return torch.cat([rows(get(p + "mlp.gate_proj.weight")), rows(get(p + "mlp.up_proj.weight"))])
+        gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
+        return torch.cat([rows(gate), rows(up)])
     if rest == "mlp.linear_fc2.weight":
         return cols(get(p + "mlp.down_proj.weight"))
     raise KeyError(f"no HF mapping for Megatron tensor {mname!r}")
@@ -262,7 +265,10 @@ def megatron_to_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:
                 else None]
         dist.broadcast_object_list(meta, src=src, group=group)
         for name, shape, dtype in meta[0]:
-            t = local[name].contiguous() if stage == my_stage else torch.empty(shape, dtype=dtype, device=device)
+            if stage == my_stage:
+                t = local[name].contiguous()
+            else:
+                t = torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(t, src=src, group=group)
             result[name] = t.cpu()
     return result

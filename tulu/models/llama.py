@@ -214,6 +214,9 @@ def build_gpt_model(
         rotary_base=int(theta) if float(theta).is_integer() else theta,
         rotary_percent=1.0,
     )
+    if torch.cuda.is_available():
+        # Megatron's torch norms are created on the CPU; Megatron-LM moves the model after build.
+        model.cuda(torch.cuda.current_device())
     if scaling is not None:
         # Megatron's own rope_scaling takes only `factor` (low/high/original fixed at 1/4/8192);
         # apply HF's full llama3 formula (Megatron's _apply_scaling is the same code).

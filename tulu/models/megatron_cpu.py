@@ -35,8 +35,9 @@ optimizer (not tried), DDP ``overlap_grad_reduce`` (CUDA streams), CUDA graphs, 
 ``dist_checkpointing.exchange_utils`` (fully parallel load) and ``utils.check_param_hashes``.
 
 ``PATCH_TARGETS`` names every attribute patched, with the parameters the patch relies on; the
-unit test ``tests/unit/test_models_megatron_cpu.py`` checks them against the installed
-megatron-core so that an upgrade that moves a target fails loudly instead of silently.
+unit test ``tests/unit/test_models_cpu_patch_targets.py`` checks them against the installed
+megatron-core, so that an upgrade that moves a target fails loudly instead of silently; the
+multi-process tests ``tests/multiproc/test_models_*.py`` run the patched paths end to end.
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ def grpo_advantages(
     Returns a float32 tensor of the same shape; broadcast it to tokens with :func:`per_token`.
     """
     if rewards.dim() != 1:
-        raise ValueError(f"grpo_advantages: rewards must be 1-D [num_prompts * samples], got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"grpo_advantages: rewards must be 1-D [num_prompts * samples], got {tuple(rewards.shape)}"
+        )
     if samples_per_prompt < 2:
         raise ValueError(
             f"grpo_advantages: samples_per_prompt={samples_per_prompt}; group normalisation needs at "

@@ -21,7 +21,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["KLEstimator", "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "kl_penalized_rewards", "last_token_index"]
+__all__ = [
+    "KLEstimator",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "last_token_index",
+]
 
 KLEstimator = Literal["k1", "k2", "k3"]
 

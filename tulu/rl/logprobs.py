@@ -25,6 +25,11 @@ __all__ = ["token_logprobs", "selected_logprobs", "entropy_from_logits"]
 DEFAULT_CHUNK = 1024
 
 
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 logits; float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (vLLM's sampling temperature), got {temperature}")
@@ -33,10 +38,11 @@ def _check_temperature(temperature: float) -> None:
 class _SelectedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, temperature: float, chunk: int) -> Tensor:
-        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        dtype = _compute_dtype(logits)
+        out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
         for i in range(0, logits.shape[0], chunk):
-            x = logits[i : i + chunk].float() / temperature
+            x = logits[i : i + chunk].to(dtype) / temperature
             lse[i : i + chunk] = torch.logsumexp(x, dim=-1)
             out[i : i + chunk] = x.gather(-1, labels[i : i + chunk, None]).squeeze(-1) - lse[i : i + chunk]
         ctx.save_for_backward(logits, labels, lse)
@@ -49,8 +55,8 @@ class _SelectedLogProb(torch.autograd.Function):
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], chunk):
-            p = torch.exp(logits[i : i + chunk].float() / t - lse[i : i + chunk, None])
-            g = grad_out[i : i + chunk, None].float()
+            p = torch.exp(logits[i : i + chunk].to(lse.dtype) / t - lse[i : i + chunk, None])
+            g = grad_out[i : i + chunk, None].to(lse.dtype)
             d = -p * g
             d.scatter_add_(-1, labels[i : i + chunk, None], g)
             grad[i : i + chunk] = d / t
@@ -60,9 +66,10 @@ class _SelectedLogProb(torch.autograd.Function):
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, chunk: int) -> Tensor:
-        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        dtype = _compute_dtype(logits)
+        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         for i in range(0, logits.shape[0], chunk):
-            x = logits[i : i + chunk].float() / temperature
+            x = logits[i : i + chunk].to(dtype) / temperature
             out[i : i + chunk] = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1)  # 0 log 0 = 0
         ctx.save_for_backward(logits)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -73,12 +80,13 @@ class _Entropy(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
+        dtype = _compute_dtype(logits)
         for i in range(0, logits.shape[0], chunk):
-            x = logits[i : i + chunk].float() / t
+            x = logits[i : i + chunk].to(dtype) / t
             p = torch.softmax(x, dim=-1)
             x = torch.where(p > 0, x, 0.0)  # masked-out vocabulary (-inf logits) has p = 0
             mean_x = (p * x).sum(-1, keepdim=True)
-            grad[i : i + chunk] = -p * (x - mean_x) * (grad_out[i : i + chunk, None].float() / t)
+            grad[i : i + chunk] = -p * (x - mean_x) * (grad_out[i : i + chunk, None].to(dtype) / t)
         return grad, None, None
 
 
@@ -87,14 +95,16 @@ def selected_logprobs(
 ) -> Tensor:
     """``log_softmax(logits / temperature)[..., labels]`` with *no shift*: ``logits[..., i, :]``
     scores ``labels[..., i]``. Shapes ``[..., V]`` and ``[...]``; returns float32 ``[...]``.
-    Labels outside ``[0, V)`` (padding such as -100) are clamped; mask those positions out."""
+    Labels outside ``[0, V)`` (padding such as -100) are clamped; mask those positions out.
+    The result is float32 (float64 for float64 logits)."""
     _check_temperature(temperature)
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"selected_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"selected_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}"
+        )
     vocab = logits.shape[-1]
-    flat = _SelectedLogProb.apply(
-        logits.reshape(-1, vocab), labels.reshape(-1).clamp(0, vocab - 1).long(), float(temperature), chunk_size
-    )
+    safe_labels = labels.reshape(-1).clamp(0, vocab - 1).long()
+    flat = _SelectedLogProb.apply(logits.reshape(-1, vocab), safe_labels, float(temperature), chunk_size)
     return flat.view(labels.shape)
 
 
@@ -110,7 +120,8 @@ def token_logprobs(
     """
     if logits.dim() != 3 or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
         raise ValueError(
-            f"token_logprobs: need logits [B, T, V] and tokens [B, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+            "token_logprobs: need logits [B, T, V] and tokens [B, T], "
+            f"got {tuple(logits.shape)} and {tuple(tokens.shape)}"
         )
     labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # last column is a dummy
     return selected_logprobs(logits, labels, temperature, chunk_size=chunk_size)[:, :-1]

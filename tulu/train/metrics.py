@@ -1,0 +1,101 @@
+"""Where training metrics go: stdout, ``<run_dir>/metrics.jsonl``, TensorBoard, a loss plot.
+
+Only the writing rank (global rank 0) creates a :class:`MetricsLog`. Every record has ``step``
+(optimizer steps completed) and ``kind`` (``train`` or ``eval``). On resume the file is cut back
+to the checkpoint's step, so a run that crashed after its last checkpoint does not list the
+replayed steps twice and two runs with the same seed can be compared line by line.
+TensorBoard (``<run_dir>/tensorboard``) is written when the ``tensorboard`` package imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path, log: Callable[[str], None] = print, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self.log = log
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tb = None
+            else:
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written by an attempt that died after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.run_dir) if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        record = {"kind": kind, "step": step, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        self.log(f"{kind} step {step}: {shown}")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path | None:
+    """``<run_dir>/loss_curve.png``: train loss per step and held-out loss at each eval.
+    Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / PLOT_FILE
+    tmp = out.with_name(".loss_curve.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,222 @@
+"""The model a training rank holds: its TP/PP shard of the policy (Megatron ``GPTModel`` in
+Megatron's DDP wrapper, with Megatron's optimizer), and for DPO a frozen reference.
+
+Initial weights, chosen once from ``model``:
+
+- ``name_or_path``: the Hugging Face checkpoint's weights (``*.safetensors``, read lazily: a
+  rank reads only the tensors of its stage);
+- ``tiny``: a seeded init computed per *HF tensor name* (normal(0, initializer_range) for
+  matrices, ones for norms), so every TP/PP layout starts from the same full weights;
+- ``arch``: Megatron's own seeded init (differs between layouts; for shape tests only).
+
+Backend choices made here, once: parameter dtype (``model.dtype``); the distributed optimizer
+and sequence parallelism only where CUDA is available (neither works on CPU: DESIGN.md §7);
+gradient clipping by Megatron's optimizer (on CPU through ``tulu.models.megatron_cpu``'s patch).
+Losses are summed per micro-batch and Megatron divides the gradients by the number of loss
+units (tokens for SFT, pairs for DPO) of the whole global batch (``calculate_per_token_loss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("tulu.train")
+
+
+# --- the HF config of the model ------------------------------------------------------------------
+
+def hf_config_of(model_cfg) -> Any:
+    """A transformers ``LlamaConfig`` for ``cfg.model``."""
+    from tulu.models import llama
+
+    if model_cfg.tiny is not None:
+        t = model_cfg.tiny
+        return llama.tiny_llama_config(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, head_dim=t.hidden_size // t.num_attention_heads,
+            max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta)
+    if model_cfg.arch is not None:
+        return llama.llama_config_from_preset(model_cfg.arch.replace("llama-", "llama"))
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_cfg.name_or_path)
+
+
+def torch_dtype(model_cfg) -> torch.dtype:
+    return torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32
+
+
+# --- initial weights -----------------------------------------------------------------------------
+
+class SeededInit(Mapping):
+    """A lazy full HF state dict of random weights: each tensor is drawn from a generator seeded
+    by (seed, tensor name), so it does not depend on which rank asks or in which order."""
+
+    def __init__(self, hf_config, seed: int):
+        self.cfg, self.seed = hf_config, seed
+        c = hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+        q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        self.shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.shapes.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            })
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if len(shape) == 1:
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g) * self.cfg.initializer_range
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class SafetensorsWeights(Mapping):
+    """The tensors of a HF checkpoint folder (or hub name), opened lazily from ``*.safetensors``."""
+
+    def __init__(self, name_or_path: str):
+        from safetensors import safe_open
+
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no *.safetensors in {folder}")
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as fh:
+                self._where.update({k: f for k in fh.keys()})
+        self._open = safe_open
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with self._open(str(self._where[name]), "pt") as fh:
+            return fh.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def initial_weights(model_cfg, hf_config, seed: int) -> Mapping | None:
+    """The full HF-named weights every layout starts from; None: Megatron's own init."""
+    if model_cfg.tiny is not None:
+        return SeededInit(hf_config, seed)
+    if model_cfg.name_or_path is not None:
+        return SafetensorsWeights(model_cfg.name_or_path)
+    return None
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def _transformer_overrides(training_cfg) -> dict:
+    """TransformerConfig settings of the training group (recompute, sequence parallel)."""
+    out: dict[str, Any] = {"calculate_per_token_loss": True}
+    if training_cfg.recompute == "selective":
+        out["recompute_granularity"] = "selective"
+    elif training_cfg.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if training_cfg.sequence_parallel and training_cfg.tp > 1:
+        if torch.cuda.is_available():
+            out["sequence_parallel"] = True
+        else:
+            log.warning("groups.training.sequence_parallel ignored on CPU (torch norms do not support it)")
+    return out
+
+
+def build_gpt(hf_config, model_cfg, training_cfg, weights: Mapping | None, seed: int):
+    """This rank's shard of a GPTModel, with ``weights`` (full HF names) copied in."""
+    from tulu.models.convert import hf_state_dict_to_megatron
+    from tulu.models.llama import build_gpt_model
+
+    model = build_gpt_model(hf_config, dtype=torch_dtype(model_cfg), seed=seed,
+                            **_transformer_overrides(training_cfg))
+    if weights is not None:
+        hf_state_dict_to_megatron(weights, hf_config, model)
+    return model
+
+
+def use_distributed_optimizer(training_cfg) -> bool:
+    """Megatron's distributed optimizer where it works (CUDA); the replicated one on CPU."""
+    if not training_cfg.distributed_optimizer:
+        return False
+    if not torch.cuda.is_available():
+        log.warning("groups.training.distributed_optimizer: not available on CPU (DESIGN.md §7); "
+                    "using Megatron's replicated optimizer")
+        return False
+    return True
+
+
+@dataclass
+class Policy:
+    """The trained model: ``module`` (GPTModel shard), ``ddp`` (what the schedule runs),
+    ``optimizer`` (Megatron's, with clipping)."""
+
+    module: Any
+    ddp: Any
+    optimizer: Any
+    hf_config: Any
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def build_policy(cfg, hf_config, weights: Mapping | None) -> Policy:
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    tr, optim = cfg.groups.training, cfg.stage_config.optim
+    dtype = torch_dtype(cfg.model)
+    module = build_gpt(hf_config, cfg.model, tr, weights, cfg.run.seed)
+    dist_opt = use_distributed_optimizer(tr)
+    ddp = DistributedDataParallel(
+        module.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+                                      overlap_grad_reduce=False),
+        module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    module.config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                        clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=dist_opt),
+        [ddp])
+    return Policy(module, ddp, optimizer, hf_config)
+
+
+def build_reference(cfg, hf_config, weights: Mapping | None):
+    """The frozen reference for DPO: the policy's initial weights, no gradients, eval mode."""
+    if weights is None:
+        raise ValueError("a DPO reference model needs reproducible initial weights: give model.name_or_path "
+                         "or model.tiny (model.arch uses Megatron's layout-dependent init)")
+    ref = build_gpt(hf_config, cfg.model, cfg.groups.training, weights, cfg.run.seed)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
