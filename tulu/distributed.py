@@ -72,23 +72,46 @@ def init_whole_job_world(env: TaskEnv, timeout_s: float = 1800.0) -> None:
 
 
 class BridgeGroup:
-    """Gloo group over the training leaders + inference ranks, independent of both worlds."""
+    """Gloo group over the training leaders + inference ranks, independent of both worlds.
 
-    def __init__(self, plan: RankPlan, role: RankRole, env: TaskEnv, timeout_s: float = 1800.0):
+    Bridge ranks: pipeline-stage leaders first (stage s is bridge rank s), then inference ranks.
+    `stage_group(s)` is the sub-group {leader s} + inference ranks that weight sync uses, so a
+    stage's buckets never travel to the other stages' leaders."""
+
+    def __init__(self, host: str, port: int, rank: int, size: int, num_stages: int, timeout_s: float = 1800.0):
+        self.rank, self.size, self.num_stages = rank, size, num_stages
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout,
+                                   wait_for_workers=False)
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge", self.store), rank, size, self.timeout)
+        self._stage_groups: dict[int, object] = {}
+
+    @classmethod
+    def for_role(cls, plan: RankPlan, role: RankRole, env: TaskEnv, timeout_s: float = 1800.0) -> "BridgeGroup":
         if role.bridge_rank is None:
             raise ValueError(f"rank {role.global_rank} is not a bridge member")
         first = plan.bridge_members()[0]
         host = env.hostnames[first // plan.gpus_per_node] if env.hostnames else env.hostname
-        self.rank, self.size = role.bridge_rank, plan.bridge_size
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(node_address(host), env.port_base() + BRIDGE_PORT_OFFSET, self.size,
-                                   is_master=self.rank == 0, timeout=timeout, wait_for_workers=False)
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge", self.store), self.rank, self.size, timeout)
+        return cls(node_address(host), env.port_base() + BRIDGE_PORT_OFFSET, role.bridge_rank, plan.bridge_size,
+                   plan.training_pp, timeout_s)
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+    @property
+    def is_inference(self) -> bool:
+        return self.rank >= self.num_stages
+
+    def stage_group(self, stage: int):
+        """(process group, my rank in it) for {leader of `stage`} + inference ranks."""
+        if stage not in self._stage_groups:
+            size = 1 + self.size - self.num_stages
+            my = 0 if self.rank == stage else 1 + self.rank - self.num_stages
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"bridge/stage{stage}", self.store), my, size, self.timeout)
+            self._stage_groups[stage] = (pg, my)
+        return self._stage_groups[stage]
+
+    def broadcast(self, tensor: torch.Tensor, src: int, pg=None) -> torch.Tensor:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self.pg.broadcast([tensor], opts).wait()
+        (pg or self.pg).broadcast([tensor], opts).wait()
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _inference_groups(ctx: JobContext) -> list[dict]:
 
 
 def _bridge(ctx: JobContext) -> dict:
-    bridge = tdist.BridgeGroup(ctx.plan, ctx.role, ctx.env)
+    bridge = tdist.BridgeGroup.for_role(ctx.plan, ctx.role, ctx.env)
     payload = torch.arange(PAYLOAD_MB * 2**20 // 4, dtype=torch.float32) if bridge.rank == 0 else \
         torch.zeros(PAYLOAD_MB * 2**20 // 4, dtype=torch.float32)
     bridge.barrier()

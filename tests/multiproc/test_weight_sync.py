@@ -1,0 +1,41 @@
+"""Bucketed weight sync over a real bridge: 2 pipeline-stage leaders + 2 inference ranks."""
+
+import torch
+
+from tests.dist_helpers import free_port, run_distributed
+from tulu.distributed import BridgeGroup
+from tulu.weight_sync import SyncStats, receive_weights, send_weights
+
+
+def _stage_tensors(stage: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(stage)
+    out = [(f"model.layers.{stage * 2 + i}.mlp.down_proj.weight", torch.randn(64, 48, generator=g)) for i in range(2)]
+    out.append((f"model.layers.{stage * 2}.input_layernorm.weight", torch.randn(64, generator=g).to(torch.bfloat16)))
+    if stage == 1:
+        out.append(("lm_head.weight", torch.randn(300, 64, generator=g)))
+    return out
+
+
+def _sync(rank, world_size, port, bucket_bytes):
+    bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=2, timeout_s=60)
+    if rank < 2:
+        st = send_weights(bridge, rank, _stage_tensors(rank), version=1, bucket_bytes=bucket_bytes)
+        return {"buckets": st.buckets}
+    stats = SyncStats()
+    expected = dict(_stage_tensors(0) + _stage_tensors(1))
+    names, exact = [], []
+    for name, t in receive_weights(bridge, version=1, stats=stats):
+        names.append(name)
+        exact.append(t.dtype == expected[name].dtype and torch.equal(t, expected[name]))
+    return {"names": names, "exact": exact, "buckets": stats.buckets}
+
+
+def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
+    port = free_port()
+    res = run_distributed(_sync, 4, port, 20_000, init_process_group=False, timeout=120)
+    for r in (2, 3):
+        assert res[r]["names"] == [n for n, _ in _stage_tensors(0) + _stage_tensors(1)]
+        assert all(res[r]["exact"])
+    # 20 kB buckets: each 12 kB fp32 matrix is its own bucket, the bf16 vector another (dtype change).
+    assert res[0]["buckets"] == 3 and res[1]["buckets"] == 4
+    assert res[2]["buckets"] == 7

@@ -1,0 +1,187 @@
+"""The one interface the RL step loop uses to generate: :class:`InferenceEngine`.
+
+An engine holds one policy model, turns token-id prompts into sampled completions, and takes new
+weights in place between rollouts::
+
+    engine = make_engine("vllm", "/ckpt/hf", tp=8, seed=1)        # or "transformers"
+    outs = engine.generate(prompts, n=8, sampling=SamplingSettings(temperature=1.0,
+                                                                   max_new_tokens=1024))
+    engine.update_weights(iter_hf_weights(model, hf_config))      # HF names, full tensors
+    engine.close()
+
+The backend is chosen once, here, from the config (``groups.inference.engine``); nothing after
+construction asks which one it is. Both backends promise the same things:
+
+- ``generate`` returns ``len(prompts) * n`` :class:`Completion` objects ordered by
+  ``(prompt_index, sample_index)``;
+- ``Completion.logprobs[i]`` is the log-probability of ``token_ids[i]`` under the distribution it
+  was sampled from: ``log_softmax(logits / temperature)`` after top-p truncation (renormalised
+  over the nucleus). With ``top_p=1`` this is exactly what the trainer computes from its own
+  logits; with ``temperature=0`` (greedy) it is ``log_softmax(logits)``;
+- a stop token, when generated, is the last entry of ``token_ids`` and ``finish_reason`` is
+  ``"stop"``; otherwise ``"length"``;
+- the same ``seed`` gives the same completions on the same engine and weights;
+- ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``)
+  with full (unsharded) tensors, checks every name and shape against the model before loading any
+  of it (:class:`WeightUpdateError` names the first mismatch), and takes effect for the next
+  ``generate`` (cached prefixes are dropped).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ENGINE_KINDS",
+    "Completion",
+    "InferenceEngine",
+    "SamplingSettings",
+    "WeightUpdateError",
+    "checked_weights",
+    "make_engine",
+    "read_weight_shapes",
+]
+
+ENGINE_KINDS = ("vllm", "transformers")
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SamplingSettings:
+    """How to sample. ``temperature=0`` is greedy. ``stop_token_ids=None`` means the model's eos."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int | None = 0
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingSettings.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingSettings.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingSettings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Completion:
+    """One sampled continuation of ``prompts[prompt_index]`` (its ``sample_index``-th of ``n``)."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    text: str | None = field(default=None)
+
+
+class WeightUpdateError(ValueError):
+    """``update_weights`` got a name the model does not have, or a tensor of the wrong shape."""
+
+
+class InferenceEngine(abc.ABC):
+    """A policy model that samples completions and takes new weights in place."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], n: int = 1,
+                 sampling: SamplingSettings | None = None) -> list[Completion]:
+        """Sample ``n`` completions for each token-id prompt; ordered by (prompt, sample)."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load new weights (HF names, full tensors); returns how many tensors were loaded."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the model (and, for vLLM, its process group state). Idempotent."""
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape in a Hugging Face checkpoint folder's ``*.safetensors`` files.
+
+    Reads only the headers. These are the names ``update_weights`` accepts.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors file in {model_dir}: the inference engines load a Hugging Face "
+            "checkpoint folder saved with save_pretrained(safe_serialization=True)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                shapes[name] = tuple(sf.get_slice(name).get_shape())
+    return shapes
+
+
+def checked_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                    expected: Mapping[str, tuple[int, ...]], *,
+                    where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` after checking both against ``expected``; raise on the first miss.
+
+    Lazy: a bucketed stream is checked as it goes, so an engine that must validate everything
+    before touching its weights should ``list()`` it first (both engines here do).
+    """
+    for name, tensor in named_tensors:
+        if name not in expected:
+            close = [n for n in expected if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+            hint = f"; similar names: {close}" if close else ""
+            raise WeightUpdateError(
+                f"{where}: update_weights got unknown parameter {name!r} (expected Hugging Face "
+                f"names such as {next(iter(expected))!r}; the model has {len(expected)}){hint}")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise WeightUpdateError(
+                f"{where}: update_weights got {name!r} with shape {tuple(tensor.shape)}, but the "
+                f"model's is {tuple(expected[name])} (send full, unsharded tensors)")
+        yield name, tensor
+
+
+def make_engine(kind: str, model_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                gpu_memory_utilization: float | None = None, max_model_len: int = 4096,
+                seed: int = 0, dtype: str = "auto", **kwargs) -> InferenceEngine:
+    """Build the inference engine named by the config (``"vllm"`` or ``"transformers"``).
+
+    ``model_dir`` is a Hugging Face checkpoint folder (config, safetensors, tokenizer). For vLLM
+    with ``tp * pp > 1`` the caller has already set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+    MASTER_PORT for the inference role's own world (not the training role's). ``gpu_memory_
+    utilization=None`` picks 0.9 on a GPU and 0.2 on CPU. Extra keyword arguments go to the
+    backend (e.g. ``enforce_eager``, ``device``).
+    """
+    if kind == "transformers":
+        if tp != 1 or pp != 1:
+            raise ValueError(
+                f"the transformers engine runs on one device; got tp={tp}, pp={pp} "
+                "(set groups.inference.engine: vllm for a parallel inference group)")
+        from tulu.inference.hf_engine import TransformersEngine
+
+        return TransformersEngine(model_dir, seed=seed, dtype=dtype, **kwargs)
+    if kind == "vllm":
+        from tulu.inference.vllm_engine import VllmEngine
+
+        return VllmEngine(model_dir, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,
+                          max_model_len=max_model_len, seed=seed, dtype=dtype, **kwargs)
+    raise ValueError(
+        f"unknown inference engine {kind!r} (groups.inference.engine); valid: {', '.join(ENGINE_KINDS)}")

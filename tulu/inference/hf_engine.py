@@ -1,0 +1,184 @@
+"""The transformers inference engine: tiny runs on CPU, and the oracle the vLLM engine is tested
+against.
+
+Sampling is a plain decode loop over a left-padded batch with a KV cache, so every number it
+returns is easy to check: at each step the logits of the last position (float32) are divided by
+the temperature, truncated to the top-p nucleus, and ``log_softmax``-ed; the token is drawn from
+that distribution with noise from a generator seeded by ``(seed, prompt_index, sample_index)``,
+so a completion does not depend on how rows were batched. See :mod:`tulu.inference.engine` for
+the promises every engine keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from tulu.inference.engine import (
+    Completion,
+    InferenceEngine,
+    SamplingSettings,
+    checked_weights,
+)
+
+__all__ = ["TransformersEngine", "sample_step"]
+
+
+def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
+                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token of each row of ``logits`` ([B, V]); return (tokens, their logprobs).
+
+    Greedy (temperature 0): argmax, logprob under ``log_softmax(logits)``. Otherwise the
+    logprob is under the distribution sampled from: ``logits / T``, top-p truncated, renormalised.
+    """
+    logits = logits.float()
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+        logprobs = logits.log_softmax(dim=-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - sampling.top_p
+        drop[:, -1] = False                          # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    logprobs = logits.log_softmax(dim=-1)
+    probs = logprobs.exp()
+    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) with one generator per row.
+    noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g)
+                         for g in generators]) if generators is not None else \
+        torch.empty_like(probs).exponential_()
+    tokens = (probs / noise).argmax(dim=-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class TransformersEngine(InferenceEngine):
+    """A Hugging Face causal LM on one device, sampling with a hand-written decode loop.
+
+    ``max_batch_size`` bounds how many (prompt, sample) rows decode together.
+    """
+
+    def __init__(self, model_dir: str | Path, *, seed: int = 0, dtype: str = "auto",
+                 device: str | torch.device = "cpu", max_batch_size: int = 64,
+                 load_tokenizer: bool = True) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = str(model_dir)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        self._params = self.model.state_dict(keep_vars=True)
+        self._shapes = {name: tuple(t.shape) for name, t in self._params.items()}
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        self.eos_token_ids: tuple[int, ...] = tuple(eos if isinstance(eos, list) else
+                                                    ([] if eos is None else [eos]))
+        pad = self.model.config.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        self.tokenizer = None
+        if load_tokenizer and (Path(self.model_dir) / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+
+    # -- generate ---------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], n: int = 1,
+                 sampling: SamplingSettings | None = None) -> list[Completion]:
+        sampling = sampling or SamplingSettings()
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        out: list[Completion] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            out.extend(self._generate_rows(prompts, rows[start:start + self.max_batch_size],
+                                           sampling))
+        return out
+
+    @torch.inference_mode()
+    def _generate_rows(self, prompts: list[list[int]], rows: list[tuple[int, int]],
+                       sampling: SamplingSettings) -> list[Completion]:
+        from transformers import DynamicCache
+
+        stop = set(sampling.stop_token_ids if sampling.stop_token_ids is not None
+                   else self.eos_token_ids)
+        batch = len(rows)
+        width = max(len(prompts[i]) for i, _ in rows)
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            p = prompts[i]
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = None
+        if not sampling.greedy and sampling.seed is not None:
+            generators = [torch.Generator().manual_seed(_row_seed(sampling.seed, i, j))
+                          for i, j in rows]
+
+        cache = DynamicCache()
+        tokens_out: list[list[int]] = [[] for _ in rows]
+        logprobs_out: list[list[float]] = [[] for _ in rows]
+        finished = [False] * batch
+        step_ids, step_pos = ids, positions
+        for _ in range(sampling.max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+            tokens, lps = sample_step(logits, sampling, generators)
+            tokens_l, lps_l = tokens.tolist(), lps.tolist()
+            for r in range(batch):
+                if finished[r]:
+                    continue
+                tokens_out[r].append(tokens_l[r])
+                logprobs_out[r].append(lps_l[r])
+                finished[r] = tokens_l[r] in stop
+            if all(finished):
+                break
+            step_ids = tokens.where(~torch.tensor(finished, device=self.device),
+                                    self.pad_token_id)[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)],
+                             dim=-1)
+
+        return [
+            Completion(prompt_index=i, sample_index=j, token_ids=tokens_out[r],
+                       logprobs=logprobs_out[r],
+                       finish_reason="stop" if finished[r] else "length",
+                       text=self._decode(tokens_out[r]))
+            for r, (i, j) in enumerate(rows)
+        ]
+
+    def _decode(self, token_ids: list[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- weights ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        # Check everything before changing anything: a bad stream leaves the old weights intact.
+        weights = list(checked_weights(named_tensors, self._shapes,
+                                       where=f"transformers engine ({self.model_dir})"))
+        for name, tensor in weights:
+            self._params[name].copy_(tensor)
+        return len(weights)
+
+    def close(self) -> None:
+        self.model = None
+        self._params = {}
