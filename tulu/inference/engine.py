@@ -21,10 +21,13 @@ construction asks which one it is. Both backends promise the same things:
 - a stop token, when generated, is the last entry of ``token_ids`` and ``finish_reason`` is
   ``"stop"``; otherwise ``"length"``;
 - the same ``seed`` gives the same completions on the same engine and weights;
-- ``update_weights`` takes Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``)
-  with full (unsharded) tensors, checks every name and shape against the model before loading any
-  of it (:class:`WeightUpdateError` names the first mismatch), and takes effect for the next
-  ``generate`` (cached prefixes are dropped).
+- ``update_weights`` takes the whole model under Hugging Face parameter names
+  (``model.layers.0.self_attn.q_proj.weight``), full (unsharded) tensors, in one call (an
+  iterator is fine: the trainer streams buckets). It checks every name and shape against the
+  checkpoint the engine was built from before loading any of it (:class:`WeightUpdateError`
+  names the first mismatch, and the old weights stay), and takes effect for the next
+  ``generate`` (cached prefixes are dropped). It holds one copy of the stream in memory while
+  checking: fine up to ~8B on a node; a 405B inference rank should get a streaming variant.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ __all__ = [
     "InferenceEngine",
     "SamplingSettings",
     "WeightUpdateError",
-    "checked_weights",
+    "check_weights",
     "make_engine",
     "read_weight_shapes",
 ]
@@ -137,26 +140,41 @@ def read_weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checked_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                    expected: Mapping[str, tuple[int, ...]], *,
-                    where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` after checking both against ``expected``; raise on the first miss.
+def check_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  expected: Mapping[str, tuple[int, ...]], *, where: str,
+                  optional: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
+    """Read the whole stream and check it is exactly the model's weights; return it as a list.
 
-    Lazy: a bucketed stream is checked as it goes, so an engine that must validate everything
-    before touching its weights should ``list()`` it first (both engines here do).
+    Every name must be one of ``expected`` with the same shape, no name may come twice, and every
+    expected name must come (except ``optional`` ones, e.g. a tied ``lm_head.weight``). The
+    first problem raises :class:`WeightUpdateError` naming the tensor; nothing has been loaded
+    by then, so the engine keeps its old weights.
     """
+    optional = set(optional)
+    seen: set[str] = set()
+    weights: list[tuple[str, torch.Tensor]] = []
     for name, tensor in named_tensors:
-        if name not in expected:
+        if name not in expected and name not in optional:
             close = [n for n in expected if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
-            hint = f"; similar names: {close}" if close else ""
+            hint = f"; names with the same ending: {close}" if close else ""
             raise WeightUpdateError(
                 f"{where}: update_weights got unknown parameter {name!r} (expected Hugging Face "
                 f"names such as {next(iter(expected))!r}; the model has {len(expected)}){hint}")
-        if tuple(tensor.shape) != tuple(expected[name]):
+        if name in expected and tuple(tensor.shape) != tuple(expected[name]):
             raise WeightUpdateError(
                 f"{where}: update_weights got {name!r} with shape {tuple(tensor.shape)}, but the "
                 f"model's is {tuple(expected[name])} (send full, unsharded tensors)")
-        yield name, tensor
+        if name in seen:
+            raise WeightUpdateError(f"{where}: update_weights got {name!r} twice")
+        seen.add(name)
+        weights.append((name, tensor))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise WeightUpdateError(
+            f"{where}: update_weights got {len(seen)} tensors but not {missing[0]!r} "
+            f"({len(missing)} of the model's {len(expected)} missing); send the whole model in "
+            "one call (a partially updated fused layer would hold garbage in vLLM)")
+    return weights
 
 
 def make_engine(kind: str, model_dir: str | Path, *, tp: int = 1, pp: int = 1,

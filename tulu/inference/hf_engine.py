@@ -21,7 +21,8 @@ from tulu.inference.engine import (
     Completion,
     InferenceEngine,
     SamplingSettings,
-    checked_weights,
+    check_weights,
+    read_weight_shapes,
 )
 
 __all__ = ["TransformersEngine", "sample_step"]
@@ -81,7 +82,9 @@ class TransformersEngine(InferenceEngine):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self._params = self.model.state_dict(keep_vars=True)
-        self._shapes = {name: tuple(t.shape) for name, t in self._params.items()}
+        self._shapes = read_weight_shapes(self.model_dir)
+        self._optional = (("lm_head.weight",) if self.model.config.tie_word_embeddings
+                          and "lm_head.weight" not in self._shapes else ())
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.model.config.eos_token_id
@@ -173,8 +176,8 @@ class TransformersEngine(InferenceEngine):
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         # Check everything before changing anything: a bad stream leaves the old weights intact.
-        weights = list(checked_weights(named_tensors, self._shapes,
-                                       where=f"transformers engine ({self.model_dir})"))
+        weights = check_weights(named_tensors, self._shapes, optional=self._optional,
+                                where=f"transformers engine ({self.model_dir})")
         for name, tensor in weights:
             self._params[name].copy_(tensor)
         return len(weights)
