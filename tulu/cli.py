@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"tulu: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tulu plan ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ class InferenceGroupConfig:
             "a fraction in (0, 1]",
         )
         require(self.max_model_len >= 16, "groups.inference.max_model_len", self.max_model_len, ">= 16")
+        if self.engine == "transformers":
+            require(self.tp == 1 and self.pp == 1, "groups.inference.tp", self.tp,
+                    "1 (with pp 1) for engine 'transformers', which runs one GPU per engine; use engine 'vllm'")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -87,6 +87,7 @@ class RankPlan:
     inference_mem: InferenceMemory | None = None
     alternatives: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inference_engine: str = "vllm"
 
     @property
     def world_size(self) -> int:
@@ -133,7 +134,7 @@ class RankPlan:
 
     def describe(self) -> str:
         lines = [
-            f"model: {self.shape.name} ({self.shape.num_params / 1e9:.2f}B parameters, "
+            f"model: {self.shape.name} ({_count(self.shape.num_params)} parameters, "
             f"{self.shape.num_layers} layers, bf16 weights {self.shape.num_params * 2 / 1e9:.1f} GB)",
             f"cluster: {self.nodes} nodes x {self.gpus_per_node} GPUs = {self.world_size} ranks",
         ]
@@ -141,7 +142,7 @@ class RankPlan:
             first_t_node = self.inference_gpus // self.gpus_per_node
             lines.append(
                 f"inference group: ranks 0-{self.inference_gpus - 1} ({self.inference_gpus} GPUs, nodes 0-"
-                f"{(self.inference_gpus - 1) // self.gpus_per_node}): {self.inference_engines} vLLM engine(s) of "
+                f"{(self.inference_gpus - 1) // self.gpus_per_node}): {self.inference_engines} {self.inference_engine} engine(s) of "
                 f"TP{self.inference_tp} x PP{self.inference_pp}")
         else:
             first_t_node = 0
@@ -172,6 +173,10 @@ class RankPlan:
                              f"fewest model-parallel ways that fit: {best.label if best else 'none'})")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _divisors(n: int) -> list[int]:
@@ -277,7 +282,7 @@ def build_plan(cfg: JobConfig) -> RankPlan:
     mem = training_memory(_memory_inputs(cfg, shape, tr.tp, tr.pp, dp), cl.gpu_memory_gb)
     plan = RankPlan(cl.nodes, cl.gpus_per_node, inf.gpus, inf.tp, inf.pp, tr.tp, tr.pp, dp,
                     layers_per_stage(shape.num_layers, tr.pp), shape, mem, None,
-                    sorted(cands, key=lambda c: (c.tp, c.pp)), notes)
+                    sorted(cands, key=lambda c: (c.tp, c.pp)), notes, inf.engine)
     if inf.gpus:
         plan.inference_mem = inference_memory(shape, inf.tp, inf.pp, cl.gpu_memory_gb, inf.gpu_memory_utilization)
         if plan.inference_mem.kv_tokens < inf.max_model_len:

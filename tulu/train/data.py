@@ -23,14 +23,17 @@ class StageData:
     eval: Any | None
 
 
-def build_tokenizer(model_cfg):
-    if model_cfg.tokenizer or model_cfg.name_or_path:
-        from transformers import AutoTokenizer
+def build_tokenizer(name: str):
+    """``"tiny"``: the project's byte-level tokenizer; otherwise a HF tokenizer name or path."""
+    from tulu.train.model import TINY_TOKENIZER
 
-        return AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.name_or_path)
-    from tulu.data import build_tiny_tokenizer
+    if name == TINY_TOKENIZER:
+        from tulu.data import build_tiny_tokenizer
 
-    return build_tiny_tokenizer()
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
 
 
 def synthetic_sources(cfg, eval_size: int) -> tuple[Path, Path]:
@@ -51,11 +54,12 @@ def synthetic_sources(cfg, eval_size: int) -> tuple[Path, Path]:
     return train, held_out
 
 
-def load_stage_data(cfg, *, is_leader: bool, barrier: Callable[[], None], eval_size: int) -> StageData:
+def load_stage_data(cfg, tokenizer_name: str, *, is_leader: bool, barrier: Callable[[], None],
+                    eval_size: int) -> StageData:
     from tulu.data import load_preference_dataset, load_sft_dataset
 
     st = cfg.stage_config
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(tokenizer_name)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cfg.run_dir / "cache"
     load = load_sft_dataset if cfg.stage == "sft" else load_preference_dataset
 

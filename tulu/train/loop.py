@@ -86,22 +86,22 @@ class Trainer:
         self.layout = BatchLayout.of(cfg, ps.get_data_parallel_world_size())
         self.seq_length = st.max_seq_len
 
-        hf_config = tmodel.hf_config_of(cfg.model)
+        self.source = tmodel.resolve_model(cfg.model, cfg.run.seed)
+        hf_config = self.source.hf_config
         eval_size = max(256, 4 * self.layout.global_units)
-        self.data = load_stage_data(cfg, is_leader=ctx.role.role_rank == 0, barrier=dist.barrier,
-                                    eval_size=eval_size)
+        self.data = load_stage_data(cfg, self.source.tokenizer, is_leader=ctx.role.role_rank == 0,
+                                    barrier=dist.barrier, eval_size=eval_size)
         if len(self.data.tokenizer) > hf_config.vocab_size:
             raise ConfigError("model.tiny.vocab_size" if cfg.model.tiny else "model",
                               f"the model's vocabulary ({hf_config.vocab_size}) is smaller than the "
                               f"tokenizer's ({len(self.data.tokenizer)})")
 
-        weights = tmodel.initial_weights(cfg.model, hf_config, cfg.run.seed)
-        self.policy = tmodel.build_policy(cfg, hf_config, weights)
+        self.policy = tmodel.build_policy(cfg, self.source)
         if cfg.stage == "sft":
             self.objective = SFTObjective(st, self.seq_length, self.layout.num_micro)
         else:
             self.objective = DPOObjective(st, self.seq_length, self.layout.num_micro,
-                                          tmodel.build_reference(cfg, hf_config, weights))
+                                          tmodel.build_reference(cfg, self.source))
         dp_rank = ps.get_data_parallel_rank()
         pack = cfg.stage == "sft" and st.packing
         self.loader = BatchLoader(self.data.train, batch_size=self.layout.rank_units, seed=cfg.data.shuffle_seed,
@@ -186,7 +186,8 @@ class Trainer:
         self.ctx.fault_point("checkpoint", self.step)
         with self.ctx.phase("checkpoint", self.step):
             path = self.ckpt.save(self.step, self.policy.module, optimizer=self.policy.optimizer,
-                                  lr_scheduler=self.schedule, data_state=self.loader.state_dict())
+                                  lr_scheduler=self.schedule, data_state=self.loader.state_dict(),
+                                  extra_state={"model_source": self.source.describe()})
         self.ctx.log(f"checkpoint step {self.step} saved to {path} "
                      f"({self.ckpt.last_save_stats.get('total_s', 0):.2f} s)")
 

@@ -3,8 +3,10 @@ Megatron's DDP wrapper, with Megatron's optimizer), and for DPO a frozen referen
 
 Initial weights, chosen once from ``model``:
 
-- ``name_or_path``: the Hugging Face checkpoint's weights (``*.safetensors``, read lazily: a
-  rank reads only the tensors of its stage);
+- ``name_or_path``: a Hugging Face checkpoint's weights (``*.safetensors``, read lazily: a
+  rank reads only the tensors of its stage), or a tulu checkpoint folder of an earlier stage
+  (DPO from the SFT run: ``model.name_or_path: runs/<sft>/checkpoints``), whose architecture and
+  tokenizer are recorded in its ``extra_state``;
 - ``tiny``: a seeded init computed per *HF tensor name* (normal(0, initializer_range) for
   matrices, ones for norms), so every TP/PP layout starts from the same full weights;
 - ``arch``: Megatron's own seeded init (differs between layouts; for shape tests only).
@@ -30,24 +32,55 @@ import torch
 log = logging.getLogger("tulu.train")
 
 
-# --- the HF config of the model ------------------------------------------------------------------
+# --- where the model comes from ------------------------------------------------------------------
 
-def hf_config_of(model_cfg) -> Any:
-    """A transformers ``LlamaConfig`` for ``cfg.model``."""
+TINY_TOKENIZER = "tiny"  # the project's byte-level tokenizer (tulu.data.build_tiny_tokenizer)
+
+
+@dataclass
+class ModelSource:
+    """The architecture (a HF ``LlamaConfig``), the tokenizer (a HF name/path or ``"tiny"``) and
+    the initial weights (``init.load_into(model)``; None: Megatron's own init)."""
+
+    hf_config: Any
+    tokenizer: str
+    init: Any
+
+    def describe(self) -> dict:
+        """What a checkpoint records so a later stage can start from it."""
+        return {"hf_config": self.hf_config.to_dict(), "tokenizer": self.tokenizer}
+
+
+def resolve_model(model_cfg, seed: int) -> ModelSource:
+    """``model.tiny``: seeded init; ``model.arch``: Megatron's init; ``model.name_or_path``: a HF
+    checkpoint, or a tulu checkpoint folder (a run's ``checkpoints/`` or one ``step_N``) of an
+    earlier stage, e.g. DPO starting from the SFT run."""
     from tulu.models import llama
 
     if model_cfg.tiny is not None:
         t = model_cfg.tiny
-        return llama.tiny_llama_config(
+        hf = llama.tiny_llama_config(
             vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
             num_key_value_heads=t.num_key_value_heads, head_dim=t.hidden_size // t.num_attention_heads,
             max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta)
+        return ModelSource(hf, model_cfg.tokenizer or TINY_TOKENIZER, HFWeights(SeededInit(hf, seed), hf))
     if model_cfg.arch is not None:
-        return llama.llama_config_from_preset(model_cfg.arch.replace("llama-", "llama"))
+        hf = llama.llama_config_from_preset(model_cfg.arch.replace("llama-", "llama"))
+        if model_cfg.tokenizer is None:
+            raise ValueError("model.arch has no tokenizer: set model.tokenizer (a HF name or path)")
+        return ModelSource(hf, model_cfg.tokenizer, None)
+    stage = StageCheckpoint.find(model_cfg.name_or_path)
+    if stage is not None:
+        from transformers import LlamaConfig
+
+        recorded = stage.model_source()
+        return ModelSource(LlamaConfig(**recorded["hf_config"]), model_cfg.tokenizer or recorded["tokenizer"], stage)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_cfg.name_or_path)
+    hf = AutoConfig.from_pretrained(model_cfg.name_or_path)
+    return ModelSource(hf, model_cfg.tokenizer or model_cfg.name_or_path,
+                       HFWeights(SafetensorsWeights(model_cfg.name_or_path), hf))
 
 
 def torch_dtype(model_cfg) -> torch.dtype:
@@ -122,13 +155,47 @@ class SafetensorsWeights(Mapping):
         return len(self._where)
 
 
-def initial_weights(model_cfg, hf_config, seed: int) -> Mapping | None:
-    """The full HF-named weights every layout starts from; None: Megatron's own init."""
-    if model_cfg.tiny is not None:
-        return SeededInit(hf_config, seed)
-    if model_cfg.name_or_path is not None:
-        return SafetensorsWeights(model_cfg.name_or_path)
-    return None
+@dataclass
+class HFWeights:
+    """Full HF-named tensors (a lazy mapping) copied into this rank's shard."""
+
+    tensors: Mapping
+    hf_config: Any
+
+    def load_into(self, model) -> None:
+        from tulu.models.convert import hf_state_dict_to_megatron
+
+        hf_state_dict_to_megatron(self.tensors, self.hf_config, model)
+
+
+@dataclass
+class StageCheckpoint:
+    """The model of a verified tulu checkpoint (any TP/PP: it reshards on load)."""
+
+    path: Path
+
+    @classmethod
+    def find(cls, name_or_path: str) -> "StageCheckpoint | None":
+        p = Path(name_or_path)
+        if not p.is_dir() or not ((p / "manifest.json").exists() or any(p.glob("step_*/manifest.json"))):
+            return None
+        from tulu.checkpoint.export import resolve_checkpoint
+
+        path, _ = resolve_checkpoint(p)
+        return cls(path)
+
+    def model_source(self) -> dict:
+        from tulu.checkpoint.manager import TRAINER_STATE
+
+        extra = torch.load(self.path / TRAINER_STATE, weights_only=False)["extra_state"]
+        if "model_source" not in extra:
+            raise ValueError(f"checkpoint {self.path} does not record its architecture (not written by tulu.train)")
+        return extra["model_source"]
+
+    def load_into(self, model) -> None:
+        from tulu.checkpoint import sharded
+
+        sharded.load_model(model, self.path / "model")
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -148,15 +215,14 @@ def _transformer_overrides(training_cfg) -> dict:
     return out
 
 
-def build_gpt(hf_config, model_cfg, training_cfg, weights: Mapping | None, seed: int):
-    """This rank's shard of a GPTModel, with ``weights`` (full HF names) copied in."""
-    from tulu.models.convert import hf_state_dict_to_megatron
+def build_gpt(source: ModelSource, model_cfg, training_cfg, seed: int):
+    """This rank's shard of a GPTModel with the source's initial weights."""
     from tulu.models.llama import build_gpt_model
 
-    model = build_gpt_model(hf_config, dtype=torch_dtype(model_cfg), seed=seed,
+    model = build_gpt_model(source.hf_config, dtype=torch_dtype(model_cfg), seed=seed,
                             **_transformer_overrides(training_cfg))
-    if weights is not None:
-        hf_state_dict_to_megatron(weights, hf_config, model)
+    if source.init is not None:
+        source.init.load_into(model)
     return model
 
 
@@ -186,14 +252,14 @@ class Policy:
             group["lr"] = lr
 
 
-def build_policy(cfg, hf_config, weights: Mapping | None) -> Policy:
+def build_policy(cfg, source: ModelSource) -> Policy:
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     tr, optim = cfg.groups.training, cfg.stage_config.optim
     dtype = torch_dtype(cfg.model)
-    module = build_gpt(hf_config, cfg.model, tr, weights, cfg.run.seed)
+    module = build_gpt(source, cfg.model, tr, cfg.run.seed)
     dist_opt = use_distributed_optimizer(tr)
     ddp = DistributedDataParallel(
         module.config,
@@ -208,15 +274,15 @@ def build_policy(cfg, hf_config, weights: Mapping | None) -> Policy:
                         clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=dist_opt),
         [ddp])
-    return Policy(module, ddp, optimizer, hf_config)
+    return Policy(module, ddp, optimizer, source.hf_config)
 
 
-def build_reference(cfg, hf_config, weights: Mapping | None):
+def build_reference(cfg, source: ModelSource):
     """The frozen reference for DPO: the policy's initial weights, no gradients, eval mode."""
-    if weights is None:
+    if source.init is None:
         raise ValueError("a DPO reference model needs reproducible initial weights: give model.name_or_path "
                          "or model.tiny (model.arch uses Megatron's layout-dependent init)")
-    ref = build_gpt(hf_config, cfg.model, cfg.groups.training, weights, cfg.run.seed)
+    ref = build_gpt(source, cfg.model, cfg.groups.training, cfg.run.seed)
     ref.requires_grad_(False)
     ref.eval()
     return ref
