@@ -22,6 +22,8 @@ from tulu.plan import RankPlan, RankRole
 ROLE_PORT_OFFSET = {"inference": 0, "training": 1}
 BRIDGE_PORT_OFFSET = 2
 WHOLE_JOB_PORT_OFFSET = 3
+ENGINE_PORT_OFFSET = 4  # + engine index: each vLLM engine's own world (12 engines per job at most)
+MAX_ENGINES_WITH_OWN_PORT = 12
 
 
 def backend() -> str:
@@ -53,6 +55,21 @@ def role_env(plan: RankPlan, role: RankRole, env: TaskEnv) -> dict[str, str]:
         "MASTER_ADDR": rdv.addr,
         "MASTER_PORT": str(rdv.port),
     }
+
+
+def engine_env(plan: RankPlan, role: RankRole, env: TaskEnv) -> dict[str, str]:
+    """torchrun-style variables for this inference rank's engine: vLLM's external launcher
+    makes the engine's TP x PP ranks one world of their own."""
+    per_engine = plan.inference_tp * plan.inference_pp
+    engine = role.dp_rank
+    if engine >= MAX_ENGINES_WITH_OWN_PORT:
+        raise ValueError(f"{plan.inference_engines} inference engines; at most {MAX_ENGINES_WITH_OWN_PORT} "
+                         "have rendezvous ports (use larger engines: groups.inference.tp/pp)")
+    first = engine * per_engine
+    host = env.hostnames[first // plan.gpus_per_node] if env.hostnames else env.hostname
+    return {"RANK": str(role.role_rank - first), "WORLD_SIZE": str(per_engine), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(min(per_engine, plan.gpus_per_node)), "MASTER_ADDR": node_address(host),
+            "MASTER_PORT": str(env.port_base() + ENGINE_PORT_OFFSET + engine)}
 
 
 def init_role_world(plan: RankPlan, role: RankRole, env: TaskEnv, timeout_s: float = 1800.0) -> None:

@@ -1,4 +1,5 @@
-"""`mode: train`: run the config's stage (SFT or DPO) on the training group (tulu.train.loop)."""
+"""`mode: train`: run the config's stage: SFT or DPO on the training group (tulu.train.loop), RLVR
+across the inference and training groups (tulu.rlvr.loop)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def run(ctx: JobContext) -> dict:
 
         return train(ctx)
     if stage == "rlvr":
-        raise NotImplementedError(
-            "stage rlvr: the RLVR trainer (inference group + bridge + policy updates) is not built yet; "
-            "mode train runs stage sft or dpo. Use `tulu rehearse` to check an RLVR layout.")
+        from tulu.rlvr.loop import run as run_rlvr
+
+        return run_rlvr(ctx)
     raise ValueError(f"unknown stage {stage!r}; expected sft, dpo or rlvr")

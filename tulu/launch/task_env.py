@@ -30,12 +30,12 @@ class TaskEnv:
         return self.hostnames[self.node] if self.hostnames else socket.gethostname()
 
     def port_base(self) -> int:
-        """Rendezvous ports for this attempt of this job (three per role layout).
+        """First of 16 rendezvous ports for this attempt of this job (see tulu.distributed).
 
         A requeued attempt shifts the ports so it never races the previous attempt's
         sockets in TIME_WAIT; two jobs sharing a host (the local cluster) differ by job id."""
         digits = "".join(ch for ch in self.job_id if ch.isdigit()) or "0"
-        return 20000 + (int(digits) % 1500) * 16 + (self.restart_count % 4) * 4
+        return 20000 + (int(digits) % 700) * 64 + (self.restart_count % 4) * 16
 
 
 def current() -> TaskEnv:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tulu.config import ConfigError
+from tulu.launch.context import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class Trainer:
         if self.is_writer:
             self.metrics = MetricsLog(ctx.run_dir, log=ctx.log)
             self.metrics.truncate_after(self.step)
+            # The checkpoint folder doubles as a model folder for a later stage's planner
+            # (`model.name_or_path: runs/<sft>/checkpoints` reads its config.json).
+            write_json_atomic(cfg.checkpoint_dir / "config.json", hf_config.to_dict())
 
         self.eval_batches = []
         if self.data.eval is not None:

@@ -1,0 +1,108 @@
+"""An inference rank of an RLVR job: hold an engine, take new weights, generate.
+
+Every step starts with a weight sync, the first one included, so the first rollout after a
+resume uses the checkpoint's weights, never the folder the engine was started from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tulu.rlvr import protocol
+from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
+
+
+def engine_model_dir(ctx, source) -> Path:
+    """A HF folder the engine can start from. Its weights are replaced by the first sync, so a
+    tiny or checkpoint-born model gets a seeded random init written once per run."""
+    cfg = ctx.cfg
+    if cfg.model.name_or_path and source.init.__class__.__name__ == "HFWeights":
+        return Path(cfg.model.name_or_path)
+    out = ctx.run_dir / "inference_model"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tmp = ctx.run_dir / f".inference_model.{os.getpid()}.tmp"
+    torch.manual_seed(cfg.run.seed)
+    model = LlamaForCausalLM(source.hf_config)
+    model.save_pretrained(tmp)
+    if source.tokenizer == "tiny":
+        from tulu.data import save_tiny_tokenizer
+
+        save_tiny_tokenizer(tmp)
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source.tokenizer).save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another inference rank won the race; its folder is the same
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(ctx) -> dict:
+    from tulu import distributed as tdist
+    from tulu.inference.engine import SamplingSettings, make_engine
+    from tulu.train.data import build_tokenizer
+    from tulu.train.model import resolve_model
+    from tulu.weight_sync import SyncStats, receive_weights
+
+    cfg, plan, role = ctx.cfg, ctx.plan, ctx.role
+    rl, inf = cfg.rlvr, cfg.groups.inference
+    with ctx.phase("setup", 0):
+        bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
+        source = resolve_model(cfg.model, cfg.run.seed)
+        tokenizer = build_tokenizer(source.tokenizer)
+        train_file, _ = prompt_files(cfg)
+        prompts = PromptSet(read_rows(train_file), tokenizer, cfg.data.shuffle_seed,
+                            inf.max_model_len - rl.response_length)
+        model_dir = engine_model_dir(ctx, source)
+        if inf.tp * inf.pp > 1:
+            os.environ.update(tdist.engine_env(plan, role, ctx.env))
+        engine = make_engine(inf.engine, model_dir, tp=inf.tp, pp=inf.pp,
+                             gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
+                             max_model_len=inf.max_model_len, seed=cfg.run.seed)
+    engine_index, engines = role.dp_rank, plan.inference_engines
+    reports = role.tp_rank == 0 and role.pp_rank == 0
+    step = protocol.get(bridge.store, protocol.START)
+    ctx.log(f"inference engine {engine_index}/{engines} ({inf.engine}, TP{inf.tp} PP{inf.pp}) ready; first step {step}")
+    generated = 0
+    while True:
+        control = protocol.get(bridge.store, protocol.control_key(step))
+        if control != "go":
+            ctx.log(f"learner says {control!r} at step {step}")
+            break
+        ctx.fault_point("weight_sync", step)
+        with ctx.phase("weight_sync", step):
+            t0 = time.perf_counter()
+            stats = SyncStats()
+            loaded = engine.update_weights(receive_weights(bridge, version=step, stats=stats))
+            sync_s = time.perf_counter() - t0
+        mine = prompts.for_step(step, rl.prompts_per_step)[engine_index::engines]
+        ctx.fault_point("generate", step)
+        with ctx.phase("generate", step):
+            t0 = time.perf_counter()
+            sampling = SamplingSettings(temperature=rl.temperature, max_new_tokens=rl.response_length,
+                                        seed=cfg.run.seed * 100_003 + step, stop_token_ids=(tokenizer.eos_token_id,))
+            outs = engine.generate([p.token_ids for p in mine], n=rl.samples_per_prompt, sampling=sampling)
+            gen_s = time.perf_counter() - t0
+        generated += sum(len(o.token_ids) for o in outs)
+        if reports:
+            protocol.put(bridge.store, protocol.rollout_key(step, engine_index), {
+                "prompts": [p.index for p in mine],
+                "completions": [[o.prompt_index, o.sample_index, o.token_ids, o.logprobs, o.finish_reason]
+                                for o in outs],
+                "weight_sync_s": sync_s, "weights": loaded, "sync_bytes": stats.bytes, "generate_s": gen_s,
+                "stop_requested": ctx.stop.requested,
+            })
+        ctx.step_done(step + 1)
+        step += 1
+    engine.close()
+    return {"steps_generated_until": step, "tokens_generated": generated}

@@ -1,0 +1,270 @@
+"""The training group of an RLVR job: Megatron policy + frozen reference, one RL step at a time.
+
+    per step: control "go" -> weight sync (stage leaders send) -> rollouts from the engines ->
+              verifiers score (process pool, time-outs) -> group-normalised advantages ->
+              old and reference log-probs (forward only) -> clipped policy loss + KL -> optimizer
+              step -> metrics -> checkpoint (interval; RL counters inside) -> stop agreement
+The role's rank 0 (pipeline stage 0's leader, bridge rank 0) talks to the inference group,
+scores, and broadcasts the batch to the other training ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from tulu.config import ConfigError
+from tulu.rlvr import protocol
+from tulu.rlvr.batch import Rollout, build_batch, micro_batches
+
+
+class Learner:
+    def __init__(self, ctx):
+        self.ctx, self.cfg, self.rl = ctx, ctx.cfg, ctx.cfg.rlvr
+        self.is_leader = ctx.role.role_rank == 0
+        self.step = 0
+        self.metrics = None
+        self.scorer = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from tulu import distributed as tdist
+        from tulu.checkpoint import CheckpointManager, fingerprint
+        from tulu.models import megatron_cpu
+        from tulu.rlvr.objective import GRPOObjective
+        from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
+        from tulu.train import model as tmodel
+        from tulu.train.data import build_tokenizer
+        from tulu.train.loop import _seed_everything
+        from tulu.train.metrics import MetricsLog
+        from tulu.train.schedule import LRSchedule
+
+        ctx, cfg, rl = self.ctx, self.cfg, self.rl
+        if rl.algorithm != "grpo":
+            raise ConfigError("rlvr.algorithm", f"got {rl.algorithm!r}; the PPO value model is not implemented "
+                              "yet in the training group; use 'grpo' (the PPO/GAE math is in tulu.rl)")
+        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
+        megatron_cpu.apply()
+        ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
+        _seed_everything(cfg.run.seed)
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        rollouts = rl.prompts_per_step * rl.samples_per_prompt
+        mbs = cfg.groups.training.micro_batch_size
+        if rollouts % (self.dp * mbs):
+            raise ConfigError("rlvr.prompts_per_step", f"got {rl.prompts_per_step}; prompts_per_step x "
+                              f"samples_per_prompt ({rollouts}) must be a multiple of micro_batch_size x DP "
+                              f"({mbs} x {self.dp})")
+        self.source = tmodel.resolve_model(cfg.model, cfg.run.seed)
+        self.tokenizer = build_tokenizer(self.source.tokenizer)
+        self.policy = tmodel.build_policy(cfg, self.source)
+        self.reference = tmodel.build_reference(cfg, self.source) if rl.kl_beta > 0 else None
+        self.objective = GRPOObjective(rl)
+        self.schedule = LRSchedule.from_optim(rl.optim, rl.steps)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                                      config_fingerprint=fingerprint(cfg))
+        if cfg.checkpoint.load:
+            loaded = self.ckpt.load(self.policy.module, optimizer=self.policy.optimizer, lr_scheduler=self.schedule)
+            if loaded is not None:
+                self.step = loaded.step
+                ctx.log(f"resumed from {loaded.path} at step {loaded.step}; the inference group gets these "
+                        "weights before the first rollout")
+        role = ctx.role
+        self.sends_weights = role.tp_rank == 0 and role.dp_rank == 0  # the stage leaders (bridge members)
+        self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
+        self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.default_timeout_s) \
+            if role.bridge_rank is not None else None
+        if self.is_leader:
+            from tulu.rewards import RewardConfig, RewardScorer
+
+            train_file, _ = prompt_files(cfg)
+            inf = cfg.groups.inference
+            self.prompts = PromptSet(read_rows(train_file), self.tokenizer, cfg.data.shuffle_seed,
+                                     inf.max_model_len - rl.response_length)
+            self.scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward,
+                                                    unverified_reward=rl.unverified_reward,
+                                                    no_eos_penalty=rl.no_eos_penalty or None),
+                                       workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s)
+            self.metrics = MetricsLog(ctx.run_dir, log=ctx.log)
+            self.metrics.truncate_after(self.step)
+            protocol.put(self.bridge.store, protocol.START, self.step)
+        ctx.log(f"rlvr {rl.algorithm}: steps {self.step}..{rl.steps}, {rl.prompts_per_step} prompts x "
+                f"{rl.samples_per_prompt} samples, TP{ctx.plan.training_tp} PP{ctx.plan.training_pp} DP{self.dp}, "
+                f"{ctx.plan.inference_engines} inference engine(s)")
+
+    # ------------------------------------------------------------------ phases
+    def sync_weights(self) -> dict:
+        from tulu.models.convert import iter_hf_weights
+        from tulu.weight_sync import send_weights
+
+        if not self.gathers_weights:
+            return {}
+        named = iter_hf_weights(self.policy.module, self.source.hf_config)
+        if self.sends_weights:
+            st = send_weights(self.bridge, self.ctx.role.pp_rank, named, version=self.step,
+                              bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20))
+            return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets,
+                    "weight_sync_send_s": st.seconds}
+        for _ in named:  # TP peers: the gather is collective
+            pass
+        return {}
+
+    def collect_and_score(self) -> tuple[list[Rollout], dict]:
+        """Leader only: rollouts of every engine, scored; returns them with per-phase metrics."""
+        rl, plan = self.rl, self.ctx.plan
+        rollouts: list[Rollout] = []
+        gen_s, sync_s, stop = 0.0, 0.0, False
+        for e in range(plan.inference_engines):
+            payload = protocol.get(self.bridge.store, protocol.rollout_key(self.step, e))
+            gen_s, sync_s = max(gen_s, payload["generate_s"]), max(sync_s, payload["weight_sync_s"])
+            stop = stop or payload["stop_requested"]
+            for pi, si, ids, lps, finish in payload["completions"]:
+                p = self.prompts.prompts[payload["prompts"][pi]]
+                rollouts.append(Rollout(p.index, p.token_ids, ids, lps, finish, p.dataset, p.ground_truth))
+        # group by prompt (GRPO groups are contiguous per prompt, samples in order)
+        order = self.prompts.for_step(self.step, rl.prompts_per_step)
+        rank = {p.index: k for k, p in enumerate(order)}
+        rollouts.sort(key=lambda r: rank[r.prompt_index])
+        eos = self.tokenizer.eos_token_id
+        rows = [{"completion": self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
+                 "dataset": r.dataset, "ground_truth": r.ground_truth,
+                 "ended_with_eos": bool(r.response_ids) and r.response_ids[-1] == eos} for r in rollouts]
+        t0 = time.perf_counter()
+        results = self.scorer.score(rows)
+        score_s = time.perf_counter() - t0
+        self._results = results
+        if stop:
+            self.ctx.stop.requested = True  # an inference rank got the signal: the learner agrees on it
+        return rollouts, {"generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s}
+
+    def make_batch(self, rollouts, results):
+        from tulu.rl.advantages import grpo_advantages
+
+        scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
+        adv = grpo_advantages(scores, self.rl.samples_per_prompt)
+        return build_batch(rollouts, scores, adv, pad_id=self.tokenizer.pad_token_id or 0)
+
+    def train_on(self, batch) -> dict:
+        from tulu.rlvr.objective import run_logits_schedule
+        from tulu.train.step import reduce_sums
+
+        n = batch.tokens.shape[0] // self.dp
+        mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
+        mbs = micro_batches(mine, self.cfg.groups.training.micro_batch_size)
+        L = batch.seq_length
+        with torch.no_grad():
+            self.policy.ddp.eval()
+            run_logits_schedule(self.policy.ddp, mbs, self.objective.logprob_fn("old_logprobs"), seq_length=L,
+                                forward_only=True)
+            if self.reference is not None:
+                run_logits_schedule(self.reference, mbs, self.objective.logprob_fn("ref_logprobs"), seq_length=L,
+                                    forward_only=True)
+        p = self.policy
+        p.ddp.train()
+        p.ddp.zero_grad_buffer()
+        p.optimizer.zero_grad()
+        lr = self.schedule.current_lr
+        p.set_lr(lr)
+        stores = run_logits_schedule(p.ddp, mbs, self.objective.loss_fn, seq_length=L, forward_only=False)
+        ok, grad_norm, _ = p.optimizer.step()
+        if not ok:
+            raise FloatingPointError("the optimizer skipped the step (inf/nan gradients)")
+        self.schedule.advance()
+        sums = reduce_sums(stores, self.objective.keys)
+        return {**self.objective.metrics(sums), "grad_norm": float(grad_norm or 0.0), "lr": lr}
+
+    def save(self) -> None:
+        self.ctx.fault_point("checkpoint", self.step)
+        with self.ctx.phase("checkpoint", self.step):
+            path = self.ckpt.save(self.step, self.policy.module, optimizer=self.policy.optimizer,
+                                  lr_scheduler=self.schedule, data_state={"rl_step": self.step},
+                                  extra_state={"model_source": self.source.describe(),
+                                               "rl": {"algorithm": self.rl.algorithm, "step": self.step}})
+        self.ctx.log(f"checkpoint step {self.step} saved to {path}")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from tulu.rl.reward import verifier_accuracy
+
+        ctx, rl = self.ctx, self.rl
+        with ctx.phase("setup", 0):
+            self.setup()
+        last: dict = {}
+        stopped = False
+        while self.step < rl.steps:
+            t_step = time.perf_counter()
+            if self.is_leader:
+                protocol.put(self.bridge.store, protocol.control_key(self.step), "go")
+            ctx.fault_point("weight_sync", self.step)
+            with ctx.phase("weight_sync", self.step):
+                sync = self.sync_weights()
+            batch_obj = [None]
+            timing: dict = {}
+            if self.is_leader:
+                with ctx.phase("generate", self.step):  # waiting for the engines
+                    rollouts, timing = self.collect_and_score()
+                batch = self.make_batch(rollouts, self._results)
+                verified = torch.tensor([r.verified for r in self._results], dtype=torch.float32)
+                acc = verifier_accuracy(verified, [r.dataset for r in rollouts])
+                lengths = [len(r.response_ids) for r in rollouts]
+                info = {"reward_mean": float(batch.scores.mean()), "verified": acc,
+                        "response_length": sum(lengths) / len(lengths),
+                        "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+                        "generated_tokens": sum(lengths), "score_errors": self.scorer.stats.errors,
+                        "stop": ctx.stop.requested, **timing, **sync}
+                batch_obj = [(batch, info)]
+            with ctx.phase("train", self.step):
+                dist.broadcast_object_list(batch_obj, src=0)
+                batch, info = batch_obj[0]
+                ctx.stop.requested = ctx.stop.requested or info["stop"]
+                t0 = time.perf_counter()
+                ctx.fault_point("train", self.step)
+                train = self.train_on(batch)
+                train_s = time.perf_counter() - t0
+            self.step += 1
+            ctx.step_done(self.step)
+            step_s = time.perf_counter() - t_step
+            last = {**{k: v for k, v in info.items() if k != "stop"}, **train, "train_s": train_s, "step_s": step_s,
+                    "generate_tokens_per_s": info["generated_tokens"] / max(info.get("generate_s", 0) or 1e-9, 1e-9)}
+            if self.metrics:
+                flat = {k: v for k, v in last.items() if k != "verified"}
+                flat.update({f"verified_{k}": v for k, v in info["verified"].items()})
+                self.metrics.write("train", self.step, flat)
+            done = self.step == rl.steps
+            saved = done or self.step % self.cfg.checkpoint.interval == 0
+            if saved:
+                self.save()
+            if not done and ctx.stop.agree():
+                if not saved:
+                    self.save()
+                stopped = True
+                ctx.log(f"stop requested at step {self.step}; saved")
+                break
+        if self.is_leader:
+            protocol.put(self.bridge.store, protocol.control_key(self.step), "stop" if stopped else "done")
+            if stopped:
+                # The job's global rank 0 is an inference rank; the learner's leader asks instead.
+                ctx.requeue(f"{ctx.stop.signal_name or 'signal'} at RL step {self.step}: time limit or preemption")
+            from tulu.train.metrics import plot_loss_curve
+
+            plot_loss_curve(ctx.run_dir, title=f"rlvr {self.cfg.run.name}")
+        return self.finish({"step": self.step, "stopped": stopped, "last": last})
+
+    def finish(self, result: dict) -> dict:
+        from megatron.core import parallel_state as ps
+
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.metrics:
+            self.metrics.close()
+        dist.barrier()
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+        return result
+
+
+def run(ctx) -> dict:
+    return Learner(ctx).run()

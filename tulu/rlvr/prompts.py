@@ -1,0 +1,80 @@
+"""The prompts of an RLVR run, in Ai2's RLVR schema (`messages`, `ground_truth`, `dataset`), and
+which of them a step uses: a permutation seeded by (seed, epoch), so both roles, and a resumed
+run, agree on a step's prompts without talking."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tulu.data.loader import epoch_order
+
+EVAL_SEED_OFFSET = 7919
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    index: int
+    token_ids: list[int]
+    dataset: str
+    ground_truth: object
+
+
+class PromptSet:
+    def __init__(self, rows: list[dict], tokenizer, seed: int, max_prompt_tokens: int):
+        from tulu.data.chat import ChatFormat
+
+        fmt = ChatFormat(tokenizer)
+        self.prompts: list[Prompt] = []
+        self.skipped = 0
+        for i, row in enumerate(rows):
+            messages = [m for m in row.get("messages", []) if m.get("role") != "assistant"]
+            if not messages or "ground_truth" not in row or "dataset" not in row:
+                self.skipped += 1
+                continue
+            ids = tokenizer(fmt.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            if len(ids) > max_prompt_tokens:
+                self.skipped += 1
+                continue
+            self.prompts.append(Prompt(len(self.prompts), ids, row["dataset"], row["ground_truth"]))
+        if not self.prompts:
+            raise ValueError(f"no usable RLVR prompts ({self.skipped} rows skipped: missing messages, "
+                             f"ground_truth or dataset, or longer than {max_prompt_tokens} tokens)")
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def for_step(self, step: int, count: int) -> list[Prompt]:
+        out, n = [], len(self.prompts)
+        for k in range(step * count, (step + 1) * count):
+            epoch, pos = divmod(k, n)
+            out.append(self.prompts[int(epoch_order(n, self.seed, epoch)[pos])])
+        return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompt_files(cfg) -> tuple[Path, Path | None]:
+    """(train, held-out) jsonl: the configured files, or synthetic arithmetic written once
+    (atomically, deterministic by seed, so every rank that races to write it writes the same)."""
+    if cfg.data.train:
+        return Path(cfg.data.train), Path(cfg.data.eval) if cfg.data.eval else None
+    from tulu.data import make_synthetic
+
+    if cfg.data.synthetic != "arithmetic_rlvr":
+        from tulu.config import ConfigError
+
+        raise ConfigError("data.synthetic", f"got {cfg.data.synthetic!r}; stage rlvr needs 'arithmetic_rlvr' "
+                          "or data.train (a jsonl in Ai2's RLVR schema)")
+    d, seed, n = cfg.run_dir / "data", cfg.data.shuffle_seed, cfg.data.synthetic_size
+    train = d / f"rlvr-train-{n}-{seed}.jsonl"
+    held_out = d / f"rlvr-eval-256-{seed + EVAL_SEED_OFFSET}.jsonl"
+    if not train.exists():
+        make_synthetic("rlvr", n, seed, train)
+    if not held_out.exists():
+        make_synthetic("rlvr", 256, seed + EVAL_SEED_OFFSET, held_out)
+    return train, held_out
