@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
 import os
 import shlex
 import sys
@@ -198,12 +199,24 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
         _write_json(_marker(monitor_dir, "requeued", job_id, attempt),
                     {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
     if excluded:
-        slurm.run(["scontrol", "requeuehold", str(job_id)])
+        # ExcNodeList only changes on a pending job, so: hold-requeue, update, release. The
+        # hold-requeue makes Slurm SIGTERM every process of the job, this one included, and
+        # SIGKILL them KillWait seconds later: ignore SIGTERM until the job is released, or it
+        # stays held forever (seen on the local cluster).
         try:
-            slurm.run(["scontrol", "update", f"JobId={job_id}",
-                       f"ExcNodeList={','.join(excluded)}"])
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:  # not the main thread: nothing to restore
+            previous = None
+        try:
+            slurm.run(["scontrol", "requeuehold", str(job_id)])
+            try:
+                slurm.run(["scontrol", "update", f"JobId={job_id}",
+                           f"ExcNodeList={','.join(excluded)}"])
+            finally:
+                slurm.run(["scontrol", "release", str(job_id)])
         finally:
-            slurm.run(["scontrol", "release", str(job_id)])
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     else:
         slurm.run(["scontrol", "requeue", str(job_id)])
     if monitor_dir is not None and note:

@@ -1,4 +1,4 @@
-"""`tulu`: plan, submit, rehearse, logs, status, cancel, score."""
+"""`tulu`: plan, submit, rehearse, logs, status, cancel, score, export."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def cmd_score(args) -> int:
     return score_main(args.rest)
 
 
+def cmd_export(args) -> int:
+    from tulu.export import main as export_main
+
+    return export_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tulu", description="Slurm-native SFT/DPO/RLVR post-training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("score", help="score a jsonl of completions with the RLVR verifiers", add_help=False)
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_score)
+    sp = sub.add_parser("export", help="export a verified checkpoint as a Hugging Face folder", add_help=False)
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_export)
     return p
 
 

@@ -46,14 +46,16 @@ class ModelShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
 
-ARCHITECTURES: dict[str, ModelShape] = {
-    s.name: s
-    for s in (
-        ModelShape("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8),
-        ModelShape("llama-3.1-70b", 128256, 8192, 28672, 80, 64, 8),
-        ModelShape("llama-3.1-405b", 128256, 16384, 53248, 126, 128, 8),
-    )
-}
+def _from_presets() -> dict[str, ModelShape]:
+    # One source of truth for the shapes: tulu.models.presets (plain data, no torch import).
+    from tulu.models.presets import LLAMA_PRESETS
+
+    out = {}
+    for preset, cfg in LLAMA_PRESETS.items():
+        name = preset.replace("llama", "llama-", 1)  # llama3.1-8b -> llama-3.1-8b
+        out[name] = shape_from_hf_config(name, cfg)
+    return out
+
 
 # HF names we know the shape of without reading config.json.
 HF_NAME_TO_ARCH = {
@@ -78,6 +80,9 @@ def shape_from_hf_config(name: str, cfg: dict) -> ModelShape:
         num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+
+
+ARCHITECTURES: dict[str, ModelShape] = _from_presets()
 
 
 def resolve_shape(model_cfg) -> ModelShape:

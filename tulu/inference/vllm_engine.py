@@ -16,7 +16,8 @@ CPU settings made here when the caller has not set them (DESIGN.md §7):
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core in-process: 3 s start instead of 20 s, and
 ``reload_weights`` gets the tensors without pickling), ``VLLM_CPU_OMP_THREADS_BIND`` with one core
 range per local rank when ``tp * pp > 1``, ``gpu_memory_utilization=0.2`` (vLLM reads the NUMA
-node's memory on CPU), ``enforce_eager=True``, and a per-world prefix for the CPU shared-memory
+node's memory on CPU), ``enforce_eager=True``, ``enable_chunked_prefill=False`` (seeded sampling
+crashes on CPU when a prompt is split, see below), and a per-world prefix for the CPU shared-memory
 communicator's name (two engines on one host otherwise both derive it from ``env://`` and the
 second fails with ``create shm in SHMManager failed. errno: 17``).
 """
@@ -117,6 +118,11 @@ class VllmEngine(InferenceEngine):
                 gpu_memory_utilization = 0.2
             if enforce_eager is None:
                 enforce_eager = True
+            # vLLM 0.32 on CPU: when chunked prefill splits a prompt, a seeded request's generator
+            # is rewound with Generator.set_offset, which CPU generators do not have
+            # ("RuntimeError: CPU Generator does not use offset"); seeded batches of more prompt
+            # tokens than max_num_batched_tokens crash. Whole-prompt prefill avoids it.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
             if backend is not None:
                 local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(local))
