@@ -56,8 +56,9 @@ def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
     logprobs = logits.log_softmax(dim=-1)
     probs = logprobs.exp()
     # Exponential-race sampling (argmax p / E, E ~ Exp(1)) with one generator per row.
+    # The per-row noise is drawn on CPU (CPU generators: the same numbers on any device).
     noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g)
-                         for g in generators]) if generators is not None else \
+                         for g in generators]).to(probs.device) if generators is not None else \
         torch.empty_like(probs).exponential_()
     tokens = (probs / noise).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -66,17 +67,19 @@ def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
 class TransformersEngine(InferenceEngine):
     """A Hugging Face causal LM on one device, sampling with a hand-written decode loop.
 
-    ``max_batch_size`` bounds how many (prompt, sample) rows decode together.
+    ``max_batch_size`` bounds how many (prompt, sample) rows decode together; ``device=None``
+    means CUDA when there is one, else CPU.
     """
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, dtype: str = "auto",
-                 device: str | torch.device = "cpu", max_batch_size: int = 64,
+                 device: str | torch.device | None = None, max_batch_size: int = 64,
                  load_tokenizer: bool = True) -> None:
         from transformers import AutoModelForCausalLM
 
         self.model_dir = str(model_dir)
         self.seed = seed
-        self.device = torch.device(device)
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_size = max_batch_size
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
