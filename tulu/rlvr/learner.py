@@ -4,6 +4,10 @@
               verifiers score (process pool, time-outs) -> group-normalised advantages ->
               old and reference log-probs (forward only) -> clipped policy loss + KL -> optimizer
               step -> metrics -> checkpoint (interval; RL counters inside) -> stop agreement
+    PPO (rlvr.algorithm: ppo) replaces the middle: old and reference log-probs and the value
+              model's values (forward only) -> KL in the reward, GAE -> one policy and one value
+              optimizer step per epoch (tulu.rlvr.objective.ppo_step); the value model and its
+              optimizer are saved in the same checkpoint as the policy (tulu.rlvr.value).
 The role's rank 0 (pipeline stage 0's leader, bridge rank 0) talks to the inference group,
 scores, and broadcasts the batch to the other training ranks.
 """
@@ -35,7 +39,7 @@ class Learner:
         from tulu import distributed as tdist
         from tulu.checkpoint import CheckpointManager, fingerprint
         from tulu.models import megatron_cpu
-        from tulu.rlvr.objective import GRPOObjective
+        from tulu.rlvr.objective import GRPOObjective, PPOObjective
         from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
         from tulu.train import model as tmodel
         from tulu.train.data import build_tokenizer
@@ -44,9 +48,11 @@ class Learner:
         from tulu.train.schedule import LRSchedule
 
         ctx, cfg, rl = self.ctx, self.cfg, self.rl
-        if rl.algorithm != "grpo":
-            raise ConfigError("rlvr.algorithm", f"got {rl.algorithm!r}; the PPO value model is not implemented "
-                              "yet in the training group; use 'grpo' (the PPO/GAE math is in tulu.rl)")
+        if rl.algorithm not in ("grpo", "ppo"):
+            raise ConfigError("rlvr.algorithm", f"got {rl.algorithm!r}; use 'grpo' or 'ppo'")
+        self.ppo = rl.algorithm == "ppo"
+        if self.ppo and rl.ppo_epochs < 1:
+            raise ConfigError("rlvr.ppo_epochs", f"got {rl.ppo_epochs}; PPO needs >= 1 epoch over each batch")
         tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
         megatron_cpu.apply()
         ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
@@ -62,12 +68,26 @@ class Learner:
         self.tokenizer = build_tokenizer(self.source.tokenizer)
         self.policy = tmodel.build_policy(cfg, self.source)
         self.reference = tmodel.build_reference(cfg, self.source) if rl.kl_beta > 0 else None
-        self.objective = GRPOObjective(rl)
+        self.value = None
+        fp = fingerprint(cfg)
+        if self.ppo:
+            from tulu.rlvr.value import PolicyAndValueState, build_value_model
+
+            self.value = build_value_model(cfg, self.source)
+            # One model + one optimizer for the checkpoint manager: one manifest commits both.
+            self.saved_model = PolicyAndValueState(self.policy, self.value)
+            self.saved_optimizer = self.saved_model.optimizer
+            fp["rlvr.algorithm"] = "ppo"  # a GRPO checkpoint has no value model: refused by name
+        else:
+            self.saved_model, self.saved_optimizer = self.policy.module, self.policy.optimizer
+        self.objective = PPOObjective(rl) if self.ppo else GRPOObjective(rl)
         self.schedule = LRSchedule.from_optim(rl.optim, rl.steps)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
-                                      config_fingerprint=fingerprint(cfg))
+                                      config_fingerprint=fp)
         if cfg.checkpoint.load:
-            loaded = self.ckpt.load(self.policy.module, optimizer=self.policy.optimizer, lr_scheduler=self.schedule)
+            loaded = self.ckpt.load(self.saved_model, optimizer=self.saved_optimizer, lr_scheduler=self.schedule)
+            if loaded is not None and self.ppo:
+                self.saved_model.restore(loaded.model_state)
             if loaded is not None:
                 self.step = loaded.step
                 ctx.log(f"resumed from {loaded.path} at step {loaded.step}; the inference group gets these "
@@ -144,17 +164,30 @@ class Learner:
         from tulu.rl.advantages import grpo_advantages
 
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
-        adv = grpo_advantages(scores, self.rl.samples_per_prompt)
+        # PPO's advantages are per token, computed in train_on from the value model's values
+        adv = torch.zeros_like(scores) if self.ppo else grpo_advantages(scores, self.rl.samples_per_prompt)
         return build_batch(rollouts, scores, adv, pad_id=self.tokenizer.pad_token_id or 0)
 
     def train_on(self, batch) -> dict:
-        from tulu.rlvr.objective import run_logits_schedule
+        from tulu.rlvr.objective import ppo_step, run_logits_schedule
+        from tulu.rlvr.value import value_lr
         from tulu.train.step import reduce_sums
 
         n = batch.tokens.shape[0] // self.dp
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
         mbs = micro_batches(mine, self.cfg.groups.training.micro_batch_size)
         L = batch.seq_length
+        if self.ppo:
+            size = self.cfg.groups.training.micro_batch_size
+            for k, mb in enumerate(mbs):
+                mb["scores"] = mine.scores[k * size:(k + 1) * size]
+            lr = self.schedule.current_lr
+            # the value model follows the policy's schedule, scaled to rlvr.value_lr
+            v_lr = lr * value_lr(self.rl) / self.rl.optim.lr
+            out = ppo_step(self.objective, self.policy, self.value, self.reference, mbs, seq_length=L, lr=lr,
+                           value_lr=v_lr, epochs=self.rl.ppo_epochs)
+            self.schedule.advance()
+            return out
         with torch.no_grad():
             self.policy.ddp.eval()
             run_logits_schedule(self.policy.ddp, mbs, self.objective.logprob_fn("old_logprobs"), seq_length=L,
@@ -179,7 +212,7 @@ class Learner:
     def save(self) -> None:
         self.ctx.fault_point("checkpoint", self.step)
         with self.ctx.phase("checkpoint", self.step):
-            path = self.ckpt.save(self.step, self.policy.module, optimizer=self.policy.optimizer,
+            path = self.ckpt.save(self.step, self.saved_model, optimizer=self.saved_optimizer,
                                   lr_scheduler=self.schedule, data_state={"rl_step": self.step},
                                   extra_state={"model_source": self.source.describe(),
                                                "rl": {"algorithm": self.rl.algorithm, "step": self.step}})

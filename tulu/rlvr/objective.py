@@ -5,6 +5,13 @@ softmax(logits / T)), through Megatron's vocab-parallel cross entropy, so tensor
 never gathers the vocabulary. The loss is the clipped policy gradient plus, for GRPO, the KL to
 the frozen reference in the loss (`tulu.rl.losses.policy_loss`), summed over response tokens;
 Megatron divides by the response tokens of the whole global batch.
+
+PPO (Tülu 3 / open-instruct): the KL goes in the reward instead, ``r_t = -beta * KL_t`` plus the
+verifier's score on the last response token; the value model's values (forward only) give GAE
+advantages, whitened over the global batch's response tokens, and returns; the policy takes the
+clipped loss without a KL term, the value model the clipped value loss x ``value_loss_coef``.
+Values, like log-probs, exist on the last pipeline stage only, so everything between the
+forward-only passes and the losses (:meth:`PPOObjective.prepare`) runs there.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tulu.rl.losses import policy_loss
+from tulu.rl.losses import policy_loss, value_loss
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -41,26 +48,32 @@ def run_logits_schedule(model, microbatches: Sequence[dict], loss_fn: Callable, 
         micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only)
 
 
+def record_logprobs(key: str, temperature: float):
+    """A loss function that only records ``mb[key]`` = per-token log-probs (forward-only passes)."""
+    def fn(mb, logits):
+        mb[key] = token_logprobs(logits, mb["targets"], temperature).detach()
+        return logits.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+    return fn
+
+
 class GRPOObjective:
     keys = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "entropy_proxy", "sampler_kl", "tokens")
 
     def __init__(self, rl_cfg):
         self.cfg = rl_cfg
         self.T = rl_cfg.temperature
+        self.loss_kl_beta = rl_cfg.kl_beta  # GRPO: the KL to the reference is in the loss
 
     def logprob_fn(self, key: str):
         """A loss function that only records `key` = per-token log-probs (forward-only passes)."""
-        def fn(mb, logits):
-            mb[key] = token_logprobs(logits, mb["targets"], self.T).detach()
-            return logits.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
-        return fn
+        return record_logprobs(key, self.T)
 
     def loss_fn(self, mb: dict, logits: torch.Tensor):
         c = self.cfg
         logp = token_logprobs(logits, mb["targets"], self.T)
         mask = mb["mask"]
         out = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, clip_eps=c.clip_eps,
-                          ref_logprobs=mb.get("ref_logprobs"), kl_beta=c.kl_beta, kl_estimator=c.kl_estimator)
+                          ref_logprobs=mb.get("ref_logprobs"), kl_beta=self.loss_kl_beta, kl_estimator=c.kl_estimator)
         n = mask.sum()
         sampler_kl = ((mb["sampler_logprobs"] - mb["old_logprobs"]) * mask).sum()
         sums = {"loss": out.loss.detach() * n, "pg_loss": out.pg_loss.detach() * n, "kl": (out.ref_kl if out.ref_kl is not None else torch.zeros(())).detach() * n,
@@ -73,3 +86,138 @@ class GRPOObjective:
     def metrics(sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["tokens"], 1.0)
         return {k: sums[k] / n for k in GRPOObjective.keys if k != "tokens"} | {"response_tokens": sums["tokens"]}
+
+
+class PPOObjective(GRPOObjective):
+    """PPO with a value model, Tülu 3 style (module doc). The policy's loss and its metrics are
+    GRPO's with no KL term in the loss (the reference KL is still reported as ``kl``)."""
+
+    value_keys = ("value_loss", "value_clip_frac", "values_mean", "value_tokens")
+    prepare_keys = ("reward_kl", "non_score_reward", "raw_advantages", "returns", "returns_sq", "residual",
+                    "residual_sq", "old_values", "prepare_tokens")
+
+    def __init__(self, rl_cfg):
+        super().__init__(rl_cfg)
+        self.loss_kl_beta = 0.0  # the KL is in the reward
+        # PPO2's value clipping range: `rlvr.value_clip` where the config has it, else clip_eps
+        # (open-instruct's cliprange_value defaults to the policy's 0.2 as well).
+        self.value_clip = getattr(rl_cfg, "value_clip", rl_cfg.clip_eps)
+
+    @staticmethod
+    def values_fn(mb: dict, values: torch.Tensor):
+        """Forward-only pass of the value model: records ``mb["old_values"]`` [b, s]."""
+        mb["old_values"] = values[..., 0].float().detach()
+        return values.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+    def prepare(self, microbatches: Sequence[dict]) -> list[dict]:
+        """After the forward-only passes, on the last pipeline stage: per-token rewards (score on
+        the last response token, -kl_beta x KL(old policy || reference) on every one), GAE
+        advantages and returns (``mb["returns"]``), advantages whitened over the response tokens
+        of the global batch (all-reduced over data parallelism) into ``mb["advantages"]``.
+        Returns the metric sums of :attr:`prepare_keys` ([] on other stages)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from tulu.rl.advantages import gae_advantages
+        from tulu.rl.kl import kl_estimate, kl_penalized_rewards
+
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return []
+        c = self.cfg
+        stores = []
+        moments = torch.zeros(3, dtype=torch.float64)
+        for mb in microbatches:
+            mask = mb["mask"]
+            if "ref_logprobs" in mb:
+                kl = torch.where(mask, kl_estimate(mb["old_logprobs"], mb["ref_logprobs"], c.kl_estimator), 0.0)
+            else:
+                kl = torch.zeros_like(mb["old_logprobs"])
+            rewards = kl_penalized_rewards(mb["scores"], kl, mask, beta=c.kl_beta)
+            adv, ret = gae_advantages(rewards, mb["old_values"], mask, gamma=c.gamma, lam=c.gae_lambda)
+            mb["raw_advantages"], mb["returns"] = adv, ret
+            a = adv[mask].double()
+            moments += torch.stack([a.sum(), (a * a).sum(), torch.tensor(float(a.numel()), dtype=torch.float64)])
+            r, v = ret[mask].double(), mb["old_values"][mask].double()
+            stores.append({"reward_kl": kl[mask].sum(), "non_score_reward": -c.kl_beta * kl[mask].sum(),
+                           "raw_advantages": a.sum(), "returns": r.sum(), "returns_sq": (r * r).sum(),
+                           "residual": (r - v).sum(), "residual_sq": ((r - v) ** 2).sum(), "old_values": v.sum(),
+                           "prepare_tokens": mask.sum().double()})
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(moments, group=ps.get_data_parallel_group())
+        total, total_sq, n = moments.tolist()
+        mean = total / max(n, 1.0)
+        var = max(total_sq - n * mean * mean, 0.0) / max(n - 1.0, 1.0)  # Bessel, as masked_whiten
+        scale = (var + 1e-8) ** -0.5
+        for mb in microbatches:
+            mb["advantages"] = torch.where(mb["mask"], (mb["raw_advantages"] - mean) * scale, 0.0)
+        return stores
+
+    def value_loss_fn(self, mb: dict, values: torch.Tensor):
+        """Clipped value loss x value_loss_coef, summed over response tokens (Megatron divides by
+        the global batch's response tokens); the metric is the loss without the coefficient."""
+        mask = mb["mask"]
+        out = value_loss(values[..., 0], mb["old_values"], mb["returns"], mask, value_clip=self.value_clip, coef=1.0)
+        n = mask.sum()
+        sums = {"value_loss": out.loss.detach() * n, "value_clip_frac": out.clip_frac * n,
+                "values_mean": out.values_mean * n, "value_tokens": n.float()}
+        return out.loss * self.cfg.value_loss_coef * n, n.to(torch.int), sums
+
+    @staticmethod
+    def ppo_metrics(prep: dict[str, float], value: dict[str, float]) -> dict[str, float]:
+        n, nv = max(prep["prepare_tokens"], 1.0), max(value["value_tokens"], 1.0)
+        var_ret = prep["returns_sq"] - prep["returns"] ** 2 / n
+        var_res = prep["residual_sq"] - prep["residual"] ** 2 / n
+        return {"value_loss": value["value_loss"] / nv, "value_clip_frac": value["value_clip_frac"] / nv,
+                "values_mean": value["values_mean"] / nv, "old_values_mean": prep["old_values"] / n,
+                "returns_mean": prep["returns"] / n, "raw_advantages_mean": prep["raw_advantages"] / n,
+                "reward_kl": prep["reward_kl"] / n, "non_score_reward": prep["non_score_reward"] / n,
+                "explained_variance": 1.0 - var_res / var_ret if var_ret > 0 else 0.0}
+
+
+def _train_pass(model, microbatches: Sequence[dict], loss_fn: Callable, *, lr: float, seq_length: int):
+    """One optimizer step of ``model`` (a Policy or ValueModel) over the micro-batches."""
+    model.ddp.train()
+    model.ddp.zero_grad_buffer()
+    model.optimizer.zero_grad()
+    model.set_lr(lr)
+    stores = run_logits_schedule(model.ddp, microbatches, loss_fn, seq_length=seq_length, forward_only=False)
+    ok, grad_norm, _ = model.optimizer.step()
+    if not ok:
+        raise FloatingPointError("the optimizer skipped the step (inf/nan gradients)")
+    return stores, float(grad_norm or 0.0)
+
+
+def ppo_step(objective: PPOObjective, policy, value, reference, microbatches: Sequence[dict], *, seq_length: int,
+             lr: float, value_lr: float, epochs: int = 1) -> dict[str, float]:
+    """One RL step of PPO on this data-parallel rank's micro-batches (they must carry ``scores``):
+    old log-probs, reference log-probs (``reference`` may be None: no KL) and old values, forward
+    only; advantages and returns; then per epoch one policy and one value optimizer step over
+    all micro-batches. Metrics are averaged over the epochs; identical on every training rank."""
+    from tulu.train.step import reduce_sums
+
+    L = seq_length
+    with torch.no_grad():
+        policy.ddp.eval()
+        run_logits_schedule(policy.ddp, microbatches, objective.logprob_fn("old_logprobs"), seq_length=L,
+                            forward_only=True)
+        if reference is not None:
+            run_logits_schedule(reference, microbatches, objective.logprob_fn("ref_logprobs"), seq_length=L,
+                                forward_only=True)
+        value.ddp.eval()
+        run_logits_schedule(value.ddp, microbatches, objective.values_fn, seq_length=L, forward_only=True)
+    prep_stores = objective.prepare(microbatches)
+    policy_stores, value_stores, grad_norms, value_grad_norms = [], [], [], []
+    for _ in range(epochs):
+        stores, g = _train_pass(policy, microbatches, objective.loss_fn, lr=lr, seq_length=L)
+        policy_stores += stores
+        grad_norms.append(g)
+        stores, g = _train_pass(value, microbatches, objective.value_loss_fn, lr=value_lr, seq_length=L)
+        value_stores += stores
+        value_grad_norms.append(g)
+    prep = reduce_sums(prep_stores, objective.prepare_keys)
+    sums = reduce_sums(policy_stores, objective.keys)
+    vsums = reduce_sums(value_stores, objective.value_keys)
+    out = {**objective.metrics(sums), "response_tokens": prep["prepare_tokens"],
+           **objective.ppo_metrics(prep, vsums)}
+    return {**out, "grad_norm": sum(grad_norms) / epochs, "value_grad_norm": sum(value_grad_norms) / epochs,
+            "lr": lr, "value_lr": value_lr}

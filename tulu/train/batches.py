@@ -43,6 +43,11 @@ def micro_batch(batch: dict[str, torch.Tensor], rows: torch.Tensor, packed: bool
     return mb
 
 
+def to_device(mb: dict, device: torch.device) -> dict:
+    """The micro-batch's tensors on the model's device (a no-op on CPU)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+
+
 def split_sft(batch: dict[str, torch.Tensor], num_micro: int, packed: bool) -> list[dict]:
     rows = batch["tokens"].shape[0]
     if rows % num_micro:

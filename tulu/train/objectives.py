@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from tulu.train import batches, losses
-from tulu.train.step import forward_only, reduce_sums
+from tulu.train.step import device, forward_only, reduce_sums
 
 
 class SFTObjective:
@@ -26,7 +26,7 @@ class SFTObjective:
         self.seq_length, self.num_micro, self.packed = seq_length, num_micro, stage_cfg.packing
 
     def split(self, batch: dict) -> list[dict]:
-        return batches.split_sft(batch, self.num_micro, self.packed)
+        return [batches.to_device(mb, device()) for mb in batches.split_sft(batch, self.num_micro, self.packed)]
 
     def prepare(self, microbatches: list[dict], pair_indices=None) -> None:
         return None
@@ -68,12 +68,12 @@ class DPOObjective:
         self.table: dict[int, torch.Tensor] | None = None  # precomputed: dataset index -> (ref_c, ref_r)
 
     def split(self, batch: dict) -> list[dict]:
-        return batches.split_pairs(batch, self.num_micro)
+        return [batches.to_device(mb, device()) for mb in batches.split_pairs(batch, self.num_micro)]
 
     # -- reference log-probs ----------------------------------------------------------------------
     def _ref_loss_fn(self, mb: dict, output: torch.Tensor):
         logps = losses.sequence_logps(-output.float(), mb["loss_mask"], self.normalize)
-        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"ref_logps": logps}
+        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int, device=output.device), {"ref_logps": logps}
 
     def reference_logps(self, microbatches: list[dict]) -> None:
         """Attach ``ref_logps`` ([2m]: chosen then rejected) to each micro-batch (last stage)."""
@@ -111,7 +111,7 @@ class DPOObjective:
         ref = mb["ref_logps"]
         per_pair, chosen_r, rejected_r = losses.dpo_loss(pi[:m], pi[m:], ref[:m], ref[m:], self.beta)
         sums = losses.dpo_metric_sums(per_pair, chosen_r, rejected_r, pi[:m], pi[m:])
-        return per_pair.sum(), torch.tensor(m, dtype=torch.int), sums
+        return per_pair.sum(), torch.tensor(m, dtype=torch.int, device=output.device), sums
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["pairs"], 1.0)

@@ -16,6 +16,11 @@ import torch
 import torch.distributed as dist
 
 
+def device() -> torch.device:
+    """Where the model and its batches live: the task's GPU (NCCL) or the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def run_schedule(model, microbatches: Sequence[dict], loss_fn: Callable, *, seq_length: int,
                  forward_only: bool) -> list[dict]:
     """Forward (and backward unless ``forward_only``) over ``microbatches``; returns the
@@ -38,9 +43,10 @@ def reduce_sums(stores: list[dict], keys: Sequence[str]) -> dict[str, float]:
     pipeline: the global batch's sums, identical on every training rank."""
     from megatron.core import parallel_state as ps
 
-    local = torch.zeros(len(keys), dtype=torch.float64)
+    local = torch.zeros(len(keys), dtype=torch.float64, device=device())
     for d in stores:
-        local += torch.stack([torch.as_tensor(d[k], dtype=torch.float64).detach().reshape(()) for k in keys])
+        local += torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=local.device).detach().reshape(())
+                              for k in keys])
     dist.all_reduce(local, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds non-zeros
         dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())

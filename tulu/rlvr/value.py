@@ -1,0 +1,192 @@
+"""PPO's value model: the policy's Llama as a Megatron ``GPTModel`` whose vocabulary output layer
+is replaced by a scalar head (hidden -> 1), trained with its own Megatron optimizer, and saved
+in the same checkpoint as the policy.
+
+Initial weights: the policy's initial weights (``model.value_model`` unset), or the weights of
+``model.value_model`` when it names a HF checkpoint or a tulu checkpoint folder (it must share
+the policy's tokenizer; any Llama shape that the pipeline split allows). A named architecture
+(``llama-8b``) has no weights and is refused. The head is seeded per run (normal(0,
+initializer_range), bias 0), so every TP/PP layout starts from the same values.
+
+The head is a plain, *replicated* ``nn.Linear`` on the last pipeline stage. Without sequence
+parallelism the final norm's output is replicated across the TP ranks, so every TP rank computes
+the same values and the same head gradients, and the gradient it sends into the decoder is
+already the full one (the vocabulary layer's ``copy_to_tensor_model_parallel_region`` all-reduce
+exists because each TP rank holds only part of the vocabulary; a replicated head has nothing to
+sum). Megatron counts such a parameter once in the gradient norm, as it does the norms. With
+sequence parallelism the final hidden states are split along the sequence across TP ranks: the
+head would need a sequence all-gather of the values and its gradients marked
+``sequence_parallel`` (all-reduced by ``finalize_model_grads``); that is not built, so the value
+model always runs without sequence parallelism (a warning says so when the policy uses it).
+
+Checkpoint: :class:`PolicyAndValueState` hands the checkpoint manager one model (the policy's
+sharded state dict, keys unchanged, plus the value model's under ``value.``) and one optimizer
+(both Megatron optimizers, nested under ``policy``/``value``), so one ``step_N/manifest.json``
+commits both or neither, and a policy-only reader (``tulu export``, a later stage's
+``StageCheckpoint``) still loads the policy, ignoring the ``value.`` keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tulu.config import ConfigError
+
+log = logging.getLogger("tulu.rlvr")
+
+VALUE_PREFIX = "value."
+
+
+class ValueHead(nn.Module):
+    """hidden [s, b, h] -> values [s, b, 1], replicated on every TP rank. Called where GPTModel
+    calls its output layer (``weight=`` and ``runtime_gather_output=`` are the vocabulary
+    layer's arguments and are ignored); computed in fp32 whatever the parameter dtype."""
+
+    def __init__(self, hidden_size: int, *, dtype: torch.dtype, std: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(b"value_head"))
+        self.weight = nn.Parameter((torch.randn(1, hidden_size, generator=g) * std).to(dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False  # read by GPTModel's inference path only
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        values = torch.nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float())
+        return values, None
+
+
+def attach_value_head(model, hf_config, seed: int) -> None:
+    """Replace ``model.output_layer`` (last stage only) by a :class:`ValueHead`."""
+    if not model.post_process:
+        return
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    head = ValueHead(hf_config.hidden_size, dtype=dtype, std=hf_config.initializer_range, seed=seed)
+    model.output_layer = head.to(device)
+
+
+def value_source(cfg, policy_source):
+    """Where the value model's architecture and initial weights come from (see the module doc)."""
+    from tulu.train import model as tmodel
+
+    vm = cfg.model.value_model
+    if vm is None:
+        source = policy_source
+    else:
+        source = tmodel.resolve_model(dataclasses.replace(cfg.model, name_or_path=vm, arch=None, tiny=None,
+                                                          value_model=None), cfg.run.seed)
+        if source.hf_config.vocab_size != policy_source.hf_config.vocab_size:
+            raise ConfigError("model.value_model", f"{vm!r} has a vocabulary of {source.hf_config.vocab_size}, "
+                              f"the policy {policy_source.hf_config.vocab_size}; the value model reads the "
+                              "policy's tokens, so it needs the same tokenizer")
+    if source.init is None:
+        raise ConfigError("model.value_model" if vm else "model.arch",
+                          "the PPO value model needs initial weights: give model.name_or_path or model.tiny "
+                          "(or model.value_model as a HF or tulu checkpoint); a named architecture has none")
+    return source
+
+
+@dataclass
+class ValueModel:
+    """The trained value model: ``module`` (GPTModel shard with a value head), ``ddp`` (what the
+    schedule runs), ``optimizer`` (Megatron's, with clipping)."""
+
+    module: Any
+    ddp: Any
+    optimizer: Any
+    hf_config: Any
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def value_lr(rl_cfg) -> float:
+    return rl_cfg.value_lr if rl_cfg.value_lr is not None else rl_cfg.optim.lr
+
+
+def build_value_model(cfg, policy_source) -> ValueModel:
+    """This rank's shard of the value model in Megatron DDP with its own optimizer
+    (``rlvr.value_lr``, default the policy's lr; the policy's other optimizer settings)."""
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from tulu.train import model as tmodel
+
+    source = value_source(cfg, policy_source)
+    tr, rl = cfg.groups.training, cfg.stage_config
+    optim = rl.optim
+    if tr.sequence_parallel and tr.tp > 1:
+        log.warning("the PPO value model runs without sequence parallelism (its replicated head does "
+                    "not support it yet); only the policy uses groups.training.sequence_parallel")
+    module = tmodel.build_gpt(source, cfg.model, dataclasses.replace(tr, sequence_parallel=False), cfg.run.seed)
+    attach_value_head(module, source.hf_config, cfg.run.seed)
+    dtype = tmodel.torch_dtype(cfg.model)
+    dist_opt = tmodel.use_distributed_optimizer(tr)
+    ddp = DistributedDataParallel(
+        module.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+                                      overlap_grad_reduce=False),
+        module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    module.config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=value_lr(rl), min_lr=0.0, weight_decay=optim.weight_decay,
+                        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                        clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=dist_opt),
+        [ddp])
+    return ValueModel(module, ddp, optimizer, source.hf_config)
+
+
+# --- one checkpoint for both ---------------------------------------------------------------------
+
+class _JointOptimizer:
+    """Both Megatron optimizers as one for the checkpoint manager (``sharded_state_dict`` against
+    the joint model state; their tensor keys differ by the model keys, ``value.`` or not)."""
+
+    def __init__(self, policy_opt, value_opt):
+        self.parts = {"policy": policy_opt, "value": value_opt}
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        return {name: opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
+                for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state_dict[name])
+
+
+class PolicyAndValueState:
+    """The policy and the value model as the one model + one optimizer a checkpoint holds.
+
+        ckpt.save(step, state, optimizer=state.optimizer, ...)
+        loaded = ckpt.load(state, optimizer=state.optimizer, ...)
+        if loaded is not None: state.restore(loaded.model_state)
+    """
+
+    def __init__(self, policy, value: ValueModel):
+        self.policy_module, self.value_module = policy.module, value.module
+        self.optimizer = _JointOptimizer(policy.optimizer, value.optimizer)
+
+    def sharded_state_dict(self) -> dict:
+        sd = dict(self.policy_module.sharded_state_dict())
+        value_sd = self.value_module.sharded_state_dict(prefix=VALUE_PREFIX)
+        clash = sd.keys() & value_sd.keys()
+        if clash:
+            raise RuntimeError(f"policy and value checkpoint keys collide: {sorted(clash)[:3]}")
+        sd.update(value_sd)
+        return sd
+
+    def restore(self, loaded: dict) -> None:
+        """Load the dict the manager read (``LoadedCheckpoint.model_state``) into both modules."""
+        n = len(VALUE_PREFIX)
+        self.policy_module.load_state_dict({k: v for k, v in loaded.items() if not k.startswith(VALUE_PREFIX)})
+        self.value_module.load_state_dict({k[n:]: v for k, v in loaded.items() if k.startswith(VALUE_PREFIX)})
