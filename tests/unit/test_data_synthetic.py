@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tulu.data import make_synthetic, synthetic_rows
+from tulu.data.synthetic import REFUSALS
 
 
 @pytest.mark.parametrize("kind", ["sft", "preference", "rlvr"])
@@ -29,14 +30,22 @@ def test_sft_rows_are_correct_arithmetic_chats():
         assert assistant["content"] == f"{a}+{b}={a + b}. The answer is {a + b}."
 
 
-def test_preference_rows_pair_a_correct_with_a_wrong_answer():
+def test_preference_rows_pair_a_correct_with_a_wrong_sum_or_a_refusal():
+    kinds = set()
     for row in synthetic_rows("preference", 100, seed=0):
         assert row["chosen"][0] == row["rejected"][0] and row["prompt"] == row["chosen"][0]["content"]
         a, b = map(int, re.fullmatch(r"What is (\d+)\+(\d+)\?", row["prompt"]).groups())
         good = row["chosen"][1]["content"]
         bad = row["rejected"][1]["content"]
         assert good.endswith(f"The answer is {a + b}.")
-        assert int(re.search(r"The answer is (-?\d+)\.", bad).group(1)) != a + b
+        wrong = re.search(r"The answer is (-?\d+)\.", bad)
+        if wrong:
+            assert int(wrong.group(1)) != a + b
+            kinds.add("wrong sum")
+        else:
+            assert bad in REFUSALS
+            kinds.add("refusal")
+    assert kinds == {"wrong sum", "refusal"}
 
 
 def test_rlvr_rows_follow_ai2_schema():

@@ -2,7 +2,7 @@
 
 Kinds:
   ``sft``         ``{"messages": [user "What is 23+58?", assistant "23+58=81. The answer is 81."]}``
-  ``preference``  ``{"prompt", "chosen": [user, assistant correct], "rejected": [user, assistant wrong]}``
+  ``preference``  ``{"prompt", "chosen": [user, assistant correct], "rejected": [user, wrong sum or a refusal]}``
   ``rlvr``        Ai2's RLVR schema: ``{"messages": [user], "ground_truth": "81", "dataset": "gsm8k"}``
 
     python -m tulu.data.synthetic sft 1000 --seed 0 --out data/sft.jsonl
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("sft", "preference", "rlvr")
+REFUSALS = ("I cannot say.", "I do not know.", "That is hard to tell.", "Numbers are not my thing.")
 
 
 def _problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
@@ -45,11 +46,18 @@ def synthetic_rows(kind: str, n: int, seed: int, max_operand: int = 99) -> list[
         if kind == "sft":
             rows.append({"messages": [user, {"role": "assistant", "content": _answer(expr, value)}]})
         elif kind == "preference":
-            wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
+            # Half the rejected answers get the sum wrong, half dodge the question: a tiny model
+            # learns the second kind from preferences alone in a few dozen steps, the first
+            # only once it can add (pairs that differ in the sum alone did not move in 40 steps).
+            if rng.random() < 0.5:
+                wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
+                rejected = _answer(expr, wrong)
+            else:
+                rejected = rng.choice(REFUSALS)
             rows.append({
                 "prompt": user["content"],
                 "chosen": [user, {"role": "assistant", "content": _answer(expr, value)}],
-                "rejected": [user, {"role": "assistant", "content": _answer(expr, wrong)}],
+                "rejected": [user, {"role": "assistant", "content": rejected}],
             })
         else:
             rows.append({"messages": [user], "ground_truth": str(value), "dataset": "gsm8k"})

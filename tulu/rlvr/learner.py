@@ -90,8 +90,9 @@ class Learner:
                 self.saved_model.restore(loaded.model_state)
             if loaded is not None:
                 self.step = loaded.step
-                ctx.log(f"resumed from {loaded.path} at step {loaded.step}; the inference group gets these "
-                        "weights before the first rollout")
+                what = "policy, value model and their optimizers" if self.ppo else "policy and optimizer"
+                ctx.log(f"resumed from {loaded.path} at step {loaded.step} ({what}); the inference group gets "
+                        "these weights before the first rollout")
         role = ctx.role
         self.sends_weights = role.tp_rank == 0 and role.dp_rank == 0  # the stage leaders (bridge members)
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
