@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rlvr-steps", type=int, default=60)
     ap.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--eval-limit", type=int, default=256)
+    ap.add_argument("--sft-set", action="append", default=[], help="extra --set for the SFT run (model size...)")
+    ap.add_argument("--rlvr-set", action="append", default=[], help="extra --set for the RLVR run")
     a = ap.parse_args()
     w = (REPO / a.workdir).resolve()
     sft_steps = a.sft_steps or (4 if a.quick else None)
@@ -56,7 +58,7 @@ def main() -> None:
     sets = lambda items: [x for kv in items for x in ("--set", kv)]  # noqa: E731
 
     t0 = time.time()
-    sft = [f"run.dir={w}/sft", *seed] + ([f"sft.max_steps={sft_steps}"] if sft_steps else [])
+    sft = [f"run.dir={w}/sft", *seed, *a.sft_set] + ([f"sft.max_steps={sft_steps}"] if sft_steps else [])
     tulu("submit", "configs/tiny-cpu-sft.yaml", *sets(sft), "--wait")
     sft_s = time.time() - t0
     from tulu.data import make_synthetic
@@ -65,11 +67,12 @@ def main() -> None:
     make_synthetic("rlvr", limit, a.seed + 7919, prompts)
     before = accuracy(w / "sft" / "checkpoints", w / "sft-hf", prompts, limit, "transformers")
     print(json.dumps({"bench": "rlvr_arithmetic", "figure": "heldout_accuracy_after_sft", "accuracy": before["accuracy"],
-                      "n": before["n"], "sft_seconds": round(sft_s, 1), "seed": a.seed}), flush=True)
+                      "n": before["n"], "sft_seconds": round(sft_s, 1), "seed": a.seed, "sft_set": a.sft_set}), flush=True)
 
     t0 = time.time()
     rl = [f"run.dir={w}/rlvr", *seed, "model.tiny=null", f"model.name_or_path={w}/sft/checkpoints",
-          f"rlvr.steps={rlvr_steps}", f"groups.inference.engine={a.engine}", "checkpoint.interval=1000000"]
+          f"rlvr.steps={rlvr_steps}", f"groups.inference.engine={a.engine}", "checkpoint.interval=1000000",
+          *a.rlvr_set]
     tulu("submit", "configs/tiny-cpu-rlvr.yaml", *sets(rl), "--wait")
     rl_s = time.time() - t0
     after = accuracy(w / "rlvr" / "checkpoints", w / "rlvr-hf", prompts, limit, "transformers")
@@ -79,7 +82,8 @@ def main() -> None:
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     print(json.dumps({"bench": "rlvr_arithmetic", "figure": "heldout_accuracy_after_rlvr", "accuracy": after["accuracy"],
                       "n": after["n"], "rlvr_steps": rlvr_steps, "rlvr_seconds": round(rl_s, 1), "engine": a.engine,
-                      "seed": a.seed, "gain": round(after["accuracy"] - before["accuracy"], 4)}), flush=True)
+                      "seed": a.seed, "gain": round(after["accuracy"] - before["accuracy"], 4),
+                      "rlvr_set": a.rlvr_set}), flush=True)
     print(json.dumps({"bench": "rlvr_arithmetic", "figure": "train_reward", "first_10pct_verified": mean(first, "verified_all"),
                       "last_10pct_verified": mean(last, "verified_all"),
                       "steps_per_s": round(len(train) / rl_s, 3)}), flush=True)

