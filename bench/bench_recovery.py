@@ -23,6 +23,7 @@ Slurm (``bash slurm/local/start.sh``); exits 2 with a message if it is not up.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import re
@@ -108,6 +109,17 @@ def job_state(cwd: Path, env: dict, job: str) -> dict:
     return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
 
 
+def attempt_started(monitor_dir: Path, job: str, attempt: int) -> float | None:
+    """When the batch script of ``attempt`` started: its sidecar's first log line (1 s
+    resolution; the sidecar starts before srun)."""
+    try:
+        first = (monitor_dir / f"monitor_{job}_{attempt}.log").read_text().splitlines()[0]
+        stamp = re.match(r"\[monitor (\S+)Z\]", first).group(1)
+    except (OSError, IndexError, AttributeError):
+        return None
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+
+
 def cluster_up() -> bool:
     try:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
@@ -190,8 +202,12 @@ def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: flo
                 continue
             recovery = first - t_fault
             baseline = NCCL_DEFAULT_TIMEOUT_S + (recovery - detection)
+            started = attempt_started(mon, job, attempt + 1)
+            split = {} if started is None else dict(
+                report_to_restart_s=round(started - rep["detected_at"], 1),  # requeue + queue
+                restart_to_first_step_s=round(first - started, 1))           # start-up + step
             emit(figure="recovery_time", recovery_s=round(recovery, 2),
-                 restart_cost_s=round(recovery - detection, 2),
+                 restart_cost_s=round(recovery - detection, 2), **split,
                  baseline_recovery_s=round(baseline, 1),
                  speedup_vs_nccl=round(baseline / max(recovery, 1e-3), 1), **common)
 

@@ -87,6 +87,11 @@ def main() -> None:
     print(json.dumps({"bench": "rlvr_arithmetic", "figure": "train_reward", "first_10pct_verified": mean(first, "verified_all"),
                       "last_10pct_verified": mean(last, "verified_all"),
                       "steps_per_s": round(len(train) / rl_s, 3)}), flush=True)
+    steady = train[1:] or train  # the first step includes the engine's warm-up
+    split = {k: round(mean(steady, k), 4) for k in ("weight_sync_s", "generate_s", "score_s", "train_s", "step_s")}
+    print(json.dumps({"bench": "rlvr_arithmetic", "figure": "rl_step_phase_split_s", **split,
+                      "generate_tokens_per_s": round(mean(steady, "generate_tokens_per_s")),
+                      "note": "means over steps 2..N; weight_sync_s is the inference side's receive+load"}), flush=True)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def test_crashes_that_srun_ends_before_the_sidecar_looks_are_blamed_on_the_right
                         "--set", "monitoring.check_interval_s=60",
                         "--set", f"cluster.max_restarts={len(seq) + 1}",
                         "--set", "cluster.env.TULU_FAULT=" + ";".join(f.spec() for f in seq))
-    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900)
     history = runner.counter_state(name)["history"]
     problems, measured = [], []
     for f in seq:
@@ -293,7 +293,7 @@ def test_a_slow_but_progressing_straggler_and_a_long_checkpoint_within_their_lea
                         "--set", "monitoring.learn_timeouts=true", "--set", "monitoring.safety_factor=5",
                         "--set", "monitoring.min_learned_timeout_s=2",
                         "--set", f"cluster.env.TULU_FAULT={late}")
-    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900)
     assert reports(runner, name) == [], [r["summary"] for r in reports(runner, name)]
     assert [d for d in decisions(runner, name) if d["action"] != "none"] == []
     assert st["state"] == "COMPLETED" and int(st["restarts"]) == 0, st
