@@ -6,9 +6,13 @@ Initial weights: the policy's initial weights (``model.value_model`` unset), or 
 ``model.value_model`` when it names a HF checkpoint or a tulu checkpoint folder (it must share
 the policy's tokenizer; any Llama shape that the pipeline split allows). A named architecture
 (``llama-8b``) has no weights and is refused. The head is seeded per run (normal(0,
-initializer_range), bias 0), so every TP/PP layout starts from the same values.
+initializer_range)), so every TP/PP layout starts from the same values. It has no bias, like HF's
+``LlamaForSequenceClassification.score``; a bf16 bias would sit in the no-weight-decay group next
+to the fp32 norms, and megatron-core 0.16's bf16 optimizers then pair optimizer state with the
+wrong parameters when checkpointing (seen on an H200: "Optimizer shape (32,) does not match
+model shape (1,)").
 
-The head is a plain, *replicated* ``nn.Linear`` on the last pipeline stage. Without sequence
+The head is a plain, *replicated* linear layer on the last pipeline stage. Without sequence
 parallelism the final norm's output is replicated across the TP ranks, so every TP rank computes
 the same values and the same head gradients, and the gradient it sends into the decoder is
 already the full one (the vocabulary layer's ``copy_to_tensor_model_parallel_region`` all-reduce
@@ -45,19 +49,18 @@ VALUE_PREFIX = "value."
 
 
 class ValueHead(nn.Module):
-    """hidden [s, b, h] -> values [s, b, 1], replicated on every TP rank. Called where GPTModel
-    calls its output layer (``weight=`` and ``runtime_gather_output=`` are the vocabulary
+    """hidden [s, b, h] -> values [s, b, 1] (no bias), replicated on every TP rank. Called where
+    GPTModel calls its output layer (``weight=`` and ``runtime_gather_output=`` are the vocabulary
     layer's arguments and are ignored); computed in fp32 whatever the parameter dtype."""
 
     def __init__(self, hidden_size: int, *, dtype: torch.dtype, std: float, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(b"value_head"))
         self.weight = nn.Parameter((torch.randn(1, hidden_size, generator=g) * std).to(dtype))
-        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype))
         self.sequence_parallel = False  # read by GPTModel's inference path only
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
-        values = torch.nn.functional.linear(hidden.float(), self.weight.float(), self.bias.float())
+        values = torch.nn.functional.linear(hidden.float(), self.weight.float())
         return values, None
 
 
@@ -65,7 +68,7 @@ def attach_value_head(model, hf_config, seed: int) -> None:
     """Replace ``model.output_layer`` (last stage only) by a :class:`ValueHead`."""
     if not model.post_process:
         return
-    dtype = next(model.parameters()).dtype
+    dtype = model.config.params_dtype  # the linear layers' dtype (the norms' may differ)
     device = next(model.parameters()).device
     head = ValueHead(hf_config.hidden_size, dtype=dtype, std=hf_config.initializer_range, seed=seed)
     model.output_layer = head.to(device)
@@ -151,7 +154,7 @@ def build_value_model(cfg, policy_source) -> ValueModel:
 # Megatron 0.16's default for its distributed optimizer ("fully_sharded_model_space") fails to
 # save ("ShardedTensor.flattened_range is not supported", seen on an H100); "fully_reshardable"
 # keeps the checkpoint reshardable across TP/PP/DP. Ignored by the replicated optimizer.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class _JointOptimizer:
