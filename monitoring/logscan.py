@@ -97,14 +97,20 @@ def scan_logs(globs: list[str], tail_bytes: int = 2_000_000,
 
 
 def srun_failed_tasks(findings: list[LogFinding]) -> list[tuple[int, str, str]]:
-    """(task, node, what) from srun's own messages, non-"Killed" ones first: srun kills the
-    remaining tasks *after* the first failure, so the first real exit is the culprit."""
-    out = []
+    """(task, node, what) from srun's own messages of the current attempt, in srun's order:
+    srun reports tasks as they end, so the first is the culprit, and a rank that was SIGKILLed
+    (OOM killer, injected) is reported as "Killed" before its peers' "Exited with exit code 1"
+    (their communication errors). The batch log is appended across requeues: lines before
+    the last "*** JOB ... CANCELLED ... DUE TO JOB REQUEUE ***" belong to earlier attempts."""
+    out: list[tuple[int, str, str]] = []
     for f in findings:
+        if f.kind == "step_cancelled" and "REQUEUE" in f.fields.get("why", ""):
+            out = []
+            continue
         if f.kind != "srun_task_exit":
             continue
         for part in f.fields["tasks"].split(","):
             lo, _, hi = part.partition("-")
             for t in range(int(lo), int(hi or lo) + 1):
                 out.append((t, f.fields["node"], f.fields["what"]))
-    return sorted(out, key=lambda x: x[2] in ("Killed", "Terminated"))
+    return out

@@ -242,20 +242,6 @@ def test_five_faults_on_successive_attempts_are_each_detected_blamed_on_the_righ
     assert f"rank {last.rank} on {node_of(last.rank)}" in runner.tulu("status", job).stdout
 
 
-def _srun_order_is_kept() -> bool:
-    """Does the EXIT trap's diagnosis take srun's first failed task of the current attempt?
-    (Before the fix it sorted "Killed" tasks last and read every attempt's lines.)"""
-    from monitoring.logscan import scan_text, srun_failed_tasks
-
-    log = ("srun: error: n4: task 7: Exited with exit code 3\n"
-           "slurmstepd-n1: error: *** JOB 9 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO JOB REQUEUE ***\n"
-           "srun: error: n3: task 5: Killed\nsrun: error: n4: task 6: Exited with exit code 1\n")
-    return srun_failed_tasks(scan_text(log, "9_0_log.err"))[:1] == [(5, "n3", "Killed")]
-
-
-@pytest.mark.xfail(not _srun_order_is_kept(), run=False,
-                   reason="monitoring.logscan.srun_failed_tasks sorts srun's 'Killed' tasks last and reads "
-                          "earlier attempts' lines: a SIGKILLed rank is blamed on a peer (see the issue 5 report)")
 def test_crashes_that_srun_ends_before_the_sidecar_looks_are_blamed_on_the_right_rank_by_the_exit_trap(runner):
     # The sidecar checks once a minute here, so every crash is handled by the batch script's
     # EXIT trap (monitoring.on_exit) after srun's --kill-on-bad-exit took the step down: it

@@ -132,3 +132,14 @@ def test_report_is_written_as_json_and_text_and_read_back(tmp_path):
     text = (tmp_path / "last_report.txt").read_text()
     assert "HANG detected" in text and "rank 3 on n1" in text
     assert load_last_report(tmp_path / "nowhere") is None
+
+
+def test_exit_trap_blames_srun_first_failed_task_of_the_current_attempt():
+    """A SIGKILLed rank is reported "Killed" before its peers exit 1 on connection errors, and
+    the batch log keeps earlier attempts' lines (appended across requeues)."""
+    from monitoring.logscan import scan_text, srun_failed_tasks
+
+    log = ("srun: error: n4: task 7: Exited with exit code 3\n"
+           "slurmstepd-n1: error: *** JOB 9 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO JOB REQUEUE ***\n"
+           "srun: error: n3: task 5: Killed\nsrun: error: n4: task 6: Exited with exit code 1\n")
+    assert srun_failed_tasks(scan_text(log, "9_0_log.err"))[:1] == [(5, "n3", "Killed")]
