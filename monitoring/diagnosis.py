@@ -252,7 +252,10 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
         fr = request_flight_recorder_dumps(monitor_dir, live)
         stacks = collect_stacks(monitor_dir, live, host, wait_s=cfg.stack_wait_s,
                                 use_py_spy=cfg.use_py_spy)
-    findings = scan_logs(cfg.log_globs) if cfg.log_globs else []
+    # "{job_id}" in a glob narrows the scan to this job's logs: a run folder collects the logs
+    # of every job submitted into it, and another job's srun lines must not name the culprit.
+    globs = [g.replace("{job_id}", str(job_id)) if job_id else g for g in cfg.log_globs]
+    findings = scan_logs(globs) if globs else []
     culprits = name_culprits(fault, records, stacks, alive, findings)
     nodes = sorted({c.node for c in culprits if c.node})
     if culprits:

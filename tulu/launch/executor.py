@@ -94,7 +94,7 @@ def monitor_settings(cfg: JobConfig) -> dict:
         "min_learned_s": m.min_learned_timeout_s,
         "restart_budget": cfg.cluster.max_restarts,
         "exclude_culprit_nodes": m.exclude_culprit_node,
-        "log_globs": [str(run_paths(cfg).logs / "*" / "*_log.*")],
+        "log_globs": [str(run_paths(cfg).logs / "{job_id}" / "*_log.*")],
     }
 
 
