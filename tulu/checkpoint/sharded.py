@@ -95,14 +95,21 @@ def load_model(model: ModelLike, folder: Path) -> dict[str, Any] | None:
     return loaded
 
 
+# Megatron 0.16's default for its distributed optimizer ("fully_sharded_model_space") fails to
+# save ("ShardedTensor.flattened_range is not supported", seen on an H100); "fully_reshardable"
+# keeps the checkpoint reshardable across TP/PP/DP. Ignored by the replicated optimizer.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def save_optimizer(optimizer: Any, model: ModelLike, folder: Path) -> None:
     model_sd, _ = model_sharded_state(model)
     with collectives.single_process_group():
-        _dc().save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(folder))
+        _dc().save(optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=dict(OPTIMIZER_METADATA)),
+                   str(folder))
 
 
 def load_optimizer(optimizer: Any, model: ModelLike, folder: Path) -> None:
     model_sd, _ = model_sharded_state(model)
     with collectives.single_process_group():
-        template = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        template = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA))
         optimizer.load_state_dict(_dc().load(template, str(folder)))

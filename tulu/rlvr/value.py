@@ -151,10 +151,7 @@ def build_value_model(cfg, policy_source) -> ValueModel:
 
 # --- one checkpoint for both ---------------------------------------------------------------------
 
-# Megatron 0.16's default for its distributed optimizer ("fully_sharded_model_space") fails to
-# save ("ShardedTensor.flattened_range is not supported", seen on an H100); "fully_reshardable"
-# keeps the checkpoint reshardable across TP/PP/DP. Ignored by the replicated optimizer.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+from tulu.checkpoint.sharded import OPTIMIZER_METADATA  # noqa: E402
 
 
 class _JointOptimizer:
