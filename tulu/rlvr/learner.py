@@ -290,15 +290,11 @@ class Learner:
         return self.finish({"step": self.step, "stopped": stopped, "last": last})
 
     def finish(self, result: dict) -> dict:
-        from megatron.core import parallel_state as ps
+        from tulu.train.loop import close_training_world
 
         if self.scorer is not None:
             self.scorer.close()
-        if self.metrics:
-            self.metrics.close()
-        dist.barrier()
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+        close_training_world(self.metrics)
         return result
 
 

@@ -176,15 +176,9 @@ class PPOObjective(GRPOObjective):
 
 def _train_pass(model, microbatches: Sequence[dict], loss_fn: Callable, *, lr: float, seq_length: int):
     """One optimizer step of ``model`` (a Policy or ValueModel) over the micro-batches."""
-    model.ddp.train()
-    model.ddp.zero_grad_buffer()
-    model.optimizer.zero_grad()
-    model.set_lr(lr)
-    stores = run_logits_schedule(model.ddp, microbatches, loss_fn, seq_length=seq_length, forward_only=False)
-    ok, grad_norm, _ = model.optimizer.step()
-    if not ok:
-        raise FloatingPointError("the optimizer skipped the step (inf/nan gradients)")
-    return stores, float(grad_norm or 0.0)
+    from tulu.train.step import train_step
+
+    return train_step(model, microbatches, loss_fn, lr=lr, seq_length=seq_length, schedule=run_logits_schedule)
 
 
 def ppo_step(objective: PPOObjective, policy, value, reference, microbatches: Sequence[dict], *, seq_length: int,

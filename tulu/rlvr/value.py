@@ -35,13 +35,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tulu.checkpoint.sharded import OPTIMIZER_METADATA
 from tulu.config import ConfigError
+from tulu.train.model import Policy
 
 log = logging.getLogger("tulu.rlvr")
 
@@ -95,19 +96,8 @@ def value_source(cfg, policy_source):
     return source
 
 
-@dataclass
-class ValueModel:
-    """The trained value model: ``module`` (GPTModel shard with a value head), ``ddp`` (what the
-    schedule runs), ``optimizer`` (Megatron's, with clipping)."""
-
-    module: Any
-    ddp: Any
-    optimizer: Any
-    hf_config: Any
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+# The value model's trained parts are the policy's: module, DDP wrapper, Megatron optimizer.
+ValueModel = Policy
 
 
 def value_lr(rl_cfg) -> float:
@@ -151,7 +141,6 @@ def build_value_model(cfg, policy_source) -> ValueModel:
 
 # --- one checkpoint for both ---------------------------------------------------------------------
 
-from tulu.checkpoint.sharded import OPTIMIZER_METADATA  # noqa: E402
 
 
 class _JointOptimizer:

@@ -234,14 +234,19 @@ class Trainer:
         return self.finish({**result, "step": self.step, "last": last})
 
     def finish(self, result: dict) -> dict:
-        from megatron.core import parallel_state as ps
-
-        if self.metrics:
-            self.metrics.close()
-        dist.barrier()
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
+        close_training_world(self.metrics)
         return result
+
+
+def close_training_world(metrics=None) -> None:
+    """After the last step: flush metrics, wait for every rank, tear Megatron's groups down."""
+    from megatron.core import parallel_state as ps
+
+    if metrics:
+        metrics.close()
+    dist.barrier()
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def train(ctx) -> dict:

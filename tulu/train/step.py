@@ -54,13 +54,14 @@ def reduce_sums(stores: list[dict], keys: Sequence[str]) -> dict[str, float]:
 
 
 def train_step(policy, microbatches: Sequence[dict], loss_fn: Callable, *, lr: float,
-               seq_length: int) -> tuple[list[dict], float]:
-    """One optimizer step over the micro-batches; returns (metric dicts, gradient norm)."""
+               seq_length: int, schedule: Callable = run_schedule) -> tuple[list[dict], float]:
+    """One optimizer step over the micro-batches; returns (metric dicts, gradient norm).
+    ``schedule``: how micro-batches go through the model (RLVR's returns logits, not losses)."""
     policy.ddp.train()
     policy.ddp.zero_grad_buffer()
     policy.optimizer.zero_grad()
     policy.set_lr(lr)
-    stores = run_schedule(policy.ddp, microbatches, loss_fn, seq_length=seq_length, forward_only=False)
+    stores = schedule(policy.ddp, microbatches, loss_fn, seq_length=seq_length, forward_only=False)
     ok, grad_norm, _ = policy.optimizer.step()
     if not ok:
         raise FloatingPointError("the optimizer skipped the step (inf/nan gradients)")
