@@ -107,36 +107,16 @@ def value_lr(rl_cfg) -> float:
 def build_value_model(cfg, policy_source) -> ValueModel:
     """This rank's shard of the value model in Megatron DDP with its own optimizer
     (``rlvr.value_lr``, default the policy's lr; the policy's other optimizer settings)."""
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from tulu.train import model as tmodel
 
     source = value_source(cfg, policy_source)
     tr, rl = cfg.groups.training, cfg.stage_config
-    optim = rl.optim
     if tr.sequence_parallel and tr.tp > 1:
         log.warning("the PPO value model runs without sequence parallelism (its replicated head does "
                     "not support it yet); only the policy uses groups.training.sequence_parallel")
     module = tmodel.build_gpt(source, cfg.model, dataclasses.replace(tr, sequence_parallel=False), cfg.run.seed)
     attach_value_head(module, source.hf_config, cfg.run.seed)
-    dtype = tmodel.torch_dtype(cfg.model)
-    dist_opt = tmodel.use_distributed_optimizer(tr)
-    ddp = DistributedDataParallel(
-        module.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
-                                      overlap_grad_reduce=False),
-        module)
-    module.config.finalize_model_grads_func = finalize_model_grads
-    module.config.no_sync_func = ddp.no_sync
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=value_lr(rl), min_lr=0.0, weight_decay=optim.weight_decay,
-                        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-                        clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=dist_opt),
-        [ddp])
-    return ValueModel(module, ddp, optimizer, source.hf_config)
+    return tmodel.wrap_for_training(cfg, module, source.hf_config, lr=value_lr(rl), min_lr=0.0)
 
 
 # --- one checkpoint for both ---------------------------------------------------------------------

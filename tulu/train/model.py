@@ -253,14 +253,21 @@ class Policy:
 
 
 def build_policy(cfg, source: ModelSource) -> Policy:
+    optim = cfg.stage_config.optim
+    module = build_gpt(source, cfg.model, cfg.groups.training, cfg.run.seed)
+    return wrap_for_training(cfg, module, source.hf_config, lr=optim.lr, min_lr=optim.min_lr)
+
+
+def wrap_for_training(cfg, module, hf_config, *, lr: float, min_lr: float) -> Policy:
+    """``module`` in Megatron's DDP wrapper with Megatron's Adam (clipping from the stage's optim);
+    the distributed optimizer where it works. Used for the policy and for PPO's value model."""
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    tr, optim = cfg.groups.training, cfg.stage_config.optim
+    optim = cfg.stage_config.optim
     dtype = torch_dtype(cfg.model)
-    module = build_gpt(source, cfg.model, tr, cfg.run.seed)
-    dist_opt = use_distributed_optimizer(tr)
+    dist_opt = use_distributed_optimizer(cfg.groups.training)
     ddp = DistributedDataParallel(
         module.config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
@@ -269,12 +276,12 @@ def build_policy(cfg, source: ModelSource) -> Policy:
     module.config.finalize_model_grads_func = finalize_model_grads
     module.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=optim.weight_decay,
                         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                         clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=dist_opt),
         [ddp])
-    return Policy(module, ddp, optimizer, source.hf_config)
+    return Policy(module, ddp, optimizer, hf_config)
 
 
 def build_reference(cfg, source: ModelSource):
