@@ -1,4 +1,4 @@
-"""`tulu`: plan, submit, rehearse, logs, status, cancel, score, export."""
+"""`tulu`: plan, submit, rehearse, pipeline, logs, status, cancel, score, export."""
 
 from __future__ import annotations
 
@@ -47,6 +47,21 @@ def cmd_submit(args) -> int:
 
         return wait(str(job.job_id), job)
     return 0
+
+
+def cmd_pipeline(args) -> int:
+    from tulu.pipeline.config import load_pipeline
+    from tulu.pipeline.driver import run
+
+    pipeline = load_pipeline(args.config, list(args.set or []))
+    if args.dry_run:
+        from tulu.pipeline.driver import plan_stages
+
+        for stage, plan in plan_stages(pipeline).items():
+            print(f"# stage {stage}: {pipeline.jobs[stage].run_dir}")
+            print(plan.describe())
+        return 0
+    return run(pipeline, wait=not args.no_wait, fresh=args.fresh)
 
 
 def cmd_logs(args) -> int:
@@ -102,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--wait", action="store_true")
     sp.set_defaults(func=cmd_submit, mode="rehearse")
+
+    sp = config_cmd("pipeline", "SFT -> on-policy DPO -> RLVR -> evaluation as chained jobs; "
+                    "prints the held-out accuracy table")
+    sp.add_argument("--no-wait", action="store_true", help="submit the chain and return (Slurm only)")
+    sp.add_argument("--fresh", action="store_true", help="delete the pipeline's folder first (else stages resume)")
+    sp.add_argument("--dry-run", action="store_true", help="validate and plan every stage, submit nothing")
+    sp.set_defaults(func=cmd_pipeline)
 
     sp = sub.add_parser("logs", help="show (and follow) the per-task logs of a job, across requeues")
     sp.add_argument("job", help="job id or run folder")

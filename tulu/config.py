@@ -153,6 +153,9 @@ class ModelConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     tokenizer: str | None = None
     value_model: str | None = None  # PPO value model: a named architecture or HF path; default: same as policy
+    # Weights from an earlier stage's tulu checkpoint (a run's checkpoints/ or one step_N); the
+    # architecture above must match it. Lets a pipeline submit DPO before SFT has written anything.
+    init_from: str | None = None
 
     def validate(self) -> None:
         given = [k for k in ("name_or_path", "arch", "tiny") if getattr(self, k) is not None]
@@ -248,6 +251,10 @@ class RLVRConfig:
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
     weight_sync_bucket_mb: float = 256.0
+    # Rollouts generated ahead of training: 0 = synchronous (step s's rollouts come from the
+    # weights step s trains); k = the inference group generates step s's rollouts with the
+    # weights after step s - k while the learner trains the steps in between (off-policy by k).
+    async_steps: int = 0
 
     def validate(self, key: str = "rlvr") -> None:
         self.optim.validate(f"{key}.optim")
@@ -269,6 +276,9 @@ class RLVRConfig:
         require(self.verifier_timeout_s > 0, f"{key}.verifier_timeout_s", self.verifier_timeout_s, "> 0")
         require(self.verifier_workers >= 1, f"{key}.verifier_workers", self.verifier_workers, ">= 1")
         require(self.weight_sync_bucket_mb > 0, f"{key}.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "> 0")
+        require(isinstance(self.async_steps, int) and not isinstance(self.async_steps, bool) and self.async_steps >= 0,
+                f"{key}.async_steps", self.async_steps,
+                "an integer >= 0 (0: synchronous; 1: one-step off-policy generation overlapping training)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -102,6 +102,11 @@ def resolve_shape(model_cfg) -> ModelShape:
     cfg_file = Path(name) / "config.json"
     if cfg_file.is_file():
         return shape_from_hf_config(name, json.loads(cfg_file.read_text()))
+    from tulu.train.model import StageCheckpoint  # an earlier stage's tulu checkpoint records its shape
+
+    stage = StageCheckpoint.find(name)
+    if stage is not None:
+        return shape_from_hf_config(name, stage.model_source()["hf_config"])
     raise ValueError(
         f"model.name_or_path: cannot tell the shape of {name!r} without downloading it; "
         f"give a local folder with config.json, or set model.arch to one of {', '.join(ARCHITECTURES)}"

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 
-def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int = 256, engine: str = "transformers",
-             max_new_tokens: int = 32, max_model_len: int = 512, workers: int = 2) -> dict:
+def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int | None = 256,
+             engine: str = "transformers", max_new_tokens: int = 32, max_model_len: int = 512,
+             workers: int = 2) -> dict:
     from transformers import AutoTokenizer
 
     from tulu.inference.engine import SamplingSettings, make_engine
@@ -22,8 +23,9 @@ def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int = 25
     from tulu.rlvr.prompts import PromptSet, read_rows
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    prompts = PromptSet(read_rows(Path(prompts_file))[:limit], tokenizer, seed=0,
-                        max_prompt_tokens=max_model_len - max_new_tokens).prompts
+    prompt_set = PromptSet(read_rows(Path(prompts_file))[:limit], tokenizer, seed=0,
+                           max_prompt_tokens=max_model_len - max_new_tokens)
+    prompts = prompt_set.prompts
     eng = make_engine(engine, model_dir, max_model_len=max_model_len, seed=0)
     try:
         outs = eng.generate([p.token_ids for p in prompts], n=1, sampling=SamplingSettings(
@@ -38,7 +40,17 @@ def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int = 25
     with RewardScorer(workers=workers) as scorer:
         results = scorer.score(rows)
     acc = verifier_accuracy(torch.tensor([float(r.verified) for r in results]), [r["dataset"] for r in rows])
-    return {"n": len(rows), "accuracy": acc["all"], "per_verifier": acc, "example": rows[0]["completion"]}
+    # Per task under the verifier's registry name ("MATH" and "math" are one task), with its n.
+    per_task: dict[str, dict] = {}
+    examples: dict[str, str] = {}
+    for row, res in zip(rows, results):
+        t = per_task.setdefault(res.verifier, {"n": 0, "verified": 0})
+        t["n"] += 1
+        t["verified"] += int(res.verified)
+        examples.setdefault(res.verifier, row["completion"])
+    per_task = {k: {"n": v["n"], "accuracy": v["verified"] / v["n"]} for k, v in sorted(per_task.items())}
+    return {"n": len(rows), "accuracy": acc["all"], "per_verifier": acc, "example": rows[0]["completion"],
+            "per_task": per_task, "examples": examples, "skipped": prompt_set.skipped}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,21 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def draw_loss(ax, run_dir: str | Path) -> bool:
+    """Train loss per step and held-out loss at each eval on a matplotlib ``ax`` (also a panel of
+    the pipeline's figure); False when the run logged no loss."""
+    train = [r for r in read_metrics(run_dir, "train") if "loss" in r]
+    evals = [r for r in read_metrics(run_dir, "eval") if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return bool(train or evals)
+
+
 def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path | None:
     """``<run_dir>/loss_curve.png``: train loss per step and held-out loss at each eval.
     Returns None when matplotlib is missing."""
@@ -83,16 +98,9 @@ def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    train, evals = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    draw_loss(ax, run_dir)
     ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
     out = Path(run_dir) / PLOT_FILE
     tmp = out.with_name(".loss_curve.tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")

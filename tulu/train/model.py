@@ -57,6 +57,8 @@ def resolve_model(model_cfg, seed: int) -> ModelSource:
     earlier stage, e.g. DPO starting from the SFT run."""
     from tulu.models import llama
 
+    if model_cfg.init_from:
+        return _from_earlier_stage(model_cfg, seed)
     if model_cfg.tiny is not None:
         t = model_cfg.tiny
         hf = llama.tiny_llama_config(
@@ -81,6 +83,29 @@ def resolve_model(model_cfg, seed: int) -> ModelSource:
     hf = AutoConfig.from_pretrained(model_cfg.name_or_path)
     return ModelSource(hf, model_cfg.tokenizer or model_cfg.name_or_path,
                        HFWeights(SafetensorsWeights(model_cfg.name_or_path), hf))
+
+
+def _from_earlier_stage(model_cfg, seed: int) -> ModelSource:
+    """``model.init_from``: the declared architecture, the earlier stage's weights and tokenizer."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from tulu.config import ConfigError
+    from tulu.model_shapes import resolve_shape, shape_from_hf_config
+
+    stage = StageCheckpoint.find(model_cfg.init_from)
+    if stage is None:
+        raise ConfigError("model.init_from", f"got {model_cfg.init_from!r}; no verified tulu checkpoint there "
+                          "(expected a run's checkpoints/ folder or one step_N with manifest.json)")
+    recorded = stage.model_source()
+    declared = resolve_shape(dataclasses.replace(model_cfg, init_from=None))
+    found = shape_from_hf_config(str(stage.path), recorded["hf_config"])
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if getattr(declared, f) != getattr(found, f):
+            raise ConfigError("model.init_from", f"{stage.path} has {f}={getattr(found, f)} but the config "
+                              f"declares {getattr(declared, f)}; make the model section match the earlier stage")
+    return ModelSource(LlamaConfig(**recorded["hf_config"]), model_cfg.tokenizer or recorded["tokenizer"], stage)
 
 
 def torch_dtype(model_cfg) -> torch.dtype:

@@ -1,0 +1,64 @@
+"""The pipeline config: every stage job validated before anything is submitted, errors name the
+YAML path, and each stage starts from the previous stage's checkpoint."""
+
+from pathlib import Path
+
+import pytest
+
+from tulu.config_schema import ConfigError
+from tulu.pipeline.config import load_pipeline, parse_pipeline
+from tulu.pipeline.driver import build_steps, choose_executor, plan_stages
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def test_embedded_default_chains_stages_through_checkpoints(tmp_path):
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}/{{name}}"])
+    assert list(p.jobs) == ["sft", "dpo", "rlvr"]
+    root = tmp_path / "tiny-cpu"
+    sft, dpo, rlvr = p.jobs["sft"], p.jobs["dpo"], p.jobs["rlvr"]
+    assert sft.model.init_from is None and sft.model.tiny is not None
+    assert dpo.model.init_from == str(root / "sft" / "checkpoints")
+    assert rlvr.model.init_from == str(root / "dpo" / "checkpoints")
+    assert sft.data.train == str(root / "data" / "sft.jsonl")
+    assert dpo.data.train == str(root / "data" / "dpo_pairs.jsonl")
+    assert rlvr.data.eval == str(root / "data" / "heldout.jsonl")
+    assert {c.run.seed for c in p.jobs.values()} == {p.settings.seed}
+    assert [s.name for s in build_steps(p)] == ["sft", "pairs", "dpo", "rlvr", "eval"]
+
+
+def test_skipping_dpo_starts_rlvr_from_sft(tmp_path):
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.stages=[sft, rlvr]"])
+    assert p.jobs["rlvr"].model.init_from == str(tmp_path / "sft" / "checkpoints")
+    assert "pairs" not in [s.name for s in build_steps(p)]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stages.dpo.dpo.beta=-1", "stages.dpo.dpo.beta"),
+    ("stages.rlvr.rlvr.bogus=1", "stages.rlvr.rlvr.bogus"),
+    ("stages.sft.groups.training.tp=3", "stages.sft.groups.training.tp"),
+    ("pipeline.tasks.names=[gsm8k, chess]", "pipeline.tasks.names"),
+    ("pipeline.stages=[rlvr, sft]", "pipeline.stages"),
+    ("pipeline.pairs.samples_per_prompt=1", "pipeline.pairs.samples_per_prompt"),
+    ("pipeline.executor=ray", "pipeline.executor"),
+])
+def test_bad_values_name_the_yaml_path(override, key):
+    with pytest.raises(ConfigError) as e:
+        plan_stages(load_pipeline(TINY, [override]))  # what `tulu pipeline` does before submitting
+    assert e.value.key == key, str(e.value)
+
+
+def test_unknown_sections_are_refused():
+    with pytest.raises(ConfigError, match="valid top-level keys"):
+        parse_pipeline({"pipeline": {}, "stage": {}})
+    with pytest.raises(ConfigError, match="stages.ppo"):
+        parse_pipeline({"pipeline": {"stages": ["sft"]}, "stages": {"ppo": {}}})
+
+
+def test_local_executor_refuses_multi_node_stage_before_submitting(tmp_path):
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.executor=local", "defaults.cluster.nodes=2"])
+    with pytest.raises(ConfigError) as e:
+        choose_executor(p)
+    assert e.value.key == "stages.sft.cluster.nodes"
+    assert not tmp_path.joinpath("data").exists()

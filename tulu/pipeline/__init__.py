@@ -1,0 +1,1 @@
+"""`tulu pipeline`: SFT -> DPO -> RLVR -> evaluation as chained jobs."""

@@ -1,0 +1,175 @@
+"""A pipeline config: one YAML file -> the stage jobs' `JobConfig`s, all validated before anything
+is submitted.
+
+    pipeline:  name, dir, seed, executor, the task data, on-policy DPO pairs, evaluation
+    defaults:  JobConfig keys every stage shares (cluster, model, monitoring, checkpoint, ...)
+    stages:    sft / dpo / rlvr: JobConfig keys of that stage, laid over `defaults`
+
+Each stage starts from the previous stage's committed checkpoint (`model.init_from`), so the
+whole chain can be submitted at once with Slurm dependencies. An error names the YAML path,
+e.g. `stages.dpo.dpo.beta: got -1; allowed: a number > 0`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tulu.config import JobConfig, apply_overrides, load_raw, parse_config
+from tulu.config_schema import ConfigError, from_dict, require
+
+STAGE_ORDER = ("sft", "dpo", "rlvr")
+
+
+@dataclass(kw_only=True, slots=True)
+class TasksConfig:
+    names: list[str] = field(default_factory=lambda: ["gsm8k", "math", "ifeval"])
+    sft_per_task: int = 2000
+    train_per_task: int = 1000  # RLVR prompts (DPO pairs are sampled from the same pool)
+    heldout_per_task: int = 100
+
+    def validate(self) -> None:
+        from tulu.data.tasks import TASKS
+
+        require(bool(self.names), "pipeline.tasks.names", self.names, f"a non-empty list of {', '.join(TASKS)}")
+        for name in self.names:
+            require(name in TASKS, "pipeline.tasks.names", name, ", ".join(TASKS))
+        for key in ("sft_per_task", "train_per_task", "heldout_per_task"):
+            require(getattr(self, key) >= 1, f"pipeline.tasks.{key}", getattr(self, key), "an integer >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class PairsConfig:
+    """On-policy preference pairs as Tülu 3 made them: sample the SFT model, label by verifier."""
+
+    prompts_per_task: int = 300
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    engine: Literal["transformers", "vllm"] = "transformers"
+    reference_chosen: bool = True  # no verified sample: the task's reference answer is "chosen"
+
+    def validate(self) -> None:
+        require(self.prompts_per_task >= 1, "pipeline.pairs.prompts_per_task", self.prompts_per_task, ">= 1")
+        require(self.samples_per_prompt >= 2, "pipeline.pairs.samples_per_prompt", self.samples_per_prompt,
+                ">= 2 (a pair needs two samples)")
+        require(self.temperature > 0, "pipeline.pairs.temperature", self.temperature, "> 0")
+        require(self.max_new_tokens >= 1, "pipeline.pairs.max_new_tokens", self.max_new_tokens, ">= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    max_new_tokens: int = 48
+    engine: Literal["transformers", "vllm"] = "transformers"
+
+    def validate(self) -> None:
+        require(self.max_new_tokens >= 1, "pipeline.eval.max_new_tokens", self.max_new_tokens, ">= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineSettings:
+    name: str = "pipeline"
+    dir: str = "runs/{name}"
+    seed: int = 1
+    # auto: the local Slurm when `sinfo` answers, else submitit's local executor (stages in turn).
+    executor: Literal["auto", "slurm", "local"] = "auto"
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stage_time_limit_min: int = 30  # the pairs and evaluation jobs
+
+    def validate(self) -> None:
+        require(bool(self.stages) and all(s in STAGE_ORDER for s in self.stages), "pipeline.stages", self.stages,
+                f"a non-empty list of {', '.join(STAGE_ORDER)}")
+        require(self.stages == [s for s in STAGE_ORDER if s in self.stages], "pipeline.stages", self.stages,
+                "stages in Tülu 3's order: sft, dpo, rlvr")
+        require(self.stages[0] == "sft", "pipeline.stages", self.stages, "a list starting with sft")
+        self.tasks.validate()
+        self.pairs.validate()
+        self.eval.validate()
+
+
+@dataclass
+class Pipeline:
+    settings: PipelineSettings
+    jobs: dict[str, JobConfig]  # stage -> its job, in order
+    source: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.settings.dir.format(name=self.settings.name)).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def stage_job_data(settings: PipelineSettings, defaults: dict, stage_data: dict, stage: str, root: Path) -> dict:
+    """The raw JobConfig mapping of one stage: defaults, the stage's keys, then what the chain fixes."""
+    data = _merge(defaults, stage_data)
+    data["stage"] = stage
+    run = data.setdefault("run", {})
+    run.update(name=f"{settings.name}-{stage}", dir=str(root / stage), seed=settings.seed)
+    data_sec = data.setdefault("data", {})
+    data_sec.setdefault("shuffle_seed", settings.seed)
+    files = root / "data"
+    data_sec.update({"sft": {"train": str(files / "sft.jsonl")},
+                     "dpo": {"train": str(files / "dpo_pairs.jsonl")},
+                     "rlvr": {"train": str(files / "rlvr_train.jsonl"), "eval": str(files / "heldout.jsonl")}}[stage])
+    data_sec["synthetic"] = None
+    previous = [s for s in STAGE_ORDER if s in settings.stages and STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
+    if previous:
+        data.setdefault("model", {})["init_from"] = str(root / previous[-1] / "checkpoints")
+    return data
+
+
+def parse_pipeline(raw: dict, source: str | None = None) -> Pipeline:
+    if not isinstance(raw, dict):
+        raise ConfigError("", "a pipeline config must be a YAML mapping")
+    unknown = sorted(set(raw) - {"pipeline", "defaults", "stages"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key; valid top-level keys of a pipeline config: pipeline, defaults, stages")
+    settings = from_dict(PipelineSettings, raw.get("pipeline") or {}, "pipeline")
+    settings.validate()
+    stages_raw = raw.get("stages") or {}
+    extra = sorted(set(stages_raw) - set(STAGE_ORDER))  # a section of a skipped stage is kept, unused
+    if extra:
+        raise ConfigError(f"stages.{extra[0]}", f"unknown stage; allowed: {', '.join(STAGE_ORDER)}")
+    root = Path(settings.dir.format(name=settings.name)).resolve()
+    jobs = {}
+    for stage in settings.stages:
+        data = stage_job_data(settings, raw.get("defaults") or {}, stages_raw.get(stage) or {}, stage, root)
+        try:
+            jobs[stage] = parse_config(data)
+        except ConfigError as e:
+            raise ConfigError(f"stages.{stage}.{e.key}" if e.key else f"stages.{stage}",
+                              str(e).split(": ", 1)[-1] if e.key else str(e)) from None
+    return Pipeline(settings, jobs, source)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Load and validate; overrides are dotted like the YAML (`stages.rlvr.rlvr.steps=10`)."""
+    raw = load_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    if isinstance(raw, dict):
+        raw.setdefault("pipeline", {}).setdefault("name", Path(path).stem)
+    return parse_pipeline(raw, str(path))
+
+
+def is_pipeline_config(path: str | Path) -> bool:
+    raw = load_raw(path)
+    return isinstance(raw, dict) and "pipeline" in raw

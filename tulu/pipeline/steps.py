@@ -1,0 +1,109 @@
+"""The pipeline's steps that are not training stages, each a plain function a one-task job runs:
+the task data (on the submitting machine), on-policy DPO pairs from the SFT model, and the final
+evaluation (every stage's checkpoint on the held-out prompts, a table and a plot).
+
+Every output is written atomically, so a requeued or repeated step starts clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+def write_data(data_dir: Path, settings) -> dict[str, Path]:
+    """The task files (same seed and sizes -> the same bytes); kept when the card matches."""
+    from tulu.data.tasks import write_task_data
+
+    t = settings.tasks
+    card = data_dir / "card.json"
+    wanted = {"seed": settings.seed, "names": list(t.names), "sft_per_task": t.sft_per_task,
+              "train_per_task": t.train_per_task, "heldout_per_task": t.heldout_per_task}
+    names = {"sft": "sft.jsonl", "rlvr_train": "rlvr_train.jsonl", "heldout": "heldout.jsonl"}
+    if card.exists() and json.loads(card.read_text()).get("pipeline") == wanted and \
+            all((data_dir / f).exists() for f in names.values()):
+        return {k: data_dir / f for k, f in names.items()}
+    paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
+                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task)
+    info = json.loads(card.read_text()) if card.exists() else {}
+    info["pipeline"] = wanted
+    _write_json(card, info)
+    return {k: Path(v) for k, v in paths.items()}
+
+
+def export_stage(stage_dir: Path) -> Path:
+    """The stage's newest verified checkpoint as a HF folder ``<stage_dir>/hf``."""
+    from tulu.export import export
+
+    out = stage_dir / "hf"
+    tmp = stage_dir / f".hf.{os.getpid()}.tmp"
+    export(stage_dir / "checkpoints", tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def pairs_step(pipeline_dir: str, settings: dict) -> dict:
+    """Sample the SFT model on training prompts, label by verifier, write ``data/dpo_pairs.jsonl``."""
+    from tulu.pipeline.pairs import make_onpolicy_pairs
+
+    root = Path(pipeline_dir)
+    p, seed = settings["pairs"], settings["seed"]
+    model = export_stage(root / "sft")
+    prompts = _pair_prompts(root / "data", settings["tasks"]["names"], p["prompts_per_task"], seed)
+    stats = make_onpolicy_pairs(model, prompts, root / "data" / "dpo_pairs.jsonl",
+                                samples_per_prompt=p["samples_per_prompt"], temperature=p["temperature"],
+                                max_new_tokens=p["max_new_tokens"], seed=seed, engine=p["engine"],
+                                fallback_chosen="ground_truth_sft" if p["reference_chosen"] else None)
+    _write_json(root / "pairs" / "stats.json", stats)
+    print(json.dumps({"pairs": stats}), flush=True)
+    if not stats.get("pairs"):
+        raise RuntimeError("no DPO pairs: every sample of the SFT model was verified, or none was and "
+                           "pipeline.pairs.reference_chosen is off; see pairs/stats.json")
+    return stats
+
+
+def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int) -> Path:
+    """Training-split prompts of each task (a stream of their own) with the task's reference
+    answer, which is "chosen" where the SFT model never gets a prompt right."""
+    from tulu.data.synthetic import write_jsonl
+    from tulu.data.tasks import VERIFIERS, problems
+
+    rows = [{"messages": [{"role": "user", "content": p.prompt}], "ground_truth": p.ground_truth,
+             "dataset": VERIFIERS[task], "reference": p.answer}
+            for task in tasks for p in problems(task, "train", per_task, seed, stream="pairs")]
+    return write_jsonl(rows, data_dir / "pair_prompts.jsonl")
+
+
+def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
+    """Every stage's model on the held-out prompts: accuracy per stage and task, a table, a plot."""
+    from tulu.pipeline.plot import plot_pipeline
+    from tulu.pipeline.report import accuracy_table, evaluate_model, write_report
+
+    root = Path(pipeline_dir)
+    e = settings["eval"]
+    results = {}
+    for stage in stages:
+        t0 = time.time()
+        model = export_stage(root / stage)
+        results[stage] = evaluate_model(model, root / "data" / "heldout.jsonl", max_new_tokens=e["max_new_tokens"],
+                                        engine=e["engine"])
+        results[stage]["eval_s"] = round(time.time() - t0, 1)
+        print(f"{stage}: held-out accuracy {results[stage]['accuracy']:.3f} (n={results[stage]['n']})", flush=True)
+    out = root / "eval"
+    png = plot_pipeline({s: root / s for s in stages}, results, out / "curves.png")
+    write_report(out, results, curves_png=png)
+    print(accuracy_table(results), flush=True)
+    return results
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
