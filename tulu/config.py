@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -399,8 +400,20 @@ def parse_config(data: dict) -> JobConfig:
     return from_dict(JobConfig, data).validate()
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` and `1e-08` (no dot) as strings; users (and json.dumps) mean numbers."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_scalar(text: str):
-    return yaml.safe_load(text)
+    return yaml_load(text)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -427,7 +440,7 @@ def load_raw(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path} is not valid YAML: {e}") from None
     return data

@@ -96,3 +96,23 @@ def test_cli_refuses_tp7_and_unknown_key_with_exit_2(capsys):
     assert "groups.training.tp" in capsys.readouterr().err
     assert main(["plan", "configs/tulu3-405b-rlvr.yaml", "--set", "groups.trainingg.tp=2"]) == 2
     assert "groups.trainingg" in capsys.readouterr().err
+
+
+def test_override_reads_exponent_without_dot_as_a_number():
+    from tulu.config import apply_overrides
+
+    data = apply_overrides({}, ["sft.optim.lr=1e-4", "run.name=inf", "run.dir=2e5x"])
+    assert data["sft"]["optim"]["lr"] == 1e-4
+    assert data["run"]["name"] == "inf" and data["run"]["dir"] == "2e5x"
+
+
+def test_json_config_written_by_a_run_loads_back(tmp_path):
+    """A run's config.json (json.dumps writes 1e-08) is a valid config to resubmit."""
+    import json
+
+    from tulu.config import load_config
+
+    cfg = load_config("configs/tiny-cpu-sft.yaml")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(path).to_dict() == cfg.to_dict()

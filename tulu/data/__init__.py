@@ -20,6 +20,7 @@ _EXPORTS = {
     "tulu.data.sft": ["load_sft_dataset"],
     "tulu.data.source": ["TokenizedDataset", "load_source"],
     "tulu.data.synthetic": ["make_synthetic", "synthetic_rows"],
+    "tulu.data.tasks": ["sft_rows", "task_rows", "write_task_data"],
     "tulu.data.tokenizer": ["build_tiny_tokenizer", "save_tiny_tokenizer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

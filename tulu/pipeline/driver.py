@@ -256,7 +256,7 @@ def run(pipeline: Pipeline, *, wait: bool = True, fresh: bool = False, poll_s: f
         shutil.rmtree(pipeline.dir)
     t0 = time.time()
     files = fns.write_data(pipeline.data_dir, pipeline.settings)
-    counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
+    counts = {k: sum(1 for _ in open(v)) for k, v in files.items() if str(v).endswith(".jsonl")}
     print(f"pipeline {pipeline.settings.name}: {pipeline.dir} ({kind} executor)", file=out)
     print(f"  task data: {', '.join(f'{k} {n}' for k, n in counts.items())} rows "
           f"({', '.join(pipeline.settings.tasks.names)}; seed {pipeline.settings.seed}; {time.time() - t0:.1f} s)",

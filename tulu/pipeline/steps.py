@@ -26,7 +26,7 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
             all((data_dir / f).exists() for f in names.values()):
         return {k: data_dir / f for k, f in names.items()}
     paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
-                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task)
+                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task, tasks=list(t.names))
     info = json.loads(card.read_text()) if card.exists() else {}
     info["pipeline"] = wanted
     _write_json(card, info)

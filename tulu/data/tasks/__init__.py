@@ -1,0 +1,156 @@
+"""Verifiable task data for the embedded pipeline (SFT -> DPO -> RLVR on a tiny model, on CPU).
+
+Three families, generated from templates, deterministic by seed, each scored by the project's
+real verifier (the row's ``dataset``):
+
+  ``gsm8k``   word problems, + - and single-digit *      "23+18=41. The answer is 41."   (gsm8k)
+  ``math``    fraction sums, boxed, equivalence checked   "\\boxed{\\frac{6}{9}}" = "\\frac{2}{3}" (MATH)
+  ``ifeval``  a sentence under one constraint, Ai2's func_name ground truth            (ifeval)
+
+A problem is held out by a hash of its key (the problem without its wording, see
+:mod:`tulu.data.tasks.problem`): about a fifth of all problems, never drawn for training, so
+train and held-out rows never share a prompt, nor a rephrasing of one. Training rows are drawn
+with repetition; held-out rows are distinct prompts, of which there are about 480 (ifeval), 700
+(math) and many thousands (gsm8k) per task. Prompts stay under 90 bytes and answers under 48, so
+a chat fits in 160 tokens of the byte-level tokenizer.
+
+    rows = task_rows("math", "heldout", 256, seed=0)       # Ai2's RLVR schema
+    chats = sft_rows("ifeval", 1000, seed=0)                # {"messages": [user, assistant]}
+    paths = write_task_data("data/", seed=0, train_per_task=2000, heldout_per_task=128,
+                            sft_per_task=2000)
+
+    python -m tulu.data.tasks OUT_DIR --seed 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from tulu.data.synthetic import write_jsonl
+from tulu.data.tasks import gsm8k, ifeval, math_fractions
+from tulu.data.tasks.problem import HELDOUT_PER_MILLE, Problem, is_heldout
+
+TASKS = ("gsm8k", "math", "ifeval")
+SPLITS = ("train", "heldout")
+_FAMILIES = {"gsm8k": gsm8k, "math": math_fractions, "ifeval": ifeval}
+VERIFIERS = {task: module.VERIFIER for task, module in _FAMILIES.items()}
+"""The verifier (the rows' ``dataset``) of each task, as registered in :mod:`tulu.rewards`."""
+
+_MAX_FRUITLESS_DRAWS = 50_000
+"""Held-out rows are distinct prompts; after this many draws in a row without a new one the
+held-out space counts as exhausted (the rarest prompts are drawn about once in 11k draws)."""
+
+
+def _family(task: str):
+    if task not in _FAMILIES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return _FAMILIES[task]
+
+
+def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
+             stream: str = "rlvr") -> list[Problem]:
+    """``n`` problems of ``task`` from ``split``; ``stream`` names an independent random stream."""
+    family = _family(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"{task}:{split}:{stream}:{seed}")
+    want_heldout = split == "heldout"
+    out: list[Problem] = []
+    seen: set[str] = set()
+    misses = 0
+    while len(out) < n:
+        p = family.draw(rng)
+        if is_heldout(task, p.key) != want_heldout or (want_heldout and p.prompt in seen):
+            misses += 1
+            if misses > _MAX_FRUITLESS_DRAWS:
+                raise ValueError(f"found only {len(out)} distinct held-out {task} prompts, {n} asked "
+                                 f"for; ask for fewer")
+            continue
+        misses = 0
+        seen.add(p.prompt)
+        out.append(p)
+    return out
+
+
+def task_rows(task: str, split: Literal["train", "heldout"], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` RLVR rows in Ai2's schema: ``{"messages": [user], "ground_truth", "dataset"}``."""
+    return [{"messages": [{"role": "user", "content": p.prompt}], "ground_truth": p.ground_truth,
+             "dataset": VERIFIERS[task]} for p in problems(task, split, n, seed)]
+
+
+def sft_rows(task: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` chats from the training split: ``{"messages": [user, assistant]}``, every answer one
+    the task's verifier accepts."""
+    return [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]}
+            for p in problems(task, "train", n, seed, stream="sft")]
+
+
+def _write_text(text: str, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _readme(card: dict) -> str:
+    lines = [
+        "# Verifiable task data",
+        "",
+        f"Written by `python -m tulu.data.tasks` with seed {card['seed']}. The same arguments give "
+        "byte-identical files.",
+        f"About {card['heldout_per_mille'] / 10:g}% of problems are held out by a hash of the problem; "
+        "held-out prompts never appear in `sft.jsonl` or `rlvr_train.jsonl`.",
+        "",
+        "| task | verifier (`dataset`) | sft | rlvr_train | heldout |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for task, c in card["tasks"].items():
+        lines.append(f"| {task} | {c['verifier']} | {c['sft']} | {c['rlvr_train']} | {c['heldout']} |")
+    lines += ["", "| file | rows | sha256 |", "|---|---:|---|"]
+    for f in card["files"].values():
+        lines.append(f"| {f['path']} | {f['rows']} | `{f['sha256']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int,
+                    sft_per_task: int, tasks: Sequence[str] = TASKS) -> dict[str, Path]:
+    """Write ``sft.jsonl``, ``rlvr_train.jsonl`` and ``heldout.jsonl`` (``tasks`` mixed, shuffled
+    by seed) and ``README.md``/``card.json`` describing them, each atomically; returns the paths by
+    name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
+    tasks = tuple(tasks)
+    for task in tasks:
+        _family(task)
+    if not tasks:
+        raise ValueError(f"no tasks given; choose from {', '.join(TASKS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mixes: dict[str, list[dict[str, Any]]] = {
+        "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed)],
+        "rlvr_train": [r for t in tasks for r in task_rows(t, "train", train_per_task, seed)],
+        "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout_per_task, seed)],
+    }
+    paths: dict[str, Path] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for name, rows in mixes.items():
+        random.Random(f"mix:{name}:{seed}").shuffle(rows)
+        paths[name] = write_jsonl(rows, out / f"{name}.jsonl")
+        files[name] = {"path": paths[name].name, "rows": len(rows),
+                       "sha256": hashlib.sha256(paths[name].read_bytes()).hexdigest()}
+    card = {
+        "generator": "tulu.data.tasks",
+        "seed": seed,
+        "heldout_per_mille": HELDOUT_PER_MILLE,
+        "tasks": {t: {"verifier": VERIFIERS[t], "sft": sft_per_task, "rlvr_train": train_per_task,
+                      "heldout": heldout_per_task} for t in tasks},
+        "files": files,
+    }
+    paths["readme"] = _write_text(_readme(card), out / "README.md")
+    paths["card"] = _write_text(json.dumps(card, indent=2) + "\n", out / "card.json")
+    return paths
