@@ -55,14 +55,19 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
         raise RuntimeError(f"export of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if dtype == "bf16":
         hf = hf.to(torch.bfloat16)
+    tokenizer = build_tokenizer(recorded["tokenizer"])
+    # The special ids come from the tokenizer, not LlamaConfig's defaults (eos 2 is `<|system|>` in
+    # the tiny tokenizer): generate() and vLLM stop on the model config's eos.
+    for cfg in (hf.config, hf.generation_config):
+        cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = (
+            tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
     hf.save_pretrained(out)
-    tok = recorded["tokenizer"]
-    if tok == "tiny":
+    if recorded["tokenizer"] == "tiny":
         from tulu.data import save_tiny_tokenizer
 
         save_tiny_tokenizer(out)
     else:
-        build_tokenizer(tok).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
 
 

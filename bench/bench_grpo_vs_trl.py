@@ -1,0 +1,393 @@
+"""Our RLVR (GRPO) against TRL's ``GRPOTrainer``, side by side on CPU: same tiny model, same
+prompts, same group size, generations per step and RL steps; throughput and held-out accuracy.
+
+    .venv/bin/python bench/bench_grpo_vs_trl.py [--quick] [--steps 300] [--engine transformers]
+        [--ours-set rlvr.async_steps=1 ...] [--start-model HF_DIR] [--slurm]
+
+1. The start model: a tiny Llama (our byte-level tokenizer) SFT'd briefly by our own pipeline
+   (`tulu submit configs/tiny-cpu-sft.yaml`, `tulu export`), so it has partial accuracy. Both
+   sides start from that one HF folder. ``--quick`` skips SFT: a randomly initialised model (it
+   checks the pipeline, not the gain). ``--start-model`` reuses a folder from an earlier run.
+2. Ours: `tulu submit configs/tiny-cpu-rlvr.yaml` (one inference + one training process, local
+   executor unless ``--slurm``), then `tulu export` of its final checkpoint.
+3. TRL: bench/trl_grpo_side.py in TRL's own venv (bench/.venv-trl, created on first use: CPU
+   torch the way scripts/setup.sh installs it, then trl==--trl-version with its own deps).
+4. Both final models: greedy held-out verified accuracy by our evaluator
+   (`tulu.rlvr.evaluate`, transformers engine), on prompts disjoint from the training prompts.
+
+Settings mapping (ours <- TRL GRPOConfig):
+  rlvr.prompts_per_step x rlvr.samples_per_prompt  <- per_device_train_batch_size (= generation
+        batch, steps_per_generation=1, gradient_accumulation_steps=1) / num_generations
+  rlvr.response_length <- max_completion_length; rlvr.temperature <- temperature (top_p 1, top_k 0)
+  rlvr.kl_beta (k3 estimator, in the loss) <- beta (k3, in the loss); 0 = no reference model
+  rlvr.clip_eps <- epsilon; one update per batch on both (num_iterations=1), so ratio = 1
+  rlvr.optim: lr, constant schedule, no warm-up, AdamW betas (0.9, 0.95), eps 1e-8, no weight
+        decay, grad clip 1.0 <- learning_rate, lr_scheduler_type="constant", adam_beta*, max_grad_norm
+  loss: ours sums the clipped token losses and Megatron divides by the response tokens of the
+        whole global batch (token-level mean, DAPO) <- loss_type="dapo" (TRL 1.16's default).
+  advantages: (r - group mean) / (group std + eps), Bessel std on both (eps 1e-6 ours, 1e-4 TRL)
+        <- scale_rewards="group". Rewards: verified 1.0 / 0.0 on both (rlvr.verified_reward=1).
+  Stop: both sides stop a completion at the tokenizer's end-of-text only (the TRL side resets
+        the model's generation eos to the tokenizer's).
+  TRL's GRPO default gradient_checkpointing=True is turned off (ours keeps activations too).
+  Threads: ours runs 2 processes (inference, training) x 1 thread (cluster.cpus_per_task=1);
+        TRL 1 process x --trl-threads (default 1: on the shared 2-core machine, at load ~7, TRL
+        with 2 threads took 0.6-7.8 s per step against 0.19-0.31 s with 1, from OpenMP threads
+        waiting on descheduled peers; pass --trl-threads 2 on an idle machine to check).
+
+Figures (one JSON line each): setup; held-out accuracy of the start model; per side throughput
+(samples = completions per second: ``samples_per_s_steady`` over the steps after the first
+10% from per-step timings, ``samples_per_s_end_to_end`` over the whole RL run's wall clock
+including start-up and the final save, not the export/evaluation) and accuracy (after, gain,
+gain per minute of end-to-end RL wall and of the step loop); the ours/TRL ratios. Lines are
+appended to bench/results/grpo_vs_trl-cpu[-quick]-DATE.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = "grpo_vs_trl"
+
+
+def run(cmd: list[str], what: str, env: dict | None = None) -> tuple[str, float]:
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout, time.time() - t0
+
+
+def tulu(*args: str) -> tuple[str, float]:
+    return run([sys.executable, "-m", "tulu.cli", *args], f"tulu {args[0]}",
+               env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def yfloat(x: float) -> str:
+    """A float as YAML 1.1 reads it back as a float ("1e-4" would be a string there)."""
+    return f"{float(x):.6e}"
+
+
+def sets(items: list[str]) -> list[str]:
+    return [x for kv in items for x in ("--set", kv)]
+
+
+# ------------------------------------------------------------------ TRL's virtual environment
+def ensure_trl_venv(venv: Path, trl_version: str) -> Path:
+    """bench/.venv-trl with CPU torch (the version of our venv) and TRL; created once."""
+    py = venv / "bin" / "python"
+    probe = "import trl, torch; assert torch.version.cuda is None, 'CUDA torch in the TRL venv'"
+    if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
+        return py
+    import torch
+
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    print(f"[bench] creating {venv} ({torch_pin} CPU build, trl=={trl_version}); takes minutes once",
+          file=sys.stderr, flush=True)
+    python311 = shutil.which("python3.11") or sys.executable
+    run([python311, "-m", "venv", str(venv)], "venv")
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    # As scripts/setup.sh: pin torch first, so TRL's dependencies cannot pull a multi-GB CUDA build.
+    # pip's configured find-links hold the CPU wheel here; elsewhere PyTorch's CPU index does.
+    r = subprocess.run([*pip, torch_pin], capture_output=True, text=True)
+    if r.returncode != 0:
+        run([*pip, torch_pin, "--index-url", "https://download.pytorch.org/whl/cpu"], "pip install torch (CPU)")
+    run([*pip, f"trl=={trl_version}"], f"pip install trl=={trl_version}")
+    run([str(py), "-c", probe], "TRL venv check")
+    return py
+
+
+# ------------------------------------------------------------------ data and the start model
+def make_prompts(w: Path, train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:
+    """Training prompts (seed) and held-out prompts (seed + 7919) with no question in common."""
+    from tulu.data.synthetic import synthetic_rows, write_jsonl
+
+    train = synthetic_rows("rlvr", train_size, seed)
+    seen = {r["messages"][0]["content"] for r in train}
+    candidates = synthetic_rows("rlvr", eval_size * 2 + 200, seed + 7919)
+    held = [r for r in candidates if r["messages"][0]["content"] not in seen]
+    if len(held) < eval_size:
+        raise SystemExit(f"only {len(held)} held-out prompts outside the training set; lower --eval-size")
+    return write_jsonl(train, w / "train-rlvr.jsonl"), write_jsonl(held[:eval_size], w / "heldout-rlvr.jsonl")
+
+
+def random_start_model(out: Path, seed: int) -> Path:
+    """--quick: a randomly initialised tiny Llama + our tokenizer as an HF folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tulu.data.tokenizer import save_tiny_tokenizer
+    from tulu.models.llama import tiny_llama_config
+
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    save_tiny_tokenizer(out)
+    return out
+
+
+# The SFT model's shape: the RLVR config's tiny shape with 4 layers (~0.86M parameters). 600 SFT
+# steps (~25 min on the shared 2-core machine) gave 0.04 greedy held-out accuracy at 8 new tokens;
+# the same with data.synthetic_size=4096 (--sft-set) gave 0.10 at 8 and 0.22 at 32 in another run.
+SFT_SHAPE = ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=344", "model.tiny.num_hidden_layers=4"]
+
+
+def sft_start_model(w: Path, a) -> tuple[Path, float | None]:
+    """SFT by our pipeline, exported; reused when this workdir already holds one made with the
+    same settings (the stamp), since SFT costs more than either RL side."""
+    sft = [f"run.dir={w}/sft", f"run.seed={a.seed}", f"data.shuffle_seed={a.seed}", f"sft.max_steps={a.sft_steps}",
+           "data.synthetic_size=8192", "checkpoint.interval=1000000", *SFT_SHAPE, *a.sft_set]
+    out, stamp_file = w / "start-hf", w / "start-hf.stamp.json"
+    stamp = {"sft": sft}
+    if out.is_dir() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        print(f"[bench] reusing the SFT start model {out} (same settings)", file=sys.stderr, flush=True)
+        return out, None
+    stamp_file.unlink(missing_ok=True)
+    shutil.rmtree(w / "sft", ignore_errors=True)
+    _, s = tulu("submit", "configs/tiny-cpu-sft.yaml", *sets([*sft, *a.executor_sets]), "--wait")
+    shutil.rmtree(out, ignore_errors=True)
+    tulu("export", str(w / "sft" / "checkpoints"), str(out))
+    stamp_file.write_text(json.dumps(stamp))
+    return out, s
+
+
+def accuracy(model_dir: Path, heldout: Path, a) -> dict:
+    from tulu.rlvr.evaluate import evaluate
+
+    r = evaluate(model_dir, heldout, limit=a.eval_size, engine="transformers", max_new_tokens=a.eval_max_new_tokens)
+    return {"accuracy": r["accuracy"], "n": r["n"], "example": r["example"]}
+
+
+# ------------------------------------------------------------------ the two sides
+def steady(durations: list[float]) -> list[float]:
+    """Step times without the first 10% (at least one step when there are two or more): the
+    first steps carry the engines' and allocators' warm-up."""
+    skip = max(1, len(durations) // 10) if len(durations) > 1 else 0
+    return durations[skip:]
+
+
+def fresh(*paths: Path) -> None:
+    """A side's run folder from an earlier benchmark would be resumed (checkpoints) or appended to."""
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run_ours(w: Path, start: Path, train: Path, a) -> dict:
+    fresh(w / "ours", w / "ours-hf")
+    rollouts = a.prompts_per_step * a.num_generations
+    rl = [f"run.dir={w}/ours", f"run.seed={a.seed}", f"data.shuffle_seed={a.seed}", f"data.train={train}",
+          "data.synthetic=null", "model.tiny=null", f"model.name_or_path={start}",
+          f"rlvr.steps={a.steps}", f"rlvr.prompts_per_step={a.prompts_per_step}",
+          f"rlvr.samples_per_prompt={a.num_generations}", f"rlvr.response_length={a.max_new_tokens}",
+          f"rlvr.temperature={yfloat(a.temperature)}", f"rlvr.kl_beta={yfloat(a.kl_beta)}", "rlvr.kl_estimator=k3",
+          f"rlvr.clip_eps={yfloat(a.epsilon)}", "rlvr.algorithm=grpo", "rlvr.verified_reward=1.0",
+          "rlvr.unverified_reward=0.0",
+          "rlvr.no_eos_penalty=0.0", f"rlvr.optim.lr={yfloat(a.lr)}", "rlvr.optim.lr_schedule=constant",
+          "rlvr.optim.warmup_ratio=0.0", "rlvr.optim.weight_decay=0.0", "rlvr.optim.adam_beta1=0.9",
+          "rlvr.optim.adam_beta2=0.95", "rlvr.optim.adam_eps=1.0e-8", "rlvr.optim.grad_clip=1.0",
+          f"groups.inference.engine={a.engine}", f"groups.training.micro_batch_size={rollouts}",
+          "checkpoint.interval=1000000", *a.executor_sets, *a.ours_set]
+    _, wall = tulu("submit", "configs/tiny-cpu-rlvr.yaml", *sets(rl), "--wait")
+    rows = [json.loads(x) for x in (w / "ours" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    out = w / "ours-hf"
+    tulu("export", str(w / "ours" / "checkpoints"), str(out))
+    return {"wall_s": wall, "step_s": [r["step_s"] for r in train_rows], "model": out,
+            "train_reward": [r.get("verified_all", r.get("reward_mean")) for r in train_rows], "settings": rl}
+
+
+def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:
+    out, result = w / "trl-final", w / "trl-result.json"
+    fresh(out, out.with_name(out.name + "-trainer"))
+    result.unlink(missing_ok=True)
+    cmd = [str(py), str(REPO / "bench" / "trl_grpo_side.py"), "--model", str(start), "--train", str(train),
+           "--out", str(out), "--result", str(result), "--steps", str(a.steps),
+           "--prompts-per-step", str(a.prompts_per_step), "--num-generations", str(a.num_generations),
+           "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
+           "--beta", str(a.kl_beta), "--epsilon", str(a.epsilon), "--loss-type", "dapo", "--seed", str(a.seed),
+           "--threads", str(a.trl_threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    threads = str(a.trl_threads)
+    _, wall = run(cmd, "TRL side", env=dict(env, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads,
+                                            MKL_NUM_THREADS=threads))
+    r = json.loads(result.read_text())
+    ends = [r["train_begin"], *r["step_ends"]]
+    return {"wall_s": wall, "step_s": [b - e for e, b in zip(ends, ends[1:])], "model": out,
+            "train_reward": [x["reward"] for x in r["rewards"]], "result": r}
+
+
+def side_figures(name: str, side: dict, before: dict, after: dict, a) -> list[dict]:
+    per_step = a.prompts_per_step * a.num_generations
+    st = steady(side["step_s"])
+    n_steps = len(side["step_s"])
+    loop_s = sum(side["step_s"])
+    gain = after["accuracy"] - before["accuracy"]
+    rew = side["train_reward"]
+    k = max(1, len(rew) // 10)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return [
+        {"bench": BENCH, "figure": f"{name}_throughput", "side": name,
+         "samples_per_s_steady": round(per_step * len(st) / sum(st), 2) if st else None,
+         "samples_per_s_end_to_end": round(per_step * n_steps / side["wall_s"], 2),
+         "steps": n_steps, "samples_per_step": per_step, "steady_steps": len(st),
+         "step_s_steady_mean": round(sum(st) / len(st), 4) if st else None,
+         "step_loop_s": round(loop_s, 1), "wall_s_end_to_end": round(side["wall_s"], 1),
+         "startup_and_shutdown_s": round(side["wall_s"] - loop_s, 1)},
+        {"bench": BENCH, "figure": f"{name}_heldout_accuracy", "side": name,
+         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "gain": round(gain, 4),
+         "gain_per_min_end_to_end": round(gain / (side["wall_s"] / 60), 4),
+         "gain_per_min_step_loop": round(gain / (loop_s / 60), 4) if loop_s else None,
+         "n": after["n"], "train_verified_first_10pct": mean(rew[:k]), "train_verified_last_10pct": mean(rew[-k:]),
+         "example_after": after["example"]},
+    ]
+
+
+def tree_state() -> dict:
+    """The commit and the uncommitted paths of the code under test (the tree is shared)."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "tulu", "configs").splitlines() if line.strip()]
+    return {"git_commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_tulu_configs": dirty}
+
+
+def ratio(x, y):
+    return round(x / y, 3) if x is not None and y not in (None, 0) else None
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="random start model, 3 steps, 16 eval prompts: checks the "
+                    "pipeline, not the gain")
+    ap.add_argument("--workdir", default="runs/bench-grpo-vs-trl")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--steps", type=int, default=None, help="RL steps on each side (default 400; --quick 3)")
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--num-generations", type=int, default=8, help="completions per prompt (the GRPO group)")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="response length in RL")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--kl-beta", type=float, default=0.0, help="TRL's beta / our rlvr.kl_beta (0: no reference)")
+    ap.add_argument("--epsilon", type=float, default=0.2, help="clip range (TRL's epsilon, our rlvr.clip_eps)")
+    ap.add_argument("--train-size", type=int, default=512, help="training prompts")
+    ap.add_argument("--eval-size", type=int, default=None, help="held-out prompts (default 256; --quick 16)")
+    ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy eval budget (default: the RL "
+                    "response length, so the eval scores what RL could see)")
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-set", action="append", default=[], help="extra --set for the SFT run")
+    ap.add_argument("--start-model", help="an HF folder to start both sides from (skips SFT)")
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="our inference engine")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for our RLVR run, applied last (repeatable)")
+    ap.add_argument("--slurm", action="store_true", help="run our jobs on the local Slurm (default: local executor)")
+    ap.add_argument("--trl-venv", default="bench/.venv-trl")
+    ap.add_argument("--trl-version", default="1.16.0")
+    ap.add_argument("--trl-threads", type=int, default=1, help="torch threads of the TRL process (default 1: on "
+                    "a loaded 2-core machine 2 threads made TRL's steps 3-30x slower; ours runs 1 per process)")
+    ap.add_argument("--sides", default="ours,trl", help="which sides to run (comma list; ratios need both)")
+    ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
+    a = ap.parse_args()
+    a.steps = a.steps or (3 if a.quick else 400)
+    a.eval_size = a.eval_size or (16 if a.quick else 256)
+    a.eval_max_new_tokens = a.eval_max_new_tokens or a.max_new_tokens
+    a.executor_sets = [] if a.slurm else ["cluster.executor=local"]
+    sides = [s for s in a.sides.split(",") if s]
+    if not set(sides) <= {"ours", "trl"} or not sides:
+        raise SystemExit(f"--sides: got {a.sides!r}; use a comma list of 'ours' and 'trl'")
+
+    t_bench = time.time()
+    stamp = datetime.now(timezone.utc)
+    w = (REPO / a.workdir).resolve()
+    w.mkdir(parents=True, exist_ok=True)
+    lines: list[dict] = []
+
+    def emit(d: dict) -> None:
+        d = {**d, "time": stamp.isoformat(timespec="seconds")}
+        lines.append(d)
+        print(json.dumps(d), flush=True)
+
+    trl_py = ensure_trl_venv((REPO / a.trl_venv).resolve(), a.trl_version) if "trl" in sides else None
+    train, heldout = make_prompts(w, a.train_size, a.eval_size, a.seed)
+    sft_s = None
+    if a.start_model:
+        start = Path(a.start_model).resolve()
+    elif a.quick:
+        start = random_start_model(w / "start-hf", a.seed)
+    else:
+        start, sft_s = sft_start_model(w, a)
+    before = accuracy(start, heldout, a)
+
+    import torch
+    import transformers
+
+    ours_versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import megatron.core
+
+        ours_versions["megatron_core"] = megatron.core.__version__
+    except ImportError:
+        pass
+    emit({"bench": BENCH, "figure": "setup", **tree_state(), "quick": a.quick, "machine": f"cpu x{os.cpu_count()}",
+          "platform": platform.platform(), "steps": a.steps, "prompts_per_step": a.prompts_per_step,
+          "num_generations": a.num_generations, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
+          "lr": a.lr, "kl_beta": a.kl_beta, "epsilon": a.epsilon, "loss": "token-mean over the global batch (dapo)",
+          "train_prompts": a.train_size, "eval_prompts": a.eval_size, "eval_max_new_tokens": a.eval_max_new_tokens,
+          "engine_ours": a.engine, "executor": "slurm" if a.slurm else "local", "ours_set": a.ours_set,
+          "seed": a.seed, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
+          "sft_s": round(sft_s, 1) if sft_s else None,
+          "trl_threads": a.trl_threads if "trl" in sides else None, "versions_ours": ours_versions})
+    emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
+          "example": before["example"]})
+
+    figs: dict[str, list[dict]] = {}
+    for name in sides:
+        load0 = os.getloadavg()
+        side = run_ours(w, start, train, a) if name == "ours" else run_trl(w, start, train, trl_py, a)
+        load1 = os.getloadavg()
+        after = accuracy(side["model"], heldout, a)
+        figs[name] = side_figures(name, side, before, after, a)
+        figs[name][0]["load_avg_1_5_15_before"] = [round(x, 2) for x in load0]
+        figs[name][0]["load_avg_1_5_15_after"] = [round(x, 2) for x in load1]
+        if name == "trl":
+            figs[name][0]["versions"] = side["result"]["versions"]
+            figs[name][0]["torch_threads"] = side["result"]["torch_threads"]
+            figs[name][0]["trl_settings"] = side["result"]["trainer_settings"]
+        for f in figs[name]:
+            emit(f)
+
+    if len(figs) == 2:
+        (ot, oa), (tt, ta) = figs["ours"], figs["trl"]
+        emit({"bench": BENCH, "figure": "ratio_ours_over_trl",
+              "samples_per_s_steady": ratio(ot["samples_per_s_steady"], tt["samples_per_s_steady"]),
+              "samples_per_s_end_to_end": ratio(ot["samples_per_s_end_to_end"], tt["samples_per_s_end_to_end"]),
+              "gain_per_min_end_to_end": ratio(oa["gain_per_min_end_to_end"], ta["gain_per_min_end_to_end"])
+              if ta["gain"] > 0 else None,
+              "gain_per_min_step_loop": ratio(oa["gain_per_min_step_loop"], ta["gain_per_min_step_loop"])
+              if ta["gain"] > 0 else None,
+              "gain_ours_minus_trl": round(oa["gain"] - ta["gain"], 4),
+              "target": "ours >= 2x TRL samples/s at equal or better accuracy gain",
+              "note": "gain-per-minute ratios are null when TRL's gain is <= 0 (undefined)",
+              "bench_wall_s": round(time.time() - t_bench, 1)})
+    if not a.no_save:
+        kind = "cpu-quick" if a.quick else "cpu"
+        path = REPO / "bench" / "results" / f"{BENCH}-{kind}-{stamp.date().isoformat()}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(d) + "\n" for d in lines)
+        print(f"[bench] appended {len(lines)} lines to {path.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
