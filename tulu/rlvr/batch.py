@@ -64,7 +64,12 @@ def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch
     return RLBatch(tokens, targets, mask, sampler, scores.float(), advantages.float())
 
 
-def micro_batches(batch: RLBatch, micro_size: int) -> list[dict]:
+def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool = False) -> list[dict]:
+    """Megatron micro-batches of ``micro_size`` rows. ``response_logits_only``: the per-token
+    tensors (targets, mask, sampler log-probs) start at the micro-batch's first response target
+    (``mb["logits_from"]``), and the model must produce logits from there on only
+    (`tulu.rlvr.objective.run_logits_schedule` does): prompt positions carry no loss, so their
+    logits are not worth computing."""
     n = batch.tokens.shape[0]
     if n % micro_size:
         raise ValueError(f"{n} rollouts on this rank do not split into micro-batches of {micro_size}")
@@ -72,8 +77,12 @@ def micro_batches(batch: RLBatch, micro_size: int) -> list[dict]:
     for s in range(0, n, micro_size):
         part = batch.rows(s, s + micro_size)
         L = part.tokens.shape[1]
-        out.append({"tokens": part.tokens, "targets": part.targets, "mask": part.mask,
+        start = 0
+        if response_logits_only:
+            cols = part.mask.any(dim=0).nonzero()
+            start = int(cols[0]) if len(cols) else L - 1
+        out.append({"tokens": part.tokens, "targets": part.targets[:, start:], "mask": part.mask[:, start:],
                     "position_ids": torch.arange(L).unsqueeze(0).expand(micro_size, L),
                     "attention_mask": None, "advantages": part.advantages,
-                    "sampler_logprobs": part.sampler_logprobs})
+                    "sampler_logprobs": part.sampler_logprobs[:, start:], "logits_from": start})
     return out

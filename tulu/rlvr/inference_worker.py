@@ -1,7 +1,9 @@
 """An inference rank of an RLVR job: hold an engine, take new weights, generate.
 
-Every step starts with a weight sync, the first one included, so the first rollout after a
-resume uses the checkpoint's weights, never the folder the engine was started from.
+Each step's control names the weights version that generates it (`tulu.rlvr.rollout_schedule`);
+the rank receives that version unless it already holds it. The first control of an attempt always
+names a version the engine does not hold yet, so the first rollout after a start or a resume uses
+the learner's (the checkpoint's) weights, never the folder the engine was started from.
 """
 
 from __future__ import annotations
@@ -66,25 +68,32 @@ def run(ctx) -> dict:
         model_dir = engine_model_dir(ctx, source)
         if inf.tp * inf.pp > 1:
             os.environ.update(tdist.engine_env(plan, role, ctx.env))
+        # An fp32 policy samples in fp32: vLLM's "auto" picks bf16 on CPU, which is several times
+        # slower there and moves the engine's log-probs away from the trainer's (sampler_kl).
         engine = make_engine(inf.engine, model_dir, tp=inf.tp, pp=inf.pp,
                              gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
-                             max_model_len=inf.max_model_len, seed=cfg.run.seed)
+                             max_model_len=inf.max_model_len, seed=cfg.run.seed,
+                             dtype="float32" if cfg.model.dtype == "fp32" else "auto")
     engine_index, engines = role.dp_rank, plan.inference_engines
     reports = role.tp_rank == 0 and role.pp_rank == 0
     step = protocol.get(bridge.store, protocol.START)
     ctx.log(f"inference engine {engine_index}/{engines} ({inf.engine}, TP{inf.tp} PP{inf.pp}) ready; first step {step}")
-    generated = 0
+    generated, loaded, versions = 0, None, []
     while True:
         control = protocol.get(bridge.store, protocol.control_key(step))
-        if control != "go":
+        if not isinstance(control, dict) or control.get("action") != "go":
             ctx.log(f"learner says {control!r} at step {step}")
             break
-        ctx.fault_point("weight_sync", step)
-        with ctx.phase("weight_sync", step):
-            t0 = time.perf_counter()
-            stats = SyncStats()
-            loaded = engine.update_weights(receive_weights(bridge, version=step, stats=stats))
-            sync_s = time.perf_counter() - t0
+        version = control["weights"]
+        cpu0 = time.process_time()
+        sync_s, n_loaded, sync_bytes = 0.0, 0, 0
+        if version != loaded:
+            ctx.fault_point("weight_sync", step)
+            with ctx.phase("weight_sync", step):
+                t0 = time.perf_counter()
+                stats = SyncStats()
+                n_loaded = engine.update_weights(receive_weights(bridge, version=version, stats=stats))
+                sync_s, sync_bytes, loaded = time.perf_counter() - t0, stats.bytes, version
         mine = prompts.for_step(step, rl.prompts_per_step)[engine_index::engines]
         ctx.fault_point("generate", step)
         with ctx.phase("generate", step):
@@ -94,15 +103,20 @@ def run(ctx) -> dict:
             outs = engine.generate([p.token_ids for p in mine], n=rl.samples_per_prompt, sampling=sampling)
             gen_s = time.perf_counter() - t0
         generated += sum(len(o.token_ids) for o in outs)
+        versions.append([step, loaded])
         if reports:
             protocol.put(bridge.store, protocol.rollout_key(step, engine_index), {
                 "prompts": [p.index for p in mine],
                 "completions": [[o.prompt_index, o.sample_index, o.token_ids, o.logprobs, o.finish_reason]
                                 for o in outs],
-                "weight_sync_s": sync_s, "weights": loaded, "sync_bytes": stats.bytes, "generate_s": gen_s,
+                "policy_version": loaded,
+                "weight_sync_s": sync_s, "weights": n_loaded, "sync_bytes": sync_bytes, "generate_s": gen_s,
+                # this process's CPU time for the sync + generation (host-bound or not, at a glance)
+                "engine_cpu_s": time.process_time() - cpu0,
                 "stop_requested": ctx.stop.requested,
             })
         ctx.step_done(step + 1)
         step += 1
     engine.close()
-    return {"steps_generated_until": step, "tokens_generated": generated}
+    # (step, weights version) of every rollout this rank generated: what tests check the schedule by
+    return {"steps_generated_until": step, "tokens_generated": generated, "rollout_versions": versions}

@@ -1,11 +1,32 @@
 """The training group of an RLVR job: Megatron policy + frozen reference, one RL step at a time.
 
-    per step: control "go" -> weight sync (stage leaders send) -> rollouts from the engines ->
+    per step: request rollouts (control "go" + the weights version, `tulu.rlvr.rollout_schedule`)
+              -> weight sync (stage leaders send) -> this step's rollouts from the engines ->
               verifiers score (process pool, time-outs) -> group-normalised advantages ->
-              old and reference log-probs (forward only) -> clipped policy loss + KL -> optimizer
-              step -> metrics -> checkpoint (interval; RL counters inside) -> stop agreement
-    PPO (rlvr.algorithm: ppo) replaces the middle: old and reference log-probs and the value
-              model's values (forward only) -> KL in the reward, GAE -> one policy and one value
+              reference log-probs (forward only) -> clipped policy loss + KL -> optimizer step
+              -> metrics -> checkpoint (interval; RL counters and in-flight rollouts inside) ->
+              stop agreement
+    The ratio's "old" log-probs are the behaviour policy's. On-policy (the rollouts came from the
+              weights being trained: always with rlvr.async_steps 0) GRPO's single optimizer step
+              starts from exactly those weights, so the training forward's own detached log-probs
+              are the old ones (as TRL does) and no separate forward pass runs. Off-policy
+              (async_steps >= 1) the weights that sampled are gone, and the engine's sampled-token
+              log-probs, the very distribution the tokens were drawn from, are used instead (RLVR
+              samples with top-p 1, so they are log-softmax(logits / T), what the trainer computes).
+    `sampler_kl` = mean over response tokens of (engine log-prob - the trainer's log-prob under
+              the weights it holds at the step's start). On-policy it is ~0 exactly when the weight
+              sync works; off-policy it also measures how far one step moved the policy (> 0 is
+              expected, a k1 estimate of KL(behaviour || current), noisy on small batches).
+    Metrics also say which weights version (the learner step that held it) generated the step's
+              rollouts (`rollout_policy_version`: step - 1 - async_steps once the pipeline is full,
+              with 1-based metric steps) and how long the learner waited for them
+              (`rollout_wait_s`: ~0 when generation keeps up with training); `learner_cpu_s` and
+              `engine_cpu_s` are the CPU seconds the learner's leader and the engine process spent
+              on the step (on a CPU-only machine the step takes at least their sum when synchronous,
+              their maximum when they overlap).
+    PPO (rlvr.algorithm: ppo) replaces the middle: the policy's log-probs before the update (the
+              ratio's old ones unless off-policy), reference log-probs and the value model's values
+              (forward only) -> KL in the reward, GAE -> one policy and one value
               optimizer step per epoch (tulu.rlvr.objective.ppo_step); the value model and its
               optimizer are saved in the same checkpoint as the policy (tulu.rlvr.value).
 The role's rank 0 (pipeline stage 0's leader, bridge rank 0) talks to the inference group,
@@ -22,6 +43,7 @@ import torch.distributed as dist
 from tulu.config import ConfigError
 from tulu.rlvr import protocol
 from tulu.rlvr.batch import Rollout, build_batch, micro_batches
+from tulu.rlvr.rollout_schedule import RolloutSchedule
 
 
 class Learner:
@@ -31,6 +53,7 @@ class Learner:
         self.step = 0
         self.metrics = None
         self.scorer = None
+        self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -84,15 +107,21 @@ class Learner:
         self.schedule = LRSchedule.from_optim(rl.optim, rl.steps)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                       config_fingerprint=fp)
+        stored: dict[int, list[dict]] = {}
         if cfg.checkpoint.load:
             loaded = self.ckpt.load(self.saved_model, optimizer=self.saved_optimizer, lr_scheduler=self.schedule)
             if loaded is not None and self.ppo:
                 self.saved_model.restore(loaded.model_state)
             if loaded is not None:
                 self.step = loaded.step
+                stored = self._stored_rollouts(loaded.data_state)
                 what = "policy, value model and their optimizers" if self.ppo else "policy and optimizer"
+                held = (f"; steps {min(stored)}..{max(stored)} train on the in-flight rollouts it holds"
+                        if stored else "")
                 ctx.log(f"resumed from {loaded.path} at step {loaded.step} ({what}); the inference group gets "
-                        "these weights before the first rollout")
+                        f"these weights before the first rollout{held}")
+        self.rollouts = RolloutSchedule.starting_at(self.step, async_steps=rl.async_steps, total_steps=rl.steps,
+                                                    stored=len(stored))
         role = ctx.role
         self.sends_weights = role.tp_rank == 0 and role.dp_rank == 0  # the stage leaders (bridge members)
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
@@ -111,10 +140,35 @@ class Learner:
                                        workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s)
             self.metrics = MetricsLog(ctx.run_dir, log=ctx.log)
             self.metrics.truncate_after(self.step)
-            protocol.put(self.bridge.store, protocol.START, self.step)
+            self.pending = stored
+            protocol.put(self.bridge.store, protocol.START, self.rollouts.next_generated)
         ctx.log(f"rlvr {rl.algorithm}: steps {self.step}..{rl.steps}, {rl.prompts_per_step} prompts x "
                 f"{rl.samples_per_prompt} samples, TP{ctx.plan.training_tp} PP{ctx.plan.training_pp} DP{self.dp}, "
-                f"{ctx.plan.inference_engines} inference engine(s)")
+                f"{ctx.plan.inference_engines} inference engine(s), rollouts {rl.async_steps} step(s) ahead")
+
+    def _rollout_settings(self) -> dict:
+        """What stored rollouts must have been generated under to be trained on after a resume."""
+        rl, data = self.rl, self.cfg.data
+        # the prompt set (a rollout names prompts by index), the step's prompts, and the sampling
+        return {"train": data.train, "synthetic": data.synthetic, "synthetic_size": data.synthetic_size,
+                "shuffle_seed": data.shuffle_seed, "max_model_len": self.cfg.groups.inference.max_model_len,
+                "prompts_per_step": rl.prompts_per_step, "samples_per_prompt": rl.samples_per_prompt,
+                "response_length": rl.response_length, "temperature": rl.temperature, "seed": self.cfg.run.seed}
+
+    def _stored_rollouts(self, data_state) -> dict[int, list[dict]]:
+        """The checkpoint's in-flight rollouts (steps step, step + 1, ...), or {} when it holds none
+        or they were generated under other settings (then they are generated again, with the
+        checkpoint's weights). Every training rank decides alike: same file, same config."""
+        state = data_state if isinstance(data_state, dict) else {}
+        held = {int(k): v for k, v in (state.get("in_flight_rollouts") or {}).items()}
+        if not held:
+            return {}
+        if state.get("rollout_settings") != self._rollout_settings() or \
+                sorted(held) != list(range(self.step, self.step + len(held))):
+            self.ctx.log(f"the checkpoint's in-flight rollouts (steps {sorted(held)}) were generated under other "
+                         "settings; generating those steps again with the checkpoint's weights")
+            return {}
+        return held
 
     # ------------------------------------------------------------------ phases
     def sync_weights(self) -> dict:
@@ -135,11 +189,18 @@ class Learner:
 
     def collect_and_score(self) -> tuple[list[Rollout], dict]:
         """Leader only: rollouts of every engine, scored; returns them with per-phase metrics."""
-        rl, plan = self.rl, self.ctx.plan
+        rl = self.rl
         rollouts: list[Rollout] = []
         gen_s, sync_s, stop = 0.0, 0.0, False
-        for e in range(plan.inference_engines):
-            payload = protocol.get(self.bridge.store, protocol.rollout_key(self.step, e))
+        t0 = time.perf_counter()
+        payloads = self._read_rollouts(self.step)
+        del self.pending[self.step]
+        wait_s = time.perf_counter() - t0
+        versions = {p["policy_version"] for p in payloads}
+        if len(versions) != 1:
+            raise RuntimeError(f"step {self.step}: the engines generated with different weights versions {versions}")
+        engine_cpu_s = max(p["engine_cpu_s"] for p in payloads)
+        for payload in payloads:
             gen_s, sync_s = max(gen_s, payload["generate_s"]), max(sync_s, payload["weight_sync_s"])
             stop = stop or payload["stop_requested"]
             for pi, si, ids, lps, finish in payload["completions"]:
@@ -159,7 +220,15 @@ class Learner:
         self._results = results
         if stop:
             self.ctx.stop.requested = True  # an inference rank got the signal: the learner agrees on it
-        return rollouts, {"generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s}
+        return rollouts, {"generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s, "rollout_wait_s": wait_s,
+                          "engine_cpu_s": engine_cpu_s, "rollout_policy_version": versions.pop()}
+
+    def _read_rollouts(self, step: int) -> list[dict]:
+        """Leader: every engine's payload for ``step`` (blocks until generated), once."""
+        if step not in self.pending:
+            self.pending[step] = [protocol.take(self.bridge.store, protocol.rollout_key(step, e))
+                                  for e in range(self.ctx.plan.inference_engines)]
+        return self.pending[step]
 
     def make_batch(self, rollouts, results):
         from tulu.rl.advantages import grpo_advantages
@@ -167,9 +236,12 @@ class Learner:
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
         # PPO's advantages are per token, computed in train_on from the value model's values
         adv = torch.zeros_like(scores) if self.ppo else grpo_advantages(scores, self.rl.samples_per_prompt)
-        return build_batch(rollouts, scores, adv, pad_id=self.tokenizer.pad_token_id or 0)
+        # rows padded to a multiple of TP only (sequence parallelism splits the sequence); a
+        # rounder length would just add padded positions to every forward and backward pass
+        return build_batch(rollouts, scores, adv, pad_id=self.tokenizer.pad_token_id or 0,
+                           multiple=self.ctx.plan.training_tp)
 
-    def train_on(self, batch) -> dict:
+    def train_on(self, batch, on_policy: bool) -> dict:
         from tulu.rlvr.objective import ppo_step, run_logits_schedule
         from tulu.rlvr.value import value_lr
         from tulu.train.batches import to_device
@@ -178,9 +250,15 @@ class Learner:
         n = batch.tokens.shape[0] // self.dp
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
         size = self.cfg.groups.training.micro_batch_size
-        mbs = micro_batches(mine, size)
+        # GRPO's passes need logits at response positions only; PPO's value model scores every
+        # position, and sequence parallelism leaves the sequence to the output layer
+        mbs = micro_batches(mine, size, response_logits_only=not self.ppo
+                            and not self.policy.module.config.sequence_parallel)
         for k, mb in enumerate(mbs):
             mb["scores"] = mine.scores[k * size:(k + 1) * size]
+        if not on_policy:  # the behaviour policy's log-probs: the engine's (module doc)
+            for mb in mbs:
+                mb["old_logprobs"] = mb["sampler_logprobs"]
         mbs = [to_device(mb, device()) for mb in mbs]  # a no-op on CPU
         L = batch.seq_length
         if self.ppo:
@@ -191,11 +269,10 @@ class Learner:
                            value_lr=v_lr, epochs=self.rl.ppo_epochs)
             self.schedule.advance()
             return out
-        with torch.no_grad():
-            self.policy.ddp.eval()
-            run_logits_schedule(self.policy.ddp, mbs, self.objective.logprob_fn("old_logprobs"), seq_length=L,
-                                forward_only=True)
-            if self.reference is not None:
+        # No old-log-prob pass: GRPO takes one optimizer step, so on-policy the old log-probs are
+        # the training forward's own (detached); off-policy they are the engine's (set above).
+        if self.reference is not None:
+            with torch.no_grad():
                 run_logits_schedule(self.reference, mbs, self.objective.logprob_fn("ref_logprobs"), seq_length=L,
                                     forward_only=True)
         p = self.policy
@@ -216,10 +293,32 @@ class Learner:
         self.ctx.fault_point("checkpoint", self.step)
         with self.ctx.phase("checkpoint", self.step):
             path = self.ckpt.save(self.step, self.saved_model, optimizer=self.saved_optimizer,
-                                  lr_scheduler=self.schedule, data_state={"rl_step": self.step},
+                                  lr_scheduler=self.schedule, data_state=self._data_state(),
                                   extra_state={"model_source": self.source.describe(),
                                                "rl": {"algorithm": self.rl.algorithm, "step": self.step}})
         self.ctx.log(f"checkpoint step {self.step} saved to {path}")
+
+    def _data_state(self) -> dict:
+        """RL counters, and the rollouts requested but not trained on yet (generated with older
+        weights than the checkpoint's): a resume trains on them as the uninterrupted run does."""
+        state = {"rl_step": self.step}
+        in_flight = self.rollouts.in_flight(self.step)
+        if in_flight and self.is_leader:  # only rank 0's data_state is written
+            state["in_flight_rollouts"] = {g: self._read_rollouts(g) for g in in_flight}
+            state["rollout_settings"] = self._rollout_settings()
+        return state
+
+    def request_rollouts(self) -> dict:
+        """Ask the engines for the rollouts the schedule wants now, and send the weights they need."""
+        todo = self.rollouts.requests(self.step)
+        if self.is_leader:
+            for g in todo:
+                protocol.put(self.bridge.store, protocol.control_key(g), protocol.go(self.step))
+        if not todo:
+            return {}
+        self.ctx.fault_point("weight_sync", self.step)
+        with self.ctx.phase("weight_sync", self.step):
+            return self.sync_weights()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -231,12 +330,8 @@ class Learner:
         last: dict = {}
         stopped = False
         while self.step < rl.steps:
-            t_step = time.perf_counter()
-            if self.is_leader:
-                protocol.put(self.bridge.store, protocol.control_key(self.step), "go")
-            ctx.fault_point("weight_sync", self.step)
-            with ctx.phase("weight_sync", self.step):
-                sync = self.sync_weights()
+            t_step, cpu_step = time.perf_counter(), time.process_time()
+            sync = self.request_rollouts()
             batch_obj = [None]
             timing: dict = {}
             if self.is_leader:
@@ -253,17 +348,19 @@ class Learner:
                         "stop": ctx.stop.requested, **timing, **sync}
                 batch_obj = [(batch, info)]
             with ctx.phase("train", self.step):
-                dist.broadcast_object_list(batch_obj, src=0)
+                if dist.get_world_size() > 1:  # the leader built it; a one-rank group has nobody to tell
+                    dist.broadcast_object_list(batch_obj, src=0)
                 batch, info = batch_obj[0]
                 ctx.stop.requested = ctx.stop.requested or info["stop"]
                 t0 = time.perf_counter()
                 ctx.fault_point("train", self.step)
-                train = self.train_on(batch)
+                train = self.train_on(batch, on_policy=info["rollout_policy_version"] == self.step)
                 train_s = time.perf_counter() - t0
             self.step += 1
             ctx.step_done(self.step)
             step_s = time.perf_counter() - t_step
             last = {**{k: v for k, v in info.items() if k != "stop"}, **train, "train_s": train_s, "step_s": step_s,
+                    "learner_cpu_s": time.process_time() - cpu_step,
                     "generate_tokens_per_s": info["generated_tokens"] / max(info.get("generate_s", 0) or 1e-9, 1e-9)}
             if self.metrics:
                 flat = {k: v for k, v in last.items() if k != "verified"}
@@ -280,7 +377,8 @@ class Learner:
                 ctx.log(f"stop requested at step {self.step}; saved")
                 break
         if self.is_leader:
-            protocol.put(self.bridge.store, protocol.control_key(self.step), "stop" if stopped else "done")
+            protocol.put(self.bridge.store, protocol.control_key(self.rollouts.next_generated),
+                         "stop" if stopped else "done")
             if stopped:
                 # The job's global rank 0 is an inference rank; the learner's leader asks instead.
                 ctx.requeue(f"{ctx.stop.signal_name or 'signal'} at RL step {self.step}: time limit or preemption")

@@ -16,6 +16,7 @@ forward-only passes and the losses (:meth:`PPOObjective.prepare`) runs there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Sequence
 
@@ -26,21 +27,61 @@ from tulu.rl.losses import policy_loss, value_loss
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(targets) per position from vocab-parallel logits [b, s, V/tp]."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        # The whole vocabulary is here: no cross entropy with its three (one-rank) all-reduces,
+        # a measurable share of a tiny model's step; chunked fp32 math, bounded memory.
+        from tulu.rl.logprobs import selected_logprobs
+
+        return selected_logprobs(logits, targets, temperature)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     scaled = (logits.float() / temperature).transpose(0, 1).contiguous()
     return -vocab_parallel_cross_entropy(scaled, targets.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
+@contextlib.contextmanager
+def logits_from(model, start: int):
+    """While active, ``model`` (a GPTModel, or a wrapper of one) computes logits for sequence
+    positions ``start:`` only: a pre-hook on its output layer drops the hidden states before
+    ``start``, as Megatron's own inference path drops all but the last. The output layer, the
+    log-softmax and their backward then run on the response positions alone; the prompt's
+    logits carry no loss, so nothing else changes. A no-op for ``start == 0`` and on pipeline
+    stages without the output layer."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP / Float16Module wrappers
+        inner = inner.module
+    layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
+    if start <= 0 or layer is None:
+        yield
+        return
+    if inner.config.sequence_parallel:
+        raise ValueError("logits_from: with sequence parallelism the output layer gathers the sequence itself; "
+                         "build the micro-batches without response_logits_only")
+
+    def drop_prompt(_module, args, kwargs):
+        return (args[0][start:],) + tuple(args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(drop_prompt, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_logits_schedule(model, microbatches: Sequence[dict], loss_fn: Callable, *, seq_length: int,
                         forward_only: bool) -> list[dict]:
     """Megatron's schedule with the model returning logits (no labels): RL needs log-probs at a
-    temperature, which the model's built-in cross entropy does not take."""
+    temperature, which the model's built-in cross entropy does not take. Logits start at
+    ``mb["logits_from"]`` where the micro-batch says so (`tulu.rlvr.batch.micro_batches`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
-        return chunk(mb["tokens"], mb["position_ids"], mb["attention_mask"]), functools.partial(loss_fn, mb)
+        with logits_from(chunk, mb.get("logits_from", 0)):
+            out = chunk(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+        return out, functools.partial(loss_fn, mb)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
@@ -69,13 +110,21 @@ class GRPOObjective:
         return record_logprobs(key, self.T)
 
     def loss_fn(self, mb: dict, logits: torch.Tensor):
+        """The policy's loss on one micro-batch. ``mb["policy_logprobs"]``: the trainer's log-probs
+        under the weights it held before this step's update (a forward-only pass; absent: this
+        forward's own, detached, which are the same thing for the first optimizer step).
+        ``mb["old_logprobs"]``: the behaviour policy's (absent: on-policy, the policy's)."""
         c = self.cfg
         logp = token_logprobs(logits, mb["targets"], self.T)
         mask = mb["mask"]
-        out = policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, clip_eps=c.clip_eps,
+        policy_logp = mb.get("policy_logprobs")
+        if policy_logp is None:
+            policy_logp = logp.detach()
+        old = mb.get("old_logprobs")
+        out = policy_loss(logp, policy_logp if old is None else old, mb["advantages"], mask, clip_eps=c.clip_eps,
                           ref_logprobs=mb.get("ref_logprobs"), kl_beta=self.loss_kl_beta, kl_estimator=c.kl_estimator)
         n = mask.sum()
-        sampler_kl = ((mb["sampler_logprobs"] - mb["old_logprobs"]) * mask).sum()
+        sampler_kl = ((mb["sampler_logprobs"] - policy_logp) * mask).sum()
         sums = {"loss": out.loss.detach() * n, "pg_loss": out.pg_loss.detach() * n, "kl": (out.ref_kl if out.ref_kl is not None else torch.zeros(())).detach() * n,
                 "clip_frac": out.clip_frac.detach() * n, "approx_kl": out.approx_kl.detach() * n,
                 "entropy_proxy": -(logp.detach() * mask).sum(), "sampler_kl": sampler_kl.detach(),
@@ -111,7 +160,7 @@ class PPOObjective(GRPOObjective):
 
     def prepare(self, microbatches: Sequence[dict]) -> list[dict]:
         """After the forward-only passes, on the last pipeline stage: per-token rewards (score on
-        the last response token, -kl_beta x KL(old policy || reference) on every one), GAE
+        the last response token, -kl_beta x KL(policy before the update || reference) on every one), GAE
         advantages and returns (``mb["returns"]``), advantages whitened over the response tokens
         of the global batch (all-reduced over data parallelism) into ``mb["advantages"]``.
         Returns the metric sums of :attr:`prepare_keys` ([] on other stages)."""
@@ -129,9 +178,9 @@ class PPOObjective(GRPOObjective):
         for mb in microbatches:
             mask = mb["mask"]
             if "ref_logprobs" in mb:
-                kl = torch.where(mask, kl_estimate(mb["old_logprobs"], mb["ref_logprobs"], c.kl_estimator), 0.0)
+                kl = torch.where(mask, kl_estimate(mb["policy_logprobs"], mb["ref_logprobs"], c.kl_estimator), 0.0)
             else:
-                kl = torch.zeros_like(mb["old_logprobs"])
+                kl = torch.zeros_like(mb["policy_logprobs"])
             rewards = kl_penalized_rewards(mb["scores"], kl, mask, beta=c.kl_beta)
             adv, ret = gae_advantages(rewards, mb["old_values"], mask, gamma=c.gamma, lam=c.gae_lambda)
             mb["raw_advantages"], mb["returns"] = adv, ret
@@ -184,15 +233,18 @@ def _train_pass(model, microbatches: Sequence[dict], loss_fn: Callable, *, lr: f
 def ppo_step(objective: PPOObjective, policy, value, reference, microbatches: Sequence[dict], *, seq_length: int,
              lr: float, value_lr: float, epochs: int = 1) -> dict[str, float]:
     """One RL step of PPO on this data-parallel rank's micro-batches (they must carry ``scores``):
-    old log-probs, reference log-probs (``reference`` may be None: no KL) and old values, forward
-    only; advantages and returns; then per epoch one policy and one value optimizer step over
-    all micro-batches. Metrics are averaged over the epochs; identical on every training rank."""
+    the policy's log-probs before the update (``policy_logprobs``), reference log-probs
+    (``reference`` may be None: no KL) and old values, forward only; advantages and returns; then
+    per epoch one policy and one value optimizer step over all micro-batches. The ratio's old
+    log-probs are ``mb["old_logprobs"]`` where the caller set them (off-policy rollouts: the
+    behaviour policy's), else the policy's before the update. Metrics are averaged over the
+    epochs; identical on every training rank."""
     from tulu.train.step import reduce_sums
 
     L = seq_length
     with torch.no_grad():
         policy.ddp.eval()
-        run_logits_schedule(policy.ddp, microbatches, objective.logprob_fn("old_logprobs"), seq_length=L,
+        run_logits_schedule(policy.ddp, microbatches, objective.logprob_fn("policy_logprobs"), seq_length=L,
                             forward_only=True)
         if reference is not None:
             run_logits_schedule(reference, microbatches, objective.logprob_fn("ref_logprobs"), seq_length=L,
