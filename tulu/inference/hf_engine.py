@@ -4,12 +4,8 @@ against.
 Sampling is a plain decode loop over a left-padded batch with a KV cache, so every number it
 returns is easy to check: at each step the logits of the last position (float32) are divided by
 the temperature, truncated to the top-p nucleus, and ``log_softmax``-ed; the token is drawn from
-that distribution by inverting its CDF at one uniform number per row and step, a hash of
-``(seed, prompt_index, sample_index, step)``, so a completion does not depend on how rows were
-batched, and the whole batch samples in a few tensor ops on the model's device (a generator per
-row, drawing a vocabulary-sized noise vector on the CPU at every step, made generation on a GPU
-~15x slower than ``model.generate``). The ``n`` samples of a prompt share one prefill: the
-prompt's KV cache is computed once and copied to its rows. See :mod:`tulu.inference.engine` for
+that distribution with noise from a generator seeded by ``(seed, prompt_index, sample_index)``,
+so a completion does not depend on how rows were batched. See :mod:`tulu.inference.engine` for
 the promises every engine keeps.
 """
 
@@ -32,24 +28,17 @@ from tulu.inference.engine import (
 __all__ = ["TransformersEngine", "sample_step"]
 
 
-def row_uniforms(seed: int, rows: list[tuple[int, int]], step: int) -> list[float]:
-    """One number in [0, 1) per (prompt_index, sample_index) row for decode step ``step``: a
-    hash, so a row's stream depends on nothing but its own indices (53 random bits each)."""
-    out = []
-    for i, j in rows:
-        digest = hashlib.blake2b(f"{seed}/{i}/{j}/{step}".encode(), digest_size=8).digest()
-        out.append((int.from_bytes(digest, "little") >> 11) * 2.0 ** -53)
-    return out
+def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
 def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
-                uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token of each row of ``logits`` ([B, V]); return (tokens, their logprobs).
 
     Greedy (temperature 0): argmax, logprob under ``log_softmax(logits)``. Otherwise the
-    logprob is under the distribution sampled from: ``logits / T``, top-p truncated, renormalised;
-    the token is the first whose cumulative probability exceeds ``uniforms[b]`` ([B] in [0, 1),
-    float64; None: fresh random numbers). Tokens of probability 0 are never picked.
+    logprob is under the distribution sampled from: ``logits / T``, top-p truncated, renormalised.
     """
     logits = logits.float()
     if sampling.greedy:
@@ -65,14 +54,13 @@ def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     logprobs = logits.log_softmax(dim=-1)
-    # Inverse CDF in float64: the cumulative sum's rounding stays far below one token's mass.
-    cdf = logprobs.double().exp().cumsum(dim=-1)
-    if uniforms is None:
-        uniforms = torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device)
-    # scaled by the row's total (1 up to rounding): the target is always below the last entry;
-    # right-side search skips tokens of probability 0 (their entry equals their predecessor's)
-    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    probs = logprobs.exp()
+    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) with one generator per row.
+    # The per-row noise is drawn on CPU (CPU generators: the same numbers on any device).
+    noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g)
+                         for g in generators]).to(probs.device) if generators is not None else \
+        torch.empty_like(probs).exponential_()
+    tokens = (probs / noise).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -136,38 +124,29 @@ class TransformersEngine(InferenceEngine):
         stop = set(sampling.stop_token_ids if sampling.stop_token_ids is not None
                    else self.eos_token_ids)
         batch = len(rows)
-        # One prefill per distinct prompt; its KV cache is then copied to each of its rows.
-        distinct = list(dict.fromkeys(i for i, _ in rows))
-        width = max(len(prompts[i]) for i in distinct)
-        ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for r, i in enumerate(distinct):
+        width = max(len(prompts[i]) for i, _ in rows)
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
             p = prompts[i]
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        seeded = not sampling.greedy and sampling.seed is not None
+        generators = None
+        if not sampling.greedy and sampling.seed is not None:
+            generators = [torch.Generator().manual_seed(_row_seed(sampling.seed, i, j))
+                          for i, j in rows]
 
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        if len(distinct) < batch:
-            where = {i: r for r, i in enumerate(distinct)}
-            index = torch.tensor([where[i] for i, _ in rows], device=self.device)
-            cache.reorder_cache(index)
-            logits, mask, positions = logits[index], mask[index], positions[index]
         tokens_out: list[list[int]] = [[] for _ in rows]
         logprobs_out: list[list[float]] = [[] for _ in rows]
         finished = [False] * batch
-        step_pos = positions[:, -1:]
-        for step in range(sampling.max_new_tokens):
-            if step:
-                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                    past_key_values=cache, use_cache=True).logits[:, -1, :]
-            uniforms = torch.tensor(row_uniforms(sampling.seed, rows, step), dtype=torch.float64) \
-                if seeded else None
-            tokens, lps = sample_step(logits, sampling, uniforms)
+        step_ids, step_pos = ids, positions
+        for _ in range(sampling.max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
+            tokens, lps = sample_step(logits, sampling, generators)
             tokens_l, lps_l = tokens.tolist(), lps.tolist()
             for r in range(batch):
                 if finished[r]:
@@ -179,7 +158,7 @@ class TransformersEngine(InferenceEngine):
                 break
             step_ids = tokens.where(~torch.tensor(finished, device=self.device),
                                     self.pad_token_id)[:, None]
-            step_pos = step_pos + 1
+            step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)],
                              dim=-1)
 
