@@ -23,6 +23,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import random
 import socket
 import time
 import traceback
@@ -37,10 +38,21 @@ class DistributedTestError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port that is free on localhost right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on localhost right now, below the ephemeral range.
+
+    A port the OS picks (bind to 0) is an ephemeral one: between this check and the rendezvous
+    binding it, any process's outgoing connection may take it (EADDRINUSE seen in CI). Ports in
+    10000..19999 are below the ephemeral range and below the jobs' own (TaskEnv.port_base)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, 20000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 10000..19999")
 
 
 def _child(fn, rank, world_size, port, init_pg, env, results, args, kwargs):
@@ -73,6 +85,18 @@ def _child(fn, rank, world_size, port, init_pg, env, results, args, kwargs):
             pass
 
 
+# Children fork from one server process that has imported these once (per pytest process): a
+# spawned child paid ~5 s importing torch and Megatron on 2 cores, every rank of every test.
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.dist_checkpointing",
+           "transformers"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # a missing module is skipped by multiprocessing
+    return ctx
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -82,13 +106,13 @@ def run_distributed(
     env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` fresh processes.
 
     Returns the list of return values, index = rank. Raises :class:`DistributedTestError` with
     the failing ranks' tracebacks if a rank raises, dies without reporting, or the whole run
     exceeds ``timeout`` seconds. ``fn`` must be importable (defined at module level).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [

@@ -111,6 +111,21 @@ def test_save_commits_with_manifest_and_round_trips_everything(tmp_path):
         assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
+def test_saves_collect_write_results_in_process_without_a_manager(tmp_path):
+    """No spawn Manager (a fresh interpreter per process, 3.5 s on the first save): Megatron's
+    writer gets an in-process queue. Fails by name if megatron-core moves the global."""
+    import multiprocessing
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    assert hasattr(fa, "_results_queue"), "megatron-core moved filesystem_async._results_queue"
+    children_before = set(multiprocessing.active_children())
+    CheckpointManager(tmp_path, config_fingerprint=FP).save(1, Tiny(seed=1))
+    assert type(fa._results_queue) is queue.Queue
+    assert set(multiprocessing.active_children()) <= children_before  # no Manager process left
+
+
 def test_load_returns_none_when_there_is_no_checkpoint(tmp_path):
     assert CheckpointManager(tmp_path / "nothing", config_fingerprint=FP).load(Tiny(0)) is None
 

@@ -35,7 +35,26 @@ ModelLike = Union[torch.nn.Module, Mapping[str, Any], Callable[[], Mapping[str, 
 
 def _dc():
     from megatron.core import dist_checkpointing
+    _local_results_queue()
     return dist_checkpointing
+
+
+def _local_results_queue() -> None:
+    """Give Megatron's file writer an in-process queue instead of its spawn ``Manager().Queue()``.
+
+    The Manager starts a fresh interpreter (it re-imports the launcher's ``__main__``) on the
+    first save of every process: 3.5 s on an idle 2-core machine, 5+ s loaded, paid by every
+    job, every restart and every multi-process test. We save synchronously: ``save`` runs the
+    writer proxy in this process; it forks the per-bucket writers, gathers their results and puts
+    them on this queue, and ``retrieve_write_results`` reads them back here with ``get_nowait``
+    (an mp.Queue's feeder thread would race that). Megatron's async-save mode, which runs the
+    proxy in another process and does need the Manager, is not used."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", "missing") is None:
+        import queue
+
+        fa._results_queue = queue.Queue()
 
 
 def has_sharded_state(obj: Any) -> bool:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import submitit
 
+PORT_FLOOR = 20000
+PORT_SLOTS = (32768 - PORT_FLOOR) // 64  # 199 jobs' port blocks, each 64 wide
+
 
 @dataclass(frozen=True, slots=True)
 class TaskEnv:
@@ -33,9 +36,11 @@ class TaskEnv:
         """First of 16 rendezvous ports for this attempt of this job (see tulu.distributed).
 
         A requeued attempt shifts the ports so it never races the previous attempt's
-        sockets in TIME_WAIT; two jobs sharing a host (the local cluster) differ by job id."""
+        sockets in TIME_WAIT; two jobs sharing a host (the local cluster) differ by job id. All
+        ports stay in 20000..32767, below Linux's default ephemeral range (32768-60999): a port
+        there can be taken at any moment by some process's outgoing connection."""
         digits = "".join(ch for ch in self.job_id if ch.isdigit()) or "0"
-        return 20000 + (int(digits) % 700) * 64 + (self.restart_count % 4) * 16
+        return PORT_FLOOR + (int(digits) % PORT_SLOTS) * 64 + (self.restart_count % 4) * 16
 
 
 def current() -> TaskEnv:

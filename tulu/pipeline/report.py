@@ -22,7 +22,7 @@ MISSING = "-"
 
 def evaluate_model(model_dir: str | Path, heldout_jsonl: str | Path, *, max_new_tokens: int = 48,
                    engine: str = "transformers", limit: int | None = None,
-                   max_model_len: int = 512) -> dict:
+                   max_model_len: int = 512, samples_out: str | Path | None = None) -> dict:
     """Greedy completions of the held-out RLVR-schema prompts, scored by the verifiers.
 
     Prompts longer than ``max_model_len - max_new_tokens`` tokens are skipped (``"skipped"``
@@ -32,7 +32,7 @@ def evaluate_model(model_dir: str | Path, heldout_jsonl: str | Path, *, max_new_
 
     start = time.perf_counter()
     r = evaluate(model_dir, heldout_jsonl, limit=limit, engine=engine, max_new_tokens=max_new_tokens,
-                 max_model_len=max_model_len)
+                 max_model_len=max_model_len, samples_out=samples_out)
     return {"n": r["n"], "accuracy": r["accuracy"], "per_task": r["per_task"], "examples": r["examples"],
             "skipped": r["skipped"], "seconds": round(time.perf_counter() - start, 3)}
 

@@ -87,15 +87,15 @@ def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
 
     root = Path(pipeline_dir)
     e = settings["eval"]
+    out = root / "eval"
     results = {}
     for stage in stages:
         t0 = time.time()
         model = export_stage(root / stage)
         results[stage] = evaluate_model(model, root / "data" / "heldout.jsonl", max_new_tokens=e["max_new_tokens"],
-                                        engine=e["engine"])
+                                        engine=e["engine"], samples_out=out / f"samples-{stage}.jsonl")
         results[stage]["eval_s"] = round(time.time() - t0, 1)
         print(f"{stage}: held-out accuracy {results[stage]['accuracy']:.3f} (n={results[stage]['n']})", flush=True)
-    out = root / "eval"
     png = plot_pipeline({s: root / s for s in stages}, results, out / "curves.png")
     write_report(out, results, curves_png=png)
     print(accuracy_table(results), flush=True)

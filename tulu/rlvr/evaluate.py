@@ -14,7 +14,8 @@ from pathlib import Path
 
 def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int | None = 256,
              engine: str = "transformers", max_new_tokens: int = 32, max_model_len: int = 512,
-             workers: int = 2) -> dict:
+             workers: int = 2, samples_out: str | Path | None = None) -> dict:
+    """``samples_out``: also write every prompt's completion and verdict there (JSON lines)."""
     from transformers import AutoTokenizer
 
     from tulu.inference.engine import SamplingSettings, make_engine
@@ -48,9 +49,20 @@ def evaluate(model_dir: str | Path, prompts_file: str | Path, *, limit: int | No
         t["n"] += 1
         t["verified"] += int(res.verified)
         examples.setdefault(res.verifier, row["completion"])
+    if samples_out is not None:
+        _write_samples(Path(samples_out), prompts, outs, rows, results, tokenizer)
     per_task = {k: {"n": v["n"], "accuracy": v["verified"] / v["n"]} for k, v in sorted(per_task.items())}
     return {"n": len(rows), "accuracy": acc["all"], "per_verifier": acc, "example": rows[0]["completion"],
             "per_task": per_task, "examples": examples, "skipped": prompt_set.skipped}
+
+
+def _write_samples(path: Path, prompts, outs, rows, results, tokenizer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for o, row, res in zip(outs, rows, results):
+            prompt = tokenizer.decode(prompts[o.prompt_index].token_ids, skip_special_tokens=True)
+            f.write(json.dumps({"task": res.verifier, "verified": bool(res.verified), "prompt": prompt,
+                                "completion": row["completion"], "ground_truth": row["ground_truth"]}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=256)
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--samples-out", help="write each prompt, completion and verdict here (JSON lines)")
     a = p.parse_args(argv)
     print(json.dumps(evaluate(a.model_dir, a.prompts, limit=a.limit, engine=a.engine,
-                              max_new_tokens=a.max_new_tokens)))
+                              max_new_tokens=a.max_new_tokens, samples_out=a.samples_out)))
     return 0
 
 
