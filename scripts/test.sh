@@ -7,4 +7,4 @@ bash scripts/setup.sh || exit 1
 bash slurm/local/start.sh --nodes 4 --gpus 2 || exit 1
 trap 'bash slurm/local/stop.sh >/dev/null 2>&1' EXIT
 source "${TULU_SLURM_HOME:-/tmp/tulu-slurm}/env.sh"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@" tests

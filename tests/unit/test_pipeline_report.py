@@ -112,3 +112,10 @@ def test_plot_skips_stages_that_did_not_run_or_logged_nothing(stage_dirs, tmp_pa
     assert full == (1300, 840) and _png_size(partial) == (650, 420)  # the SFT panel alone
     nothing = plot_pipeline({}, {}, tmp_path / "nothing.png")
     assert _png_size(nothing)[0] > 0
+
+
+def test_rlvr_curves_are_trailing_means_that_start_with_the_first_values():
+    from tulu.pipeline.plot import _smooth
+
+    assert _smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert _smooth([0.5, 0.0], 1) == [0.5, 0.0]

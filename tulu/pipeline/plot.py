@@ -2,7 +2,7 @@
 
 Panels, each only when its data exists (a stage that did not run, or logged nothing, is left out):
 SFT loss; DPO loss with reward accuracy and margin; RLVR mean reward with the verified rate per
-task; held-out accuracy per stage and task (grouped bars, from :mod:`tulu.pipeline.report`).
+task (trailing means over a tenth of the run; the raw reward faintly behind); held-out accuracy per stage and task (grouped bars, from :mod:`tulu.pipeline.report`).
 Curves come from ``<run_dir>/metrics.jsonl`` (:mod:`tulu.train.metrics`).
 """
 
@@ -17,6 +17,18 @@ from tulu.train.metrics import draw_loss, read_metrics
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points (fewer at the start): an RL step sees a few dozen
+    samples, so per-step rates swing by tens of points and hide the trend."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _sft_panel(ax, run_dir: Path) -> None:
@@ -47,15 +59,19 @@ def _rlvr_panel(ax, run_dir: Path) -> None:
     verified_keys = sorted({k for r in train for k in r if k.startswith("verified_")})
     ax.set_title("RLVR")
     ax.set_xlabel("step")
+    window = max(1, len(reward_steps) // 10)
+    avg = f" ({window}-step mean)" if window > 1 else ""
     lines = []
     if reward_steps:
-        lines += ax.plot(reward_steps, reward, lw=1, color="black", label="mean reward")
+        ax.plot(reward_steps, reward, lw=0.6, color="black", alpha=0.25)
+        lines += ax.plot(reward_steps, _smooth(reward, window), lw=1.5, color="black", label="mean reward" + avg)
         ax.set_ylabel("mean reward")
     if verified_keys:
         twin = ax.twinx() if reward_steps else ax
         for key in verified_keys:
             steps, values = _series(train, key)
-            lines += twin.plot(steps, values, lw=1, label=f"verified rate {key.removeprefix('verified_')}")
+            lines += twin.plot(steps, _smooth(values, window), lw=1.2,
+                               label=f"verified rate {key.removeprefix('verified_')}" + avg)
         twin.set_ylabel("verified rate")
         twin.set_ylim(0, 1)
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
