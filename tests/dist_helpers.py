@@ -30,7 +30,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-__all__ = ["DistributedTestError", "free_port", "run_distributed"]
+__all__ = ["DistributedTestError", "free_port", "job_task", "random_job_id", "run_distributed"]
 
 
 class DistributedTestError(RuntimeError):
@@ -180,3 +180,42 @@ def run_distributed(
             + "\n".join(parts)
         )
     return [outputs[r] for r in range(world_size)]
+
+
+def random_job_id() -> str:
+    """A job id for an in-process job: its rendezvous ports come from it (TaskEnv.port_base)."""
+    return str(random.randrange(1500))
+
+
+def job_task(rank, world_size, cfg_dict, job_id, stop_after_steps=None):
+    """One task of a job (``tulu.jobs.train.run``) with a JobContext like the Slurm task's (local
+    cluster); with ``stop_after_steps`` the job stops as if preempted during that step: the ranks
+    agree on the stop after it. Run it through :func:`run_distributed` with
+    ``init_process_group=False`` (the job forms its own groups)."""
+    # Megatron's checkpoint writer and the verifier pool fork; run_distributed's children are
+    # daemonic, which forbids that (Slurm tasks are not): lift the flag in the test harness.
+    mp.current_process()._config["daemon"] = False
+    from tulu.config import config_from_dict
+    from tulu.jobs.train import run
+    from tulu.launch.context import JobContext
+    from tulu.launch.task_env import TaskEnv
+    from tulu.plan import build_plan
+    from tulu.stop import StopRequest
+
+    class StopAfter(StopRequest):
+        def __init__(self, n):
+            super().__init__()
+            self.calls, self.n = 0, n
+
+        def agree(self, group=None):
+            self.calls += 1
+            if self.calls == self.n:
+                self.requested, self.signal_name = True, "SIGUSR2"
+            return super().agree(group)
+
+    cfg = config_from_dict(cfg_dict)
+    plan = build_plan(cfg)
+    env = TaskEnv(global_rank=rank, world_size=world_size, node=0, local_rank=rank, hostnames=("localhost",),
+                  job_id=job_id, restart_count=0, cluster="local")
+    stop = StopAfter(stop_after_steps) if stop_after_steps else StopRequest()
+    return run(JobContext(cfg, plan, plan.role_of(rank), env, stop, cfg.run_dir))

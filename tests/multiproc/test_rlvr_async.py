@@ -20,7 +20,6 @@ step old; `approx_kl` (k3 on the PPO ratio against the behaviour log-probs, >= 0
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tests.dist_helpers import run_distributed  # noqa: E402
+from tests.dist_helpers import job_task, random_job_id, run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
@@ -66,44 +65,10 @@ def _config(run_dir: Path, train_file: str, async_steps: int) -> dict:
     }
 
 
-def _rank(rank, world_size, cfg_dict, job_id, stop_after_steps):
-    """One task of the job (rank 0: inference, rank 1: training) with a JobContext like the
-    Slurm task's; the learner stops as if preempted after ``stop_after_steps`` steps."""
-    import multiprocessing as mp
-
-    # Megatron's checkpoint writer and the verifier pool fork; run_distributed's children are
-    # daemonic, which forbids that (Slurm tasks are not): lift the flag in the test harness.
-    mp.current_process()._config["daemon"] = False
-    from tulu.config import config_from_dict
-    from tulu.jobs.train import run
-    from tulu.launch.context import JobContext
-    from tulu.launch.task_env import TaskEnv
-    from tulu.plan import build_plan
-    from tulu.stop import StopRequest
-
-    class StopAfter(StopRequest):
-        def __init__(self, n):
-            super().__init__()
-            self.calls, self.n = 0, n
-
-        def agree(self, group=None):
-            self.calls += 1
-            if self.calls == self.n:
-                self.requested, self.signal_name = True, "SIGUSR2"
-            return super().agree(group)
-
-    cfg = config_from_dict(cfg_dict)
-    plan = build_plan(cfg)
-    env = TaskEnv(global_rank=rank, world_size=world_size, node=0, local_rank=rank, hostnames=("localhost",),
-                  job_id=job_id, restart_count=0, cluster="local")
-    stop = StopAfter(stop_after_steps) if stop_after_steps else StopRequest()
-    return run(JobContext(cfg, plan, plan.role_of(rank), env, stop, cfg.run_dir))
-
-
 def _job(cfg: dict, stop_after_steps: int | None = None) -> dict:
     """Runs the 2-task job; returns the inference rank's result (its rollout versions)."""
-    job_id = str(random.randrange(1500))  # its rendezvous ports: TaskEnv.port_base
-    inference, _ = run_distributed(_rank, 2, cfg, job_id, stop_after_steps, init_process_group=False, timeout=400)
+    inference, _ = run_distributed(job_task, 2, cfg, random_job_id(), stop_after_steps, init_process_group=False,
+                                   timeout=400)
     return inference
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tests.dist_helpers import DistributedTestError, run_distributed  # noqa: E402
+from tests.dist_helpers import DistributedTestError, job_task, random_job_id, run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
@@ -50,46 +50,10 @@ def tiny_config(stage: str, run_dir: Path, *, tp=1, pp=1, dp=1, steps=4, **overr
     return d
 
 
-def _train_worker(rank, world_size, cfg_dict, job_id, stop_after_steps=None):
-    """One training rank with a JobContext like the Slurm task's (local cluster, no monitor)."""
-    import multiprocessing as mp
-
-    # Megatron's checkpoint writer forks helper processes; run_distributed's children are
-    # daemonic, which forbids that (Slurm tasks are not): lift the flag in the test harness.
-    mp.current_process()._config["daemon"] = False
-    from tulu.config import config_from_dict
-    from tulu.jobs.train import run
-    from tulu.launch.context import JobContext
-    from tulu.launch.task_env import TaskEnv
-    from tulu.plan import build_plan
-    from tulu.stop import StopRequest
-
-    class StopAfter(StopRequest):
-        """As if the preemption signal arrived during step `n`: the ranks agree after it."""
-
-        def __init__(self, n):
-            super().__init__()
-            self.calls, self.n = 0, n
-
-        def agree(self, group=None):
-            self.calls += 1
-            if self.calls == self.n:
-                self.requested, self.signal_name = True, "SIGUSR2"
-            return super().agree(group)
-
-    cfg = config_from_dict(cfg_dict)
-    plan = build_plan(cfg)
-    env = TaskEnv(global_rank=rank, world_size=world_size, node=0, local_rank=rank, hostnames=("localhost",),
-                  job_id=job_id, restart_count=0, cluster="local")
-    stop = StopAfter(stop_after_steps) if stop_after_steps else StopRequest()
-    return run(JobContext(cfg, plan, plan.role_of(rank), env, stop, cfg.run_dir))
-
-
 def train(cfg: dict, stop_after_steps: int | None = None, timeout: float = 300) -> list[dict]:
     g = cfg["groups"]["training"]
     world = g["tp"] * g["pp"] * g["dp"]
-    job_id = str(random.randrange(1500))  # its rendezvous ports: TaskEnv.port_base
-    return run_distributed(_train_worker, world, cfg, job_id, stop_after_steps,
+    return run_distributed(job_task, world, cfg, random_job_id(), stop_after_steps,
                            init_process_group=False, timeout=timeout)
 
 

@@ -2,7 +2,8 @@
 
 Panels, each only when its data exists (a stage that did not run, or logged nothing, is left out):
 SFT loss; DPO loss with reward accuracy and margin; RLVR mean reward with the verified rate per
-task (trailing means over a tenth of the run; the raw reward faintly behind); held-out accuracy per stage and task (grouped bars, from :mod:`tulu.pipeline.report`).
+task (trailing means over a tenth of the run; the raw reward faintly behind); held-out accuracy
+per stage and task (grouped bars, from :mod:`tulu.pipeline.report`).
 Curves come from ``<run_dir>/metrics.jsonl`` (:mod:`tulu.train.metrics`).
 """
 
