@@ -151,3 +151,20 @@ def test_sampling_settings_reject_bad_values():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=0)
     assert SamplingSettings(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+
+
+def test_seeded_sampler_draws_each_token_with_its_probability_and_never_a_masked_one():
+    from tulu.inference.hf_engine import row_uniforms, sample_step
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    rows = [(i, 0) for i in range(20000)]
+    logits = probs.log().expand(len(rows), -1)
+    u = torch.tensor(row_uniforms(7, rows, 0), dtype=torch.float64)
+    tokens, lps = sample_step(logits, SamplingSettings(temperature=1.0), u)
+    freq = torch.bincount(tokens, minlength=5).double() / len(rows)
+    assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.012)  # 3.5 sigma at p = 0.5
+    assert lps.tolist() == pytest.approx(probs.log()[tokens].tolist(), abs=1e-6)
+    # top-p 0.7 keeps {0.5, 0.3}: the others are never drawn, and log-probs are renormalised
+    tokens, lps = sample_step(logits, SamplingSettings(temperature=1.0, top_p=0.7), u)
+    assert set(tokens.tolist()) == {0, 2}
+    assert torch.exp(lps[tokens == 0][0]).item() == pytest.approx(0.5 / 0.8, abs=1e-6)

@@ -4,8 +4,12 @@ against.
 Sampling is a plain decode loop over a left-padded batch with a KV cache, so every number it
 returns is easy to check: at each step the logits of the last position (float32) are divided by
 the temperature, truncated to the top-p nucleus, and ``log_softmax``-ed; the token is drawn from
-that distribution with noise from a generator seeded by ``(seed, prompt_index, sample_index)``,
-so a completion does not depend on how rows were batched. See :mod:`tulu.inference.engine` for
+that distribution by inverting its CDF at one uniform number per row and step, a hash of
+``(seed, prompt_index, sample_index, step)``, so a completion does not depend on how rows were
+batched, and the whole batch samples in a few tensor ops on the model's device (a generator per
+row, drawing a vocabulary-sized noise vector on the CPU at every step, made generation on a GPU
+~15x slower than ``model.generate``). The ``n`` samples of a prompt share one prefill: the
+prompt's KV cache is computed once and copied to its rows. See :mod:`tulu.inference.engine` for
 the promises every engine keeps.
 """
 
@@ -28,17 +32,24 @@ from tulu.inference.engine import (
 __all__ = ["TransformersEngine", "sample_step"]
 
 
-def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+def row_uniforms(seed: int, rows: list[tuple[int, int]], step: int) -> list[float]:
+    """One number in [0, 1) per (prompt_index, sample_index) row for decode step ``step``: a
+    hash, so a row's stream depends on nothing but its own indices (53 random bits each)."""
+    out = []
+    for i, j in rows:
+        digest = hashlib.blake2b(f"{seed}/{i}/{j}/{step}".encode(), digest_size=8).digest()
+        out.append((int.from_bytes(digest, "little") >> 11) * 2.0 ** -53)
+    return out
 
 
 def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
-                generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token of each row of ``logits`` ([B, V]); return (tokens, their logprobs).
 
     Greedy (temperature 0): argmax, logprob under ``log_softmax(logits)``. Otherwise the
-    logprob is under the distribution sampled from: ``logits / T``, top-p truncated, renormalised.
+    logprob is under the distribution sampled from: ``logits / T``, top-p truncated, renormalised;
+    the token is the first whose cumulative probability exceeds ``uniforms[b]`` ([B] in [0, 1),
+    float64; None: fresh random numbers). Tokens of probability 0 are never picked.
     """
     logits = logits.float()
     if sampling.greedy:
@@ -54,13 +65,14 @@ def sample_step(logits: torch.Tensor, sampling: SamplingSettings,
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     logprobs = logits.log_softmax(dim=-1)
-    probs = logprobs.exp()
-    # Exponential-race sampling (argmax p / E, E ~ Exp(1)) with one generator per row.
-    # The per-row noise is drawn on CPU (CPU generators: the same numbers on any device).
-    noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=g)
-                         for g in generators]).to(probs.device) if generators is not None else \
-        torch.empty_like(probs).exponential_()
-    tokens = (probs / noise).argmax(dim=-1)
+    # Inverse CDF in float64: the cumulative sum's rounding stays far below one token's mass.
+    cdf = logprobs.double().exp().cumsum(dim=-1)
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], dtype=torch.float64, device=cdf.device)
+    # scaled by the row's total (1 up to rounding): the target is always below the last entry;
+    # right-side search skips tokens of probability 0 (their entry equals their predecessor's)
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -68,13 +80,17 @@ class TransformersEngine(InferenceEngine):
     """A Hugging Face causal LM on one device, sampling with a hand-written decode loop.
 
     ``max_batch_size`` bounds how many (prompt, sample) rows decode together; ``device=None``
-    means CUDA when there is one, else CPU.
+    means CUDA when there is one, else CPU. ``fast_llama`` decodes plain Llama models with
+    :class:`tulu.inference.llama_decoder.LlamaDecoder` instead of the transformers forward (same
+    parameters, same logits up to float rounding, fewer ops per token).
     """
 
     def __init__(self, model_dir: str | Path, *, seed: int = 0, dtype: str = "auto",
                  device: str | torch.device | None = None, max_batch_size: int = 64,
-                 load_tokenizer: bool = True) -> None:
+                 load_tokenizer: bool = True, fast_llama: bool = True) -> None:
         from transformers import AutoModelForCausalLM
+
+        from tulu.inference.llama_decoder import make_decoder
 
         self.model_dir = str(model_dir)
         self.seed = seed
@@ -84,6 +100,7 @@ class TransformersEngine(InferenceEngine):
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
         self.model.to(self.device).eval()
+        self.decoder = make_decoder(self.model, fast=fast_llama)
         self._params = self.model.state_dict(keep_vars=True)
         self._shapes = read_weight_shapes(self.model_dir)
         self._optional = (("lm_head.weight",) if self.model.config.tie_word_embeddings
@@ -119,34 +136,39 @@ class TransformersEngine(InferenceEngine):
     @torch.inference_mode()
     def _generate_rows(self, prompts: list[list[int]], rows: list[tuple[int, int]],
                        sampling: SamplingSettings) -> list[Completion]:
-        from transformers import DynamicCache
-
         stop = set(sampling.stop_token_ids if sampling.stop_token_ids is not None
                    else self.eos_token_ids)
         batch = len(rows)
-        width = max(len(prompts[i]) for i, _ in rows)
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for r, (i, _) in enumerate(rows):
+        # One prefill per distinct prompt; its KV cache is then copied to each of its rows.
+        distinct = list(dict.fromkeys(i for i, _ in rows))
+        width = max(len(prompts[i]) for i in distinct)
+        ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for r, i in enumerate(distinct):
             p = prompts[i]
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = None
-        if not sampling.greedy and sampling.seed is not None:
-            generators = [torch.Generator().manual_seed(_row_seed(sampling.seed, i, j))
-                          for i, j in rows]
+        seeded = not sampling.greedy and sampling.seed is not None
 
-        cache = DynamicCache()
+        decoder = self.decoder
+        logits = decoder.prefill(ids, mask, positions, sampling.max_new_tokens)
+        if len(distinct) < batch:
+            where = {i: r for r, i in enumerate(distinct)}
+            index = torch.tensor([where[i] for i, _ in rows], device=self.device)
+            decoder.expand(index)
+            logits, positions = logits[index], positions[index]
         tokens_out: list[list[int]] = [[] for _ in rows]
         logprobs_out: list[list[float]] = [[] for _ in rows]
         finished = [False] * batch
-        step_ids, step_pos = ids, positions
-        for _ in range(sampling.max_new_tokens):
-            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1, :]
-            tokens, lps = sample_step(logits, sampling, generators)
+        step_pos = positions[:, -1:]
+        for step in range(sampling.max_new_tokens):
+            if step:
+                logits = decoder.step(step_ids, step_pos)
+            uniforms = torch.tensor(row_uniforms(sampling.seed, rows, step), dtype=torch.float64) \
+                if seeded else None
+            tokens, lps = sample_step(logits, sampling, uniforms)
             tokens_l, lps_l = tokens.tolist(), lps.tolist()
             for r in range(batch):
                 if finished[r]:
@@ -158,9 +180,7 @@ class TransformersEngine(InferenceEngine):
                 break
             step_ids = tokens.where(~torch.tensor(finished, device=self.device),
                                     self.pad_token_id)[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)],
-                             dim=-1)
+            step_pos = step_pos + 1
 
         return [
             Completion(prompt_index=i, sample_index=j, token_ids=tokens_out[r],
@@ -183,8 +203,9 @@ class TransformersEngine(InferenceEngine):
                                 where=f"transformers engine ({self.model_dir})")
         for name, tensor in weights:
             self._params[name].copy_(tensor)
+        self.decoder.refresh()
         return len(weights)
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.decoder = None
         self._params = {}
