@@ -256,6 +256,13 @@ class RLVRConfig:
     # weights step s trains); k = the inference group generates step s's rollouts with the
     # weights after step s - k while the learner trains the steps in between (off-policy by k).
     async_steps: int = 0
+    # GRPO's training passes with each prompt once per group: "auto" when it costs fewer FLOPs
+    # than one row per sample (tulu.rlvr.batch.shared_prompt_micro_batches), "always", or "never"
+    prompt_sharing: Literal["auto", "always", "never"] = "auto"
+    # Who computes the KL reference's log-probs: the training group (a frozen Megatron copy, a
+    # forward pass per step) or the inference group (the transformers engine keeps a frozen
+    # copy and scores its own completions; the learner's step loses the reference pass)
+    reference_logprobs: Literal["training", "inference"] = "training"
 
     def validate(self, key: str = "rlvr") -> None:
         self.optim.validate(f"{key}.optim")
@@ -365,6 +372,12 @@ class JobConfig:
         if self.stage == "rlvr" and self.mode == "train":
             require(self.groups.inference.gpus >= 1, "groups.inference.gpus", self.groups.inference.gpus,
                     ">= 1 for stage rlvr (someone has to generate)")
+            rl = self.rlvr
+            require(rl.reference_logprobs == "training" or (self.groups.inference.engine == "transformers"
+                                                            and rl.algorithm == "grpo"),
+                    "rlvr.reference_logprobs", rl.reference_logprobs,
+                    "'training', or 'inference' with groups.inference.engine: transformers and rlvr.algorithm: grpo "
+                    f"(got engine {self.groups.inference.engine!r}, algorithm {rl.algorithm!r})")
         if self.stage != "rlvr":
             require(self.groups.inference.gpus == 0 or self.mode != "train", "groups.inference.gpus",
                     self.groups.inference.gpus, f"0 for stage {self.stage} (only rlvr uses an inference group)")

@@ -197,3 +197,19 @@ def test_logits_at_response_positions_only_give_the_same_loss_and_gradients():
     assert full["logits_from"] == [0, 0] and only["logits_from"] == [5, 5]  # the shortest prompt is 6 tokens
     assert only["sums"] == pytest.approx(full["sums"], rel=1e-6, abs=1e-6)
     assert only["grads"] == pytest.approx(full["grads"], rel=1e-5, abs=1e-9)
+
+
+def test_reference_logprobs_from_the_engine_give_the_learners_kl(uninterrupted, prompts, tmp_path):
+    """rlvr.reference_logprobs: inference: the learner sends the reference to the engine once and
+    runs no reference pass; the engine's log-probs give the same KL, loss and updates."""
+    run_dir, _ = uninterrupted
+    cfg = _config(tmp_path, prompts, async_steps=1)
+    cfg["rlvr"]["reference_logprobs"] = "inference"
+    _job(cfg)
+    ours, theirs = _rows(tmp_path), _rows(run_dir)
+    assert len(ours) == len(theirs) == STEPS
+    for a, b in zip(ours, theirs):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_tokens"] == b["response_tokens"]
+        assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6)
+        assert "reference_s" in a and "reference_s" not in b

@@ -96,3 +96,25 @@ def test_engine_completions_are_the_transformers_forwards_and_follow_weight_upda
     assert [c.token_ids for c in after] == [c.token_ids for c in ref]
     fast.close()
     slow.close()
+
+
+def test_reference_logprobs_are_a_full_forward_of_each_completion_under_the_loaded_weights(model_dir, model):
+    engine = TransformersEngine(model_dir, seed=0)
+    with pytest.raises(RuntimeError, match="load_reference first"):
+        engine.reference_logprobs(PROMPTS, [], 1.0)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert engine.load_reference(reference.items()) == len(reference)
+    # the policy moves on; the reference stays
+    engine.update_weights([(n, p * 1.3) for n, p in reference.items()])
+    outs = engine.generate(PROMPTS, 3, SamplingSettings(temperature=1.0, max_new_tokens=7, seed=2,
+                                                        stop_token_ids=[9, 10, 11]))
+    assert len({len(c.token_ids) for c in outs}) > 1  # responses of several lengths (padding in the layout)
+    got = engine.reference_logprobs(PROMPTS, outs, temperature=0.7)
+    for c, lps in zip(outs, got):
+        prompt = PROMPTS[c.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+        want = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+        assert lps == pytest.approx(want.tolist(), abs=1e-4)
+        assert lps != pytest.approx(c.logprobs, abs=1e-3)  # the policy's (scaled weights) differ
+    engine.close()

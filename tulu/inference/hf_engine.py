@@ -101,6 +101,7 @@ class TransformersEngine(InferenceEngine):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.decoder = make_decoder(self.model, fast=fast_llama)
+        self.reference = None  # load_reference: RLVR's frozen KL reference
         self._params = self.model.state_dict(keep_vars=True)
         self._shapes = read_weight_shapes(self.model_dir)
         self._optional = (("lm_head.weight",) if self.model.config.tie_word_embeddings
@@ -206,6 +207,60 @@ class TransformersEngine(InferenceEngine):
         self.decoder.refresh()
         return len(weights)
 
+    # -- reference log-probs ----------------------------------------------------------------
+    @torch.no_grad()
+    def load_reference(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Keep a frozen copy of the model with these weights (RLVR's KL reference), for
+        :meth:`reference_logprobs`. Plain Llama models only (the fast decoder's forward)."""
+        import copy
+
+        from tulu.inference.llama_decoder import LlamaDecoder
+
+        if not LlamaDecoder.supports(self.model.config):
+            raise ValueError(f"reference log-probs in the engine need a plain Llama model; {self.model_dir} is "
+                             f"{self.model.config.model_type}")
+        weights = check_weights(named_tensors, self._shapes, optional=self._optional,
+                                where=f"transformers engine reference ({self.model_dir})")
+        model = copy.deepcopy(self.model)
+        params = model.state_dict(keep_vars=True)
+        for name, tensor in weights:
+            params[name].copy_(tensor)
+        self.reference = LlamaDecoder(model)
+        return len(weights)
+
+    @torch.inference_mode()
+    def reference_logprobs(self, prompts: list[list[int]], completions: list[Completion],
+                           temperature: float) -> list[list[float]]:
+        """log softmax(reference logits / temperature) of each completion's tokens, in the order of
+        ``completions`` (``n`` samples per prompt, as :meth:`generate` returns them). One uncached
+        forward: each prompt once, its samples after it (`tulu.rl.shared_prompt`)."""
+        from tulu.rl.shared_prompt import SharedPromptLayout
+
+        if self.reference is None:
+            raise RuntimeError("reference_logprobs: call load_reference first")
+        groups: dict[int, list[int]] = {}
+        for k, c in enumerate(completions):
+            groups.setdefault(c.prompt_index, []).append(k)
+        order = list(groups)
+        group = max(len(v) for v in groups.values())
+        layout = SharedPromptLayout(max(len(prompts[i]) for i in order),
+                                    max(1, max(len(c.token_ids) for c in completions)), group)
+        tokens = torch.full((len(order), layout.length), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros((len(order), layout.length), dtype=torch.bool)
+        for k, i in enumerate(order):
+            layout.place(tokens, valid, k, prompts[i], [completions[c].token_ids for c in groups[i]])
+        logits = self.reference.logits_at(tokens.to(self.device), layout.rope_positions().to(self.device),
+                                          layout.allowed(valid).to(self.device), layout.logits_at().to(self.device))
+        logprobs = (logits.float() / temperature).log_softmax(-1)  # [prompts, group * R, V]
+        R = layout.response_width
+        out: list[list[float]] = [[] for _ in completions]
+        for k, i in enumerate(order):
+            for j, c in enumerate(groups[i]):
+                ids = completions[c].token_ids
+                rows = logprobs[k, j * R:j * R + len(ids)]
+                out[c] = rows.gather(-1, torch.tensor(ids, device=rows.device)[:, None]).squeeze(-1).tolist()
+        return out
+
     def close(self) -> None:
-        self.model = self.decoder = None
+        self.model = self.decoder = self.reference = None
         self._params = {}

@@ -112,25 +112,44 @@ class LlamaDecoder:
         half = self.head_dim // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` [B, T] written to cache slots [self.length, self.length + T); logits of the last."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
+                 cached: bool = True) -> torch.Tensor:
+        """Rows ``ids`` [B, T] written to cache slots [self.length, self.length + T); logits of the
+        last position. ``cached=False``: no cache (the rows are whole sequences); hidden states of
+        every position, after the final norm."""
         B, T = ids.shape
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        start, end = self.length, self.length + T
+        start, end = (self.length, self.length + T) if cached else (0, T)
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         for k, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             q, key, v = (self._rms(x, ln1) @ qkv).split([H * D, KV * D, KV * D], dim=-1)
             q = self._rotate(q.view(B, T, H, D).transpose(1, 2), cos, sin)
-            self.k[k][:, :, start:end] = self._rotate(key.view(B, T, KV, D).transpose(1, 2), cos, sin)
-            self.v[k][:, :, start:end] = v.view(B, T, KV, D).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, self.k[k][:, :, :end], self.v[k][:, :, :end],
-                                               attn_mask=attn_mask, enable_gqa=KV != H)
+            key = self._rotate(key.view(B, T, KV, D).transpose(1, 2), cos, sin)
+            v = v.view(B, T, KV, D).transpose(1, 2)
+            if cached:
+                self.k[k][:, :, start:end], self.v[k][:, :, start:end] = key, v
+                key, v = self.k[k][:, :, :end], self.v[k][:, :, :end]
+            a = F.scaled_dot_product_attention(q, key, v, attn_mask=attn_mask, enable_gqa=KV != H)
             x = x + a.transpose(1, 2).reshape(B, T, H * D) @ o
             g, u = (self._rms(x, ln2) @ gate_up).chunk(2, dim=-1)
             x = x + (F.silu(g) * u) @ down
+        if not cached:
+            return self._rms(x, self.norm)
         self.length = end
         return self._rms(x[:, -1], self.norm) @ self.head
+
+    @torch.inference_mode()
+    def logits_at(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
+                  at: torch.Tensor) -> torch.Tensor:
+        """One uncached forward of whole sequences ``ids`` [B, T] (RoPE ``positions`` [B, T] or [T],
+        boolean ``attn_mask`` [B, 1, T, T], True = attend); the logits at sequence positions
+        ``at`` [K]: [B, K, V]."""
+        self._rope(int(positions.max()) + 1, ids.device)
+        if positions.dim() == 1:
+            positions = positions[None].expand(ids.shape[0], -1)
+        hidden = self._forward(ids, positions, attn_mask, cached=False)
+        return hidden[:, at] @ self.head
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 max_new_tokens: int) -> torch.Tensor:

@@ -6,6 +6,10 @@ Row layout (right padded to the step's longest sequence L):
   targets[i]  = tokens shifted left by one (position t predicts token t + 1)
   mask[i, t]  = True where targets[i, t] is a response token
 so a per-token log-prob computed at position t belongs to response token t + 1.
+
+Shared-prompt layout (GRPO, `shared_prompt_micro_batches`): the samples of one prompt are one
+sequence, the prompt once and then each response, every response attending to the prompt and
+to itself only; the per-token tensors are [rows, longest response] instead.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Rollout:
     finish_reason: str
     dataset: str
     ground_truth: object
+    ref_logprobs: list[float] | None = None  # the reference's, when the engine computed them
 
 
 @dataclass
@@ -34,6 +39,8 @@ class RLBatch:
     sampler_logprobs: torch.Tensor  # [N, L] (0 off the mask)
     scores: torch.Tensor  # [N]
     advantages: torch.Tensor  # [N]
+    prompt_lengths: torch.Tensor  # [N] long
+    ref_logprobs: torch.Tensor | None = None  # [N, L] like sampler_logprobs, when the engines computed them
 
     @property
     def seq_length(self) -> int:
@@ -41,7 +48,8 @@ class RLBatch:
 
     def rows(self, start: int, stop: int) -> "RLBatch":
         return RLBatch(*(getattr(self, f)[start:stop] for f in ("tokens", "targets", "mask", "sampler_logprobs",
-                                                                  "scores", "advantages")))
+                                                                  "scores", "advantages", "prompt_lengths")),
+                       ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[start:stop])
 
 
 def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch.Tensor, pad_id: int,
@@ -52,6 +60,8 @@ def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch
     tokens = torch.full((n, L), pad_id, dtype=torch.long)
     mask = torch.zeros((n, L), dtype=torch.bool)
     sampler = torch.zeros((n, L), dtype=torch.float32)
+    with_ref = all(r.ref_logprobs is not None for r in rollouts)
+    ref = torch.zeros((n, L), dtype=torch.float32) if with_ref else None
     for i, r in enumerate(rollouts):
         p, resp = len(r.prompt_ids), len(r.response_ids)
         tokens[i, :p + resp] = torch.tensor(r.prompt_ids + r.response_ids)
@@ -59,9 +69,12 @@ def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch
         mask[i, p - 1:p - 1 + resp] = True
         if resp:
             sampler[i, p - 1:p - 1 + resp] = torch.tensor(r.sampler_logprobs[:resp], dtype=torch.float32)
+            if with_ref:
+                ref[i, p - 1:p - 1 + resp] = torch.tensor(r.ref_logprobs[:resp], dtype=torch.float32)
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
-    return RLBatch(tokens, targets, mask, sampler, scores.float(), advantages.float())
+    return RLBatch(tokens, targets, mask, sampler, scores.float(), advantages.float(),
+                   torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long), ref_logprobs=ref)
 
 
 def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool = False) -> list[dict]:
@@ -81,8 +94,90 @@ def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool
         if response_logits_only:
             cols = part.mask.any(dim=0).nonzero()
             start = int(cols[0]) if len(cols) else L - 1
-        out.append({"tokens": part.tokens, "targets": part.targets[:, start:], "mask": part.mask[:, start:],
-                    "position_ids": torch.arange(L).unsqueeze(0).expand(micro_size, L),
-                    "attention_mask": None, "advantages": part.advantages,
-                    "sampler_logprobs": part.sampler_logprobs[:, start:], "logits_from": start})
+        mb = {"tokens": part.tokens, "targets": part.targets[:, start:], "mask": part.mask[:, start:],
+              "position_ids": torch.arange(L).unsqueeze(0).expand(micro_size, L),
+              "attention_mask": None, "advantages": part.advantages,
+              "sampler_logprobs": part.sampler_logprobs[:, start:], "logits_from": start}
+        if part.ref_logprobs is not None:
+            mb["ref_logprobs"] = part.ref_logprobs[:, start:]
+        out.append(mb)
+    return out
+
+
+def _shared_prompt_shape(batch: RLBatch, group: int) -> tuple[int, int, int]:
+    """(prompt width W, response width R, sequence length W + group * R) over the whole batch, so
+    every micro-batch has one shape (pipeline parallelism sends fixed-size activations)."""
+    width = int(batch.prompt_lengths.max())
+    resp = max(int(batch.mask.sum(dim=1).max()), 1)
+    return width, resp, width + group * resp
+
+
+def shared_prompt_flops_ratio(batch: RLBatch, group: int, hidden: int, linear_params_per_layer: int) -> float:
+    """Estimated FLOPs per layer of the shared-prompt layout over the one-row-per-sample layout:
+    the linear layers scale with the tokens, attention (dense masks) with the squared lengths."""
+    n, L = batch.tokens.shape
+    _, _, S = _shared_prompt_shape(batch, group)
+    seqs = n // group
+
+    def flops(rows: int, length: int) -> float:
+        return rows * length * 2 * linear_params_per_layer + rows * length * length * 4 * hidden
+    return flops(seqs, S) / flops(n, L)
+
+
+def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad_id: int = 0) -> list[dict]:
+    """Micro-batches of ``micro_size`` rollouts in which the ``group`` samples of a prompt (rows
+    ``k * group ... k * group + group - 1``, as GRPO orders them) are one sequence
+    (`tulu.rl.shared_prompt.SharedPromptLayout`): the prompt's positions run through the model
+    once per group instead of once per sample; gradients from every response flow back through
+    them, so the loss and its gradient are those of the row layout (up to float rounding).
+    ``attention_mask``: Megatron's convention, True = masked. ``rope_positions``: [S], the same
+    for every sequence. ``logits_at``: the positions whose logits predict the response tokens, so
+    the model computes [sequences, group * R, V] logits, which reshape to [rollouts, R, V] rows
+    for the per-token tensors (``targets``, ``mask``, ``sampler_logprobs``: [micro_size, R],
+    response token t in column t).
+    """
+    from tulu.rl.shared_prompt import SharedPromptLayout
+
+    n = batch.tokens.shape[0]
+    if n % micro_size or micro_size % group:
+        raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_size} holding whole groups "
+                         f"of {group}")
+    layout = SharedPromptLayout(*_shared_prompt_shape(batch, group)[:2], group)
+    R, S = layout.response_width, layout.length
+    rope, logits_at = layout.rope_positions(), layout.logits_at()
+    resp_len = batch.mask.sum(dim=1)
+    out = []
+    for s in range(0, n, micro_size):
+        seqs = micro_size // group
+        tokens = torch.full((seqs, S), pad_id, dtype=torch.long)
+        valid = torch.zeros((seqs, S), dtype=torch.bool)
+        targets = torch.full((micro_size, R), pad_id, dtype=torch.long)
+        mask = torch.zeros((micro_size, R), dtype=torch.bool)
+        sampler = torch.zeros((micro_size, R), dtype=torch.float32)
+        ref = torch.zeros((micro_size, R), dtype=torch.float32) if batch.ref_logprobs is not None else None
+        for k in range(seqs):
+            first = s + k * group
+            p = int(batch.prompt_lengths[first])
+            prompt = batch.tokens[first, :p]
+            responses = []
+            for j in range(group):
+                i = first + j
+                if int(batch.prompt_lengths[i]) != p or not torch.equal(batch.tokens[i, :p], prompt):
+                    raise ValueError(f"rollout {i} does not share the prompt of rollout {first}: a shared-prompt "
+                                     f"batch needs each prompt's {group} samples in consecutive rows")
+                r = int(resp_len[i])
+                responses.append(batch.tokens[i, p:p + r])
+                row = i - s
+                targets[row, :r], mask[row, :r] = batch.targets[i, p - 1:p - 1 + r], True
+                sampler[row, :r] = batch.sampler_logprobs[i, p - 1:p - 1 + r]
+                if ref is not None:
+                    ref[row, :r] = batch.ref_logprobs[i, p - 1:p - 1 + r]
+            layout.place(tokens, valid, k, prompt, responses)
+        mb = {"tokens": tokens, "position_ids": rope[None].expand(seqs, S), "attention_mask": ~layout.allowed(valid),
+              "rope_positions": rope, "logits_at": logits_at, "rows_per_sequence": group,
+              "targets": targets, "mask": mask, "sampler_logprobs": sampler,
+              "advantages": batch.advantages[s:s + micro_size]}
+        if ref is not None:
+            mb["ref_logprobs"] = ref
+        out.append(mb)
     return out

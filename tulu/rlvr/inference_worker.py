@@ -74,6 +74,9 @@ def run(ctx) -> dict:
                              gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
                              max_model_len=inf.max_model_len, seed=cfg.run.seed,
                              dtype="float32" if cfg.model.dtype == "fp32" else "auto")
+        scores_reference = rl.reference_logprobs == "inference" and rl.kl_beta > 0
+        if scores_reference:  # the learner sends it first thing (protocol.REFERENCE_VERSION)
+            engine.load_reference(receive_weights(bridge, version=protocol.REFERENCE_VERSION))
     engine_index, engines = role.dp_rank, plan.inference_engines
     reports = role.tp_rank == 0 and role.pp_rank == 0
     step = protocol.get(bridge.store, protocol.START)
@@ -102,15 +105,19 @@ def run(ctx) -> dict:
                                         seed=cfg.run.seed * 100_003 + step, stop_token_ids=(tokenizer.eos_token_id,))
             outs = engine.generate([p.token_ids for p in mine], n=rl.samples_per_prompt, sampling=sampling)
             gen_s = time.perf_counter() - t0
+            refs = engine.reference_logprobs([p.token_ids for p in mine], outs, rl.temperature) \
+                if scores_reference else [None] * len(outs)
+            ref_s = time.perf_counter() - t0 - gen_s
         generated += sum(len(o.token_ids) for o in outs)
         versions.append([step, loaded])
         if reports:
             protocol.put(bridge.store, protocol.rollout_key(step, engine_index), {
                 "prompts": [p.index for p in mine],
-                "completions": [[o.prompt_index, o.sample_index, o.token_ids, o.logprobs, o.finish_reason]
-                                for o in outs],
+                "completions": [[o.prompt_index, o.sample_index, o.token_ids, o.logprobs, o.finish_reason, ref]
+                                for o, ref in zip(outs, refs)],
                 "policy_version": loaded,
                 "weight_sync_s": sync_s, "weights": n_loaded, "sync_bytes": sync_bytes, "generate_s": gen_s,
+                "reference_s": ref_s,
                 # this process's CPU time for the sync + generation (host-bound or not, at a glance)
                 "engine_cpu_s": time.process_time() - cpu0,
                 "stop_requested": ctx.stop.requested,

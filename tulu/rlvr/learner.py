@@ -91,6 +91,9 @@ class Learner:
         self.tokenizer = build_tokenizer(self.source.tokenizer)
         self.policy = tmodel.build_policy(cfg, self.source)
         self.reference = tmodel.build_reference(cfg, self.source) if rl.kl_beta > 0 else None
+        # rlvr.reference_logprobs: inference: the engines score against the reference (sent to
+        # them below, before the START); this group keeps no copy and runs no reference pass
+        self.engine_reference = self.reference is not None and rl.reference_logprobs == "inference"
         self.value = None
         fp = fingerprint(cfg)
         if self.ppo:
@@ -104,6 +107,7 @@ class Learner:
         else:
             self.saved_model, self.saved_optimizer = self.policy.module, self.policy.optimizer
         self.objective = PPOObjective(rl) if self.ppo else GRPOObjective(rl)
+        self.prompt_sharing_possible = self._prompt_sharing_possible(mbs)
         self.schedule = LRSchedule.from_optim(rl.optim, rl.steps)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                       config_fingerprint=fp)
@@ -127,6 +131,9 @@ class Learner:
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
         self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.default_timeout_s) \
             if role.bridge_rank is not None else None
+        if self.engine_reference:
+            self.send_reference()
+            self.reference = None
         if self.is_leader:
             from tulu.rewards import RewardConfig, RewardScorer
 
@@ -146,6 +153,19 @@ class Learner:
                 f"{rl.samples_per_prompt} samples, TP{ctx.plan.training_tp} PP{ctx.plan.training_pp} DP{self.dp}, "
                 f"{ctx.plan.inference_engines} inference engine(s), rollouts {rl.async_steps} step(s) ahead")
 
+    def _prompt_sharing_possible(self, micro_batch_size: int) -> bool:
+        """The shared-prompt layout needs GRPO, micro-batches of whole groups, and the whole
+        sequence at the output layer (no sequence or context parallelism); "always" insists."""
+        rl, c = self.rl, self.policy.module.config
+        why = ("PPO's value model scores every position" if self.ppo else
+               f"micro_batch_size {micro_batch_size} is not a multiple of samples_per_prompt {rl.samples_per_prompt}"
+               if micro_batch_size % rl.samples_per_prompt else
+               "sequence parallelism splits the sequence" if c.sequence_parallel else
+               "context parallelism splits the sequence" if c.context_parallel_size > 1 else None)
+        if why and rl.prompt_sharing == "always":
+            raise ConfigError("rlvr.prompt_sharing", f"'always' cannot apply: {why}; use 'auto' or 'never'")
+        return why is None
+
     def _rollout_settings(self) -> dict:
         """What stored rollouts must have been generated under to be trained on after a resume."""
         rl, data = self.rl, self.cfg.data
@@ -153,7 +173,8 @@ class Learner:
         return {"train": data.train, "synthetic": data.synthetic, "synthetic_size": data.synthetic_size,
                 "shuffle_seed": data.shuffle_seed, "max_model_len": self.cfg.groups.inference.max_model_len,
                 "prompts_per_step": rl.prompts_per_step, "samples_per_prompt": rl.samples_per_prompt,
-                "response_length": rl.response_length, "temperature": rl.temperature, "seed": self.cfg.run.seed}
+                "response_length": rl.response_length, "temperature": rl.temperature, "seed": self.cfg.run.seed,
+                "reference_logprobs": rl.reference_logprobs if rl.kl_beta > 0 else None}
 
     def _stored_rollouts(self, data_state) -> dict[int, list[dict]]:
         """The checkpoint's in-flight rollouts (steps step, step + 1, ...), or {} when it holds none
@@ -187,11 +208,26 @@ class Learner:
             pass
         return {}
 
+    def send_reference(self) -> None:
+        """The KL reference's weights to the inference group, once per attempt (they score)."""
+        from tulu.models.convert import iter_hf_weights
+        from tulu.weight_sync import send_weights
+
+        if not self.gathers_weights:
+            return
+        named = iter_hf_weights(self.reference, self.source.hf_config)
+        if self.sends_weights:
+            send_weights(self.bridge, self.ctx.role.pp_rank, named, version=protocol.REFERENCE_VERSION,
+                         bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20))
+        else:
+            for _ in named:  # TP peers: the gather is collective
+                pass
+
     def collect_and_score(self) -> tuple[list[Rollout], dict]:
         """Leader only: rollouts of every engine, scored; returns them with per-phase metrics."""
         rl = self.rl
         rollouts: list[Rollout] = []
-        gen_s, sync_s, stop = 0.0, 0.0, False
+        gen_s, sync_s, ref_s, stop = 0.0, 0.0, 0.0, False
         t0 = time.perf_counter()
         payloads = self._read_rollouts(self.step)
         del self.pending[self.step]
@@ -203,9 +239,11 @@ class Learner:
         for payload in payloads:
             gen_s, sync_s = max(gen_s, payload["generate_s"]), max(sync_s, payload["weight_sync_s"])
             stop = stop or payload["stop_requested"]
-            for pi, si, ids, lps, finish in payload["completions"]:
+            ref_s = max(ref_s, payload.get("reference_s", 0.0))
+            for pi, si, ids, lps, finish, *ref in payload["completions"]:
                 p = self.prompts.prompts[payload["prompts"][pi]]
-                rollouts.append(Rollout(p.index, p.token_ids, ids, lps, finish, p.dataset, p.ground_truth))
+                rollouts.append(Rollout(p.index, p.token_ids, ids, lps, finish, p.dataset, p.ground_truth,
+                                        ref_logprobs=ref[0] if ref else None))
         # group by prompt (GRPO groups are contiguous per prompt, samples in order)
         order = self.prompts.for_step(self.step, rl.prompts_per_step)
         rank = {p.index: k for k, p in enumerate(order)}
@@ -220,7 +258,9 @@ class Learner:
         self._results = results
         if stop:
             self.ctx.stop.requested = True  # an inference rank got the signal: the learner agrees on it
-        return rollouts, {"generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s, "rollout_wait_s": wait_s,
+        timing = {"reference_s": ref_s} if self.engine_reference else {}
+        return rollouts, {**timing, "generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s,
+                          "rollout_wait_s": wait_s,
                           "engine_cpu_s": engine_cpu_s, "rollout_policy_version": versions.pop()}
 
     def _read_rollouts(self, step: int) -> list[dict]:
@@ -241,7 +281,24 @@ class Learner:
         return build_batch(rollouts, scores, adv, pad_id=self.tokenizer.pad_token_id or 0,
                            multiple=self.ctx.plan.training_tp)
 
+    def _share_prompts(self, rows) -> bool:
+        """Whether this rank's GRPO passes take each prompt once per group (rlvr.prompt_sharing;
+        "auto": when the FLOP estimate is lower, `tulu.rlvr.batch.shared_prompt_flops_ratio`)."""
+        from tulu.rlvr.batch import shared_prompt_flops_ratio
+
+        mode, group = self.rl.prompt_sharing, self.rl.samples_per_prompt
+        if mode == "never" or not self.prompt_sharing_possible:
+            return False
+        if mode == "always":
+            return True
+        c = self.policy.module.config
+        kv = c.num_query_groups or c.num_attention_heads
+        attn = c.hidden_size * c.kv_channels * (2 * c.num_attention_heads + 2 * kv)
+        mlp = c.hidden_size * c.ffn_hidden_size * (3 if c.gated_linear_unit else 2)
+        return shared_prompt_flops_ratio(rows, group, c.hidden_size, attn + mlp) < 0.95
+
     def train_on(self, batch, on_policy: bool) -> dict:
+        from tulu.rlvr.batch import shared_prompt_micro_batches
         from tulu.rlvr.objective import ppo_step, run_logits_schedule
         from tulu.rlvr.value import value_lr
         from tulu.train.batches import to_device
@@ -250,17 +307,22 @@ class Learner:
         n = batch.tokens.shape[0] // self.dp
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
         size = self.cfg.groups.training.micro_batch_size
-        # GRPO's passes need logits at response positions only; PPO's value model scores every
-        # position, and sequence parallelism leaves the sequence to the output layer
-        mbs = micro_batches(mine, size, response_logits_only=not self.ppo
-                            and not self.policy.module.config.sequence_parallel)
+        if self._share_prompts(mine):
+            mbs = shared_prompt_micro_batches(mine, size, self.rl.samples_per_prompt,
+                                              pad_id=self.tokenizer.pad_token_id or 0)
+            L = mbs[0]["tokens"].shape[1]
+        else:
+            # GRPO's passes need logits at response positions only; PPO's value model scores every
+            # position, and sequence parallelism leaves the sequence to the output layer
+            mbs = micro_batches(mine, size, response_logits_only=not self.ppo
+                                and not self.policy.module.config.sequence_parallel)
+            L = batch.seq_length
         for k, mb in enumerate(mbs):
             mb["scores"] = mine.scores[k * size:(k + 1) * size]
         if not on_policy:  # the behaviour policy's log-probs: the engine's (module doc)
             for mb in mbs:
                 mb["old_logprobs"] = mb["sampler_logprobs"]
         mbs = [to_device(mb, device()) for mb in mbs]  # a no-op on CPU
-        L = batch.seq_length
         if self.ppo:
             lr = self.schedule.current_lr
             # the value model follows the policy's schedule, scaled to rlvr.value_lr
@@ -271,6 +333,9 @@ class Learner:
             return out
         # No old-log-prob pass: GRPO takes one optimizer step, so on-policy the old log-probs are
         # the training forward's own (detached); off-policy they are the engine's (set above).
+        if self.engine_reference and any("ref_logprobs" not in mb for mb in mbs):
+            raise RuntimeError(f"step {self.step}: rlvr.reference_logprobs is 'inference' but the rollouts carry no "
+                               "reference log-probs")
         if self.reference is not None:
             with torch.no_grad():
                 run_logits_schedule(self.reference, mbs, self.objective.logprob_fn("ref_logprobs"), seq_length=L,

@@ -41,48 +41,92 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -vocab_parallel_cross_entropy(scaled, targets.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
+def _inner(model):
+    while hasattr(model, "module"):  # DDP / Float16Module wrappers
+        model = model.module
+    return model
+
+
 @contextlib.contextmanager
-def logits_from(model, start: int):
-    """While active, ``model`` (a GPTModel, or a wrapper of one) computes logits for sequence
-    positions ``start:`` only: a pre-hook on its output layer drops the hidden states before
-    ``start``, as Megatron's own inference path drops all but the last. The output layer, the
-    log-softmax and their backward then run on the response positions alone; the prompt's
-    logits carry no loss, so nothing else changes. A no-op for ``start == 0`` and on pipeline
-    stages without the output layer."""
-    inner = model
-    while hasattr(inner, "module"):  # DDP / Float16Module wrappers
-        inner = inner.module
+def logits_from(model, start):
+    """While active, ``model`` (a GPTModel, or a wrapper of one) computes logits at sequence
+    positions ``start:`` only (an int), or at the positions an index tensor names (the
+    shared-prompt layout, `tulu.rlvr.batch.shared_prompt_micro_batches`): a pre-hook on its output
+    layer keeps only those hidden states, as Megatron's own inference path drops all but the last.
+    The output layer, the log-softmax and their backward then run on the response positions alone;
+    the prompt's logits carry no loss, so nothing else changes. A no-op for ``start == 0`` and on
+    pipeline stages without the output layer."""
+    inner = _inner(model)
     layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
-    if start <= 0 or layer is None:
+    index = isinstance(start, torch.Tensor)
+    if layer is None or (not index and start <= 0):
         yield
         return
     if inner.config.sequence_parallel:
         raise ValueError("logits_from: with sequence parallelism the output layer gathers the sequence itself; "
                          "build the micro-batches without response_logits_only")
 
-    def drop_prompt(_module, args, kwargs):
-        return (args[0][start:],) + tuple(args[1:]), kwargs
+    def keep(_module, args, kwargs):
+        hidden = args[0]  # [s, b, h]
+        return (hidden.index_select(0, start.to(hidden.device)) if index else hidden[start:],) + tuple(args[1:]), \
+            kwargs
 
-    handle = layer.register_forward_pre_hook(drop_prompt, with_kwargs=True)
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
+@contextlib.contextmanager
+def rope_positions(model, positions: torch.Tensor | None):
+    """While active, ``model``'s rotary embedding gives position ``positions[i]`` to sequence
+    position i instead of i (Megatron's GPTModel derives RoPE from the sequence index alone and
+    ignores ``position_ids``). None: a no-op."""
+    rope = getattr(_inner(model), "rotary_pos_emb", None)
+    if positions is None:
+        yield
+        return
+    if rope is None:
+        raise ValueError("rope_positions: the model has no rotary embedding")
+
+    def remap(_module, _args, emb):  # [s, 1, 1, dim], position i in row i
+        return emb.index_select(0, positions.to(emb.device))
+
+    handle = rope.register_forward_hook(remap)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _per_rollout(loss_fn, mb, logits):
+    """Shared-prompt logits [sequences, group * R, V] as [rollouts, R, V] rows."""
+    b, s, v = logits.shape
+    group = mb["rows_per_sequence"]
+    return loss_fn(mb, logits.reshape(b * group, s // group, v))
+
+
 def run_logits_schedule(model, microbatches: Sequence[dict], loss_fn: Callable, *, seq_length: int,
                         forward_only: bool) -> list[dict]:
     """Megatron's schedule with the model returning logits (no labels): RL needs log-probs at a
     temperature, which the model's built-in cross entropy does not take. Logits start at
-    ``mb["logits_from"]`` where the micro-batch says so (`tulu.rlvr.batch.micro_batches`)."""
+    ``mb["logits_from"]`` where the micro-batch says so (`tulu.rlvr.batch.micro_batches`), or are
+    taken at ``mb["logits_at"]`` with ``mb["rope_positions"]`` (the shared-prompt layout, whose
+    sequences are ``mb["tokens"].shape[1]`` long: ``seq_length`` is then ignored)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
-        with logits_from(chunk, mb.get("logits_from", 0)):
+        with logits_from(chunk, mb.get("logits_at", mb.get("logits_from", 0))), \
+                rope_positions(chunk, mb.get("rope_positions")):
             out = chunk(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+        if "rows_per_sequence" in mb:
+            return out, functools.partial(_per_rollout, loss_fn, mb)
         return out, functools.partial(loss_fn, mb)
 
+    if "rows_per_sequence" in microbatches[0]:
+        seq_length = microbatches[0]["tokens"].shape[1]
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
         num_microbatches=len(microbatches), seq_length=seq_length,

@@ -10,7 +10,10 @@
                                whether its ranks were asked to stop; the learner deletes it once
                                read
 Weights travel separately (tulu.weight_sync, version v = the learner's step that holds them,
-``W_v``); `tulu.rlvr.rollout_schedule` says which version generates which step. Rollouts are
+``W_v``); `tulu.rlvr.rollout_schedule` says which version generates which step. With
+``rlvr.reference_logprobs: inference`` the learner first sends the KL reference's weights as
+version ``REFERENCE_VERSION`` (once per attempt, before any policy weights), and each completion
+carries the reference's log-probs of its tokens. Rollouts are
 small next to weights (token ids and one log-prob per token), so JSON through the store is
 enough here.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 
 START = "rl/start"
+REFERENCE_VERSION = -1
 
 
 def control_key(step: int) -> str:
