@@ -226,3 +226,19 @@ def test_score_cli_writes_rewards_per_line_and_reports_bad_rows_by_line_number(t
 def test_score_cli_missing_input_is_a_usage_error(tmp_path, capsys):
     assert score_main([str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "input file not found" in capsys.readouterr().err
+
+
+def test_workers_warm_up_only_the_named_verifiers_and_still_score_the_others():
+    import subprocess
+
+    probe = ("import sys; from tulu.rewards.worker import warm_up; warm_up({names}); "
+             "print(sorted(m for m in ('sympy', 'math_verify', 'langdetect') if m in sys.modules))")
+    only = subprocess.run([sys.executable, "-c", probe.format(names="('gsm8k',)")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    every = subprocess.run([sys.executable, "-c", probe.format(names="None")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert only == "[]" and every == "['langdetect', 'math_verify', 'sympy']"
+    with RewardScorer(workers=1, timeout_s=30.0, verifiers=("gsm8k",)) as gsm8k_only:
+        results = gsm8k_only.score([{"completion": "so 12", "dataset": "gsm8k", "ground_truth": "12"},
+                                    {"completion": "\\boxed{\\frac{1}{2}}", "dataset": "math", "ground_truth": "0.5"}])
+    assert [r.verified for r in results] == [True, True]  # math imports on first use (time-out permitting)

@@ -16,11 +16,21 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import datasets
 
 from tulu.data.chat import BadRow
+
+if TYPE_CHECKING:
+    import datasets
+
+
+def _datasets():
+    """`datasets` on first use: its import costs a second in every process that only reads
+    JSON lines (an RLVR job's ranks)."""
+    import datasets
+
+    return datasets
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +40,13 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parq
 @contextlib.contextmanager
 def quiet_progress():
     """Silence datasets' progress bars inside the block (they flood Slurm logs)."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
+    was_enabled = _datasets().is_progress_bar_enabled()
+    _datasets().disable_progress_bars()
     try:
         yield
     finally:
         if was_enabled:
-            datasets.enable_progress_bars()
+            _datasets().enable_progress_bars()
 
 
 def load_source(source: str | Path, split: str = "train", cache_dir: str | Path | None = None) -> datasets.Dataset:
@@ -50,21 +60,21 @@ def load_source(source: str | Path, split: str = "train", cache_dir: str | Path 
             if builder is None:
                 raise ValueError(f"data file {path}: unknown type {path.suffix!r}; "
                                  f"use one of {sorted(_BUILDERS)} or a save_to_disk folder")
-            return datasets.load_dataset(builder, data_files={base_split: str(path)}, split=split, cache_dir=cache)
+            return _datasets().load_dataset(builder, data_files={base_split: str(path)}, split=split, cache_dir=cache)
         if path.is_dir():
             if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-                ds = datasets.load_from_disk(str(path))
-                if isinstance(ds, datasets.DatasetDict):
+                ds = _datasets().load_from_disk(str(path))
+                if isinstance(ds, _datasets().DatasetDict):
                     if base_split not in ds:
                         raise ValueError(f"{path} has splits {sorted(ds)}, not {base_split!r}")
                     ds = ds[base_split]
                 return ds
-            return datasets.load_dataset(str(path), split=split, cache_dir=cache)
+            return _datasets().load_dataset(str(path), split=split, cache_dir=cache)
         name = str(source)
         if name.count("/") != 1 or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"data source {name!r} is not an existing file or folder, "
                                     "nor a hub dataset name like 'allenai/tulu-3-sft-mixture'")
-        return datasets.load_dataset(name, split=split, cache_dir=cache)
+        return _datasets().load_dataset(name, split=split, cache_dir=cache)
 
 
 @dataclass

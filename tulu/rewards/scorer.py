@@ -100,13 +100,13 @@ class RewardScorerError(RuntimeError):
 class _Worker:
     __slots__ = ("proc", "conn", "ready", "task", "deadline", "started")
 
-    def __init__(self, memory_limit_mb: int | None, plugins: tuple[str, ...]):
+    def __init__(self, memory_limit_mb: int | None, plugins: tuple[str, ...], warm: tuple[str, ...] | None):
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # as multiprocessing's spawn
         fd = child_sock.fileno()
         cmd = [sys.executable, "-m", "tulu.rewards.worker", str(fd), str(memory_limit_mb or 0)]
-        cmd.append(",".join(plugins))
+        cmd += [",".join(plugins), "*" if warm is None else ",".join(warm)]
         self.proc = subprocess.Popen(cmd, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         child_sock.close()
         self.conn = multiprocessing.connection.Connection(parent_sock.detach())
@@ -153,7 +153,9 @@ class RewardScorer:
     :data:`MAX_STARTUP_FAILURES` in a row die while starting, the scorer closes and raises
     :class:`RewardScorerError` (the environment is broken: fix it, don't train on zeros).
     ``plugins``: modules imported by the workers (and here) before work starts; they register
-    custom verifiers with :func:`tulu.rewards.register_verifier`.
+    custom verifiers with :func:`tulu.rewards.register_verifier`. ``verifiers``: the built-in
+    verifiers the workers warm up before they report ready (None: all; a run that only scores
+    GSM8K need not wait for the MATH verifier's imports).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class RewardScorer:
         memory_limit_mb: int | None = 4096,
         startup_timeout_s: float = 120.0,
         plugins: Sequence[str] = (),
+        verifiers: Sequence[str] | None = None,
     ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -176,13 +179,14 @@ class RewardScorer:
         self.startup_timeout_s = float(startup_timeout_s)
         self.stats = ScoreStats()
         self.plugins = tuple(plugins)
+        self.verifiers = None if verifiers is None else tuple(verifiers)
         for module in self.plugins:  # so that rows naming plugin verifiers pass the row check
             importlib.import_module(module)
         self._startup_failures = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         for _ in range(workers):
-            self._workers.append(_Worker(memory_limit_mb, self.plugins))
+            self._workers.append(_Worker(memory_limit_mb, self.plugins, self.verifiers))
         self._wait_until_ready()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -213,7 +217,7 @@ class RewardScorer:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         self.stats.workers_replaced += 1
-        self._workers[self._workers.index(w)] = _Worker(self.memory_limit_mb, self.plugins)
+        self._workers[self._workers.index(w)] = _Worker(self.memory_limit_mb, self.plugins, self.verifiers)
 
     # -- scoring -----------------------------------------------------------------------------
 

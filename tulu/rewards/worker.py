@@ -1,8 +1,8 @@
 """The body of one scorer worker process: receive a task, verify, send the answer back.
 
-Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB [PLUGINS]`` with one
-end of a socket pair as FD; PLUGINS is a comma-separated list of modules to import first (they
-register custom verifiers). Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
+Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB [PLUGINS [WARM]]`` with
+one end of a socket pair as FD; PLUGINS is a comma-separated list of modules to import first (they
+register custom verifiers); WARM the built-in verifiers to warm up (default: all of them). Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
 ground_truth)`` or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
 ``(task_id, verified, error)`` per task, where ``error`` is None or ``"ExcType: message"``.
 The worker never decides time-outs: the parent kills it when a task overruns.
@@ -16,15 +16,22 @@ import sys
 _ERROR_CHARS = 500
 
 
-def warm_up() -> None:
-    """Import the verifiers and run each once (math-verify's grammar, langdetect's profiles)."""
+WARM_UP = {
+    "gsm8k": ("so 12", "12"),
+    "math": ("\\boxed{\\frac{1}{2}}", "0.5"),
+    "ifeval": ("This is an English sentence.", '{"func_name": "validate_response_language", "language": "en"}'),
+}
+
+
+def warm_up(names: tuple[str, ...] | None = None) -> None:
+    """Import the verifiers and run each once (math-verify's grammar, langdetect's profiles), so
+    that a first task does not spend its time-out on imports. ``names``: only these (a worker of a
+    GSM8K-only run skips sympy's seconds of start-up); None: all."""
     from tulu.rewards.verifier import get_verifier
 
-    get_verifier("gsm8k").verify("so 12", "12")
-    get_verifier("math").verify("\\boxed{\\frac{1}{2}}", "0.5")
-    get_verifier("ifeval").verify(
-        "This is an English sentence.", '{"func_name": "validate_response_language", "language": "en"}'
-    )
+    for name in WARM_UP if names is None else names:
+        if name in WARM_UP:
+            get_verifier(name).verify(*WARM_UP[name])
 
 
 def _limit_memory(memory_limit_mb: int | None) -> None:
@@ -39,7 +46,8 @@ def _limit_memory(memory_limit_mb: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()) -> None:
+def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = (),
+                warm: tuple[str, ...] | None = None) -> None:
     """Serve tasks from ``conn`` until it closes or sends None."""
     import importlib
     import os
@@ -50,7 +58,7 @@ def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()
 
     for module in plugins:
         importlib.import_module(module)
-    warm_up()
+    warm_up(warm)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -70,9 +78,10 @@ def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()
 def main(argv: list[str] | None = None) -> None:
     from multiprocessing.connection import Connection
 
-    args = list(argv if argv is not None else sys.argv[1:]) + [""]
-    fd, memory_limit_mb, plugins = args[:3]
-    worker_main(Connection(int(fd)), int(memory_limit_mb) or None, tuple(filter(None, plugins.split(","))))
+    args = list(argv if argv is not None else sys.argv[1:]) + ["", "*"]
+    fd, memory_limit_mb, plugins, warm = args[:4]
+    worker_main(Connection(int(fd)), int(memory_limit_mb) or None, tuple(filter(None, plugins.split(","))),
+                None if warm == "*" else tuple(filter(None, warm.split(","))))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ class Learner:
             self.scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward,
                                                     unverified_reward=rl.unverified_reward,
                                                     no_eos_penalty=rl.no_eos_penalty or None),
-                                       workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s)
+                                       workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s,
+                                       verifiers=sorted({p.dataset for p in self.prompts.prompts}))
             self.metrics = MetricsLog(ctx.run_dir, log=ctx.log)
             self.metrics.truncate_after(self.step)
             self.pending = stored
