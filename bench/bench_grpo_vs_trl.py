@@ -34,6 +34,14 @@ Settings mapping (ours <- TRL GRPOConfig):
         TRL 1 process x --trl-threads (default 1: on the shared 2-core machine, at load ~7, TRL
         with 2 threads took 0.6-7.8 s per step against 0.19-0.31 s with 1, from OpenMP threads
         waiting on descheduled peers; pass --trl-threads 2 on an idle machine to check).
+  Where the work differs (the same math, done once instead of several times, or elsewhere):
+        ours decodes with a fused Llama forward and one prefill per prompt (TRL: `generate`, a
+        prefill per sample); its training passes take each prompt once per GRPO group
+        (rlvr.prompt_sharing, on by a FLOP estimate); ``--ours-set rlvr.async_steps=1`` overlaps
+        generation with training (rollouts one step off-policy, corrected by the clipped ratio
+        against the engine's log-probs; TRL's are on-policy); ``--ours-set
+        rlvr.reference_logprobs=inference`` moves the frozen reference's forward to the engine's
+        process (the learner then runs none).
 
 Figures (one JSON line each): setup; held-out accuracy of the start model; per side throughput
 (samples = completions per second: ``samples_per_s_steady`` over the steps after the first

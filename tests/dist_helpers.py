@@ -219,3 +219,19 @@ def job_task(rank, world_size, cfg_dict, job_id, stop_after_steps=None):
                   job_id=job_id, restart_count=0, cluster="local")
     stop = StopAfter(stop_after_steps) if stop_after_steps else StopRequest()
     return run(JobContext(cfg, plan, plan.role_of(rank), env, stop, cfg.run_dir))
+
+
+def grpo_passes(policy, reference, objective, microbatches, seq_length):
+    """One GRPO pass pair in a rank: the reference's log-probs into the micro-batches, then the
+    policy's loss and backward. Returns (the loss function's stores, the flat gradient)."""
+    import torch
+
+    from tulu.rlvr.objective import run_logits_schedule
+
+    with torch.no_grad():
+        run_logits_schedule(reference, microbatches, objective.logprob_fn("ref_logprobs"), seq_length=seq_length,
+                            forward_only=True)
+    policy.ddp.zero_grad_buffer()
+    stores = run_logits_schedule(policy.ddp, microbatches, objective.loss_fn, seq_length=seq_length,
+                                 forward_only=False)
+    return stores, torch.cat([p.main_grad.reshape(-1).clone() for p in policy.ddp.parameters()])

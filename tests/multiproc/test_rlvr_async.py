@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tests.dist_helpers import job_task, random_job_id, run_distributed  # noqa: E402
+from tests.dist_helpers import grpo_passes, job_task, random_job_id, run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
@@ -157,7 +157,7 @@ def _response_logits_worker(rank, world_size):
     from tulu.config import config_from_dict
     from tulu.models import megatron_cpu
     from tulu.rlvr.batch import Rollout, build_batch, micro_batches
-    from tulu.rlvr.objective import GRPOObjective, run_logits_schedule
+    from tulu.rlvr.objective import GRPOObjective
     from tulu.train import model as tmodel
     from tulu.train.step import reduce_sums
 
@@ -178,13 +178,7 @@ def _response_logits_worker(rank, world_size):
     out = {}
     for only in (False, True):
         mbs = micro_batches(batch, 8, response_logits_only=only)
-        with torch.no_grad():
-            run_logits_schedule(reference, mbs, objective.logprob_fn("ref_logprobs"), seq_length=batch.seq_length,
-                                forward_only=True)
-        policy.ddp.zero_grad_buffer()
-        stores = run_logits_schedule(policy.ddp, mbs, objective.loss_fn, seq_length=batch.seq_length,
-                                     forward_only=False)
-        grads = torch.cat([p.main_grad.reshape(-1).clone() for p in policy.ddp.parameters()])
+        stores, grads = grpo_passes(policy, reference, objective, mbs, batch.seq_length)
         out[only] = {"sums": reduce_sums(stores, objective.keys), "grads": grads.tolist(),
                      "logits_from": [mb["logits_from"] for mb in mbs]}
     ps.destroy_model_parallel()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tests.dist_helpers import run_distributed  # noqa: E402
+from tests.dist_helpers import grpo_passes, run_distributed  # noqa: E402
 from tulu.rlvr.batch import (Rollout, build_batch, micro_batches, shared_prompt_flops_ratio,  # noqa: E402
                              shared_prompt_micro_batches)
 
@@ -108,7 +108,7 @@ def _worker(rank, world_size):
 
     from tulu.config import config_from_dict
     from tulu.models import megatron_cpu
-    from tulu.rlvr.objective import GRPOObjective, run_logits_schedule
+    from tulu.rlvr.objective import GRPOObjective
     from tulu.train import model as tmodel
     from tulu.train.step import reduce_sums
 
@@ -123,13 +123,7 @@ def _worker(rank, world_size):
     for layout in ("rows", "shared"):
         mbs = (micro_batches(batch, 8, response_logits_only=True) if layout == "rows" else
                shared_prompt_micro_batches(batch, 8, GROUP))
-        with torch.no_grad():
-            run_logits_schedule(reference, mbs, objective.logprob_fn("ref_logprobs"), seq_length=batch.seq_length,
-                                forward_only=True)
-        policy.ddp.zero_grad_buffer()
-        stores = run_logits_schedule(policy.ddp, mbs, objective.loss_fn, seq_length=batch.seq_length,
-                                     forward_only=False)
-        grads = torch.cat([p.main_grad.reshape(-1).clone() for p in policy.ddp.parameters()])
+        stores, grads = grpo_passes(policy, reference, objective, mbs, batch.seq_length)
         last = ps.is_pipeline_last_stage()
         # reference log-probs per response token, in rollout order (last stage only)
         ref = [lp[m].tolist() for mb in mbs for lp, m in [(mb["ref_logprobs"], mb["mask"])]] if last else None
