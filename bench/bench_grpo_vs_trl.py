@@ -57,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import shutil
 import subprocess
 import sys
@@ -305,6 +306,9 @@ def main() -> None:
     ap.add_argument("--trl-threads", type=int, default=1, help="torch threads of the TRL process (default 1: on "
                     "a loaded 2-core machine 2 threads made TRL's steps 3-30x slower; ours runs 1 per process)")
     ap.add_argument("--sides", default="ours,trl", help="which sides to run (comma list; ratios need both)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the sides this many times, alternating their "
+                    "order (ours, trl, trl, ours, ...); the ratio line then also gives the median of the per-repeat "
+                    "ratios, which a VM whose speed drifts over minutes moves less than a single pair")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     a = ap.parse_args()
     a.steps = a.steps or (3 if a.quick else 400)
@@ -359,35 +363,51 @@ def main() -> None:
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
           "example": before["example"]})
 
-    figs: dict[str, list[dict]] = {}
-    for name in sides:
-        load0 = os.getloadavg()
-        side = run_ours(w, start, train, a) if name == "ours" else run_trl(w, start, train, trl_py, a)
-        load1 = os.getloadavg()
-        after = accuracy(side["model"], heldout, a)
-        figs[name] = side_figures(name, side, before, after, a)
-        figs[name][0]["load_avg_1_5_15_before"] = [round(x, 2) for x in load0]
-        figs[name][0]["load_avg_1_5_15_after"] = [round(x, 2) for x in load1]
-        if name == "trl":
-            figs[name][0]["versions"] = side["result"]["versions"]
-            figs[name][0]["torch_threads"] = side["result"]["torch_threads"]
-            figs[name][0]["trl_settings"] = side["result"]["trainer_settings"]
-        for f in figs[name]:
-            emit(f)
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats: got {a.repeats}; use >= 1")
+    rounds: list[dict[str, list[dict]]] = []
+    for r in range(a.repeats):
+        figs: dict[str, list[dict]] = {}
+        for name in (sides if r % 2 == 0 else sides[::-1]):
+            load0 = os.getloadavg()
+            side = run_ours(w, start, train, a) if name == "ours" else run_trl(w, start, train, trl_py, a)
+            load1 = os.getloadavg()
+            after = accuracy(side["model"], heldout, a)
+            figs[name] = side_figures(name, side, before, after, a)
+            figs[name][0]["load_avg_1_5_15_before"] = [round(x, 2) for x in load0]
+            figs[name][0]["load_avg_1_5_15_after"] = [round(x, 2) for x in load1]
+            if name == "trl":
+                figs[name][0]["versions"] = side["result"]["versions"]
+                figs[name][0]["torch_threads"] = side["result"]["torch_threads"]
+                figs[name][0]["trl_settings"] = side["result"]["trainer_settings"]
+            for f in figs[name]:
+                emit({**f, "repeat": r} if a.repeats > 1 else f)
+        rounds.append(figs)
 
-    if len(figs) == 2:
-        (ot, oa), (tt, ta) = figs["ours"], figs["trl"]
-        emit({"bench": BENCH, "figure": "ratio_ours_over_trl",
-              "samples_per_s_steady": ratio(ot["samples_per_s_steady"], tt["samples_per_s_steady"]),
-              "samples_per_s_end_to_end": ratio(ot["samples_per_s_end_to_end"], tt["samples_per_s_end_to_end"]),
-              "gain_per_min_end_to_end": ratio(oa["gain_per_min_end_to_end"], ta["gain_per_min_end_to_end"])
-              if ta["gain"] > 0 else None,
-              "gain_per_min_step_loop": ratio(oa["gain_per_min_step_loop"], ta["gain_per_min_step_loop"])
-              if ta["gain"] > 0 else None,
-              "gain_ours_minus_trl": round(oa["gain"] - ta["gain"], 4),
-              "target": "ours >= 2x TRL samples/s at equal or better accuracy gain",
-              "note": "gain-per-minute ratios are null when TRL's gain is <= 0 (undefined)",
-              "bench_wall_s": round(time.time() - t_bench, 1)})
+    if len(sides) == 2:
+        per = [ratio(f["ours"][0]["samples_per_s_steady"], f["trl"][0]["samples_per_s_steady"]) for f in rounds]
+        per_e2e = [ratio(f["ours"][0]["samples_per_s_end_to_end"], f["trl"][0]["samples_per_s_end_to_end"])
+                   for f in rounds]
+        (ot, oa), (tt, ta) = rounds[-1]["ours"], rounds[-1]["trl"]
+        out = {"bench": BENCH, "figure": "ratio_ours_over_trl",
+               "samples_per_s_steady": ratio(ot["samples_per_s_steady"], tt["samples_per_s_steady"]),
+               "samples_per_s_end_to_end": ratio(ot["samples_per_s_end_to_end"], tt["samples_per_s_end_to_end"]),
+               "gain_per_min_end_to_end": ratio(oa["gain_per_min_end_to_end"], ta["gain_per_min_end_to_end"])
+               if ta["gain"] > 0 else None,
+               "gain_per_min_step_loop": ratio(oa["gain_per_min_step_loop"], ta["gain_per_min_step_loop"])
+               if ta["gain"] > 0 else None,
+               "gain_ours_minus_trl": round(oa["gain"] - ta["gain"], 4),
+               "target": "ours >= 2x TRL samples/s at equal or better accuracy gain",
+               "note": "gain-per-minute ratios are null when TRL's gain is <= 0 (undefined)",
+               "bench_wall_s": round(time.time() - t_bench, 1)}
+        if a.repeats > 1:
+            out.update({"note_repeats": "the single-run fields are the last repeat's",
+                        "samples_per_s_steady_per_repeat": per, "samples_per_s_end_to_end_per_repeat": per_e2e,
+                        "samples_per_s_steady_median": statistics.median(per),
+                        "samples_per_s_end_to_end_median": statistics.median(per_e2e),
+                        "gain_ours_minus_trl_per_repeat": [round(f["ours"][1]["gain"] - f["trl"][1]["gain"], 4)
+                                                           for f in rounds]})
+        emit(out)
     if not a.no_save:
         kind = "cpu-quick" if a.quick else "cpu"
         path = REPO / "bench" / "results" / f"{BENCH}-{kind}-{stamp.date().isoformat()}.jsonl"
