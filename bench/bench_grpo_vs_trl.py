@@ -2,7 +2,7 @@
 prompts, same group size, generations per step and RL steps; throughput and held-out accuracy.
 
     .venv/bin/python bench/bench_grpo_vs_trl.py [--quick] [--steps 300] [--engine transformers]
-        [--ours-set rlvr.async_steps=1 ...] [--start-model HF_DIR] [--slurm]
+        [--ours-set rlvr.async_steps=1 ...] [--start-model HF_DIR] [--slurm] [--repeats N]
 
 1. The start model: a tiny Llama (our byte-level tokenizer) SFT'd briefly by our own pipeline
    (`tulu submit configs/tiny-cpu-sft.yaml`, `tulu export`), so it has partial accuracy. Both
