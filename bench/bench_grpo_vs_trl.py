@@ -57,8 +57,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -318,6 +318,8 @@ def main() -> None:
     sides = [s for s in a.sides.split(",") if s]
     if not set(sides) <= {"ours", "trl"} or not sides:
         raise SystemExit(f"--sides: got {a.sides!r}; use a comma list of 'ours' and 'trl'")
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats: got {a.repeats}; use >= 1")
 
     t_bench = time.time()
     stamp = datetime.now(timezone.utc)
@@ -363,8 +365,6 @@ def main() -> None:
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
           "example": before["example"]})
 
-    if a.repeats < 1:
-        raise SystemExit(f"--repeats: got {a.repeats}; use >= 1")
     rounds: list[dict[str, list[dict]]] = []
     for r in range(a.repeats):
         figs: dict[str, list[dict]] = {}

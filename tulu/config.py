@@ -264,6 +264,11 @@ class RLVRConfig:
     # copy and scores its own completions; the learner's step loses the reference pass)
     reference_logprobs: Literal["training", "inference"] = "training"
 
+    @property
+    def reference_in_engine(self) -> bool:
+        """The engines score the reference (there is one: kl_beta > 0) and the learner does not."""
+        return self.reference_logprobs == "inference" and self.kl_beta > 0
+
     def validate(self, key: str = "rlvr") -> None:
         self.optim.validate(f"{key}.optim")
         require(self.steps >= 1, f"{key}.steps", self.steps, ">= 1")

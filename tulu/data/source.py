@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-
 from tulu.data.chat import BadRow
 
 if TYPE_CHECKING:

@@ -2,8 +2,9 @@
 
 Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB [PLUGINS [WARM]]`` with
 one end of a socket pair as FD; PLUGINS is a comma-separated list of modules to import first (they
-register custom verifiers); WARM the built-in verifiers to warm up (default: all of them). Protocol over it (parent -> worker): ``(task_id, verifier_name, completion,
-ground_truth)`` or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
+register custom verifiers); WARM a comma-separated list of the built-in verifiers to warm up, or
+``*`` (the default) for all of them. Protocol over it (parent -> worker): ``(task_id,
+verifier_name, completion, ground_truth)`` or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
 ``(task_id, verified, error)`` per task, where ``error`` is None or ``"ExcType: message"``.
 The worker never decides time-outs: the parent kills it when a task overruns.
 """
@@ -78,8 +79,9 @@ def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()
 def main(argv: list[str] | None = None) -> None:
     from multiprocessing.connection import Connection
 
-    args = list(argv if argv is not None else sys.argv[1:]) + ["", "*"]
-    fd, memory_limit_mb, plugins, warm = args[:4]
+    fd, memory_limit_mb, *rest = list(argv if argv is not None else sys.argv[1:])
+    plugins = rest[0] if rest else ""
+    warm = rest[1] if len(rest) > 1 else "*"
     worker_main(Connection(int(fd)), int(memory_limit_mb) or None, tuple(filter(None, plugins.split(","))),
                 None if warm == "*" else tuple(filter(None, warm.split(","))))
 

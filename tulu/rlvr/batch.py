@@ -104,19 +104,19 @@ def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool
     return out
 
 
-def _shared_prompt_shape(batch: RLBatch, group: int) -> tuple[int, int, int]:
-    """(prompt width W, response width R, sequence length W + group * R) over the whole batch, so
-    every micro-batch has one shape (pipeline parallelism sends fixed-size activations)."""
-    width = int(batch.prompt_lengths.max())
-    resp = max(int(batch.mask.sum(dim=1).max()), 1)
-    return width, resp, width + group * resp
+def _shared_prompt_layout(batch: RLBatch, group: int):
+    """The layout over the whole batch (longest prompt, longest response), so every micro-batch
+    has one shape (pipeline parallelism sends fixed-size activations)."""
+    from tulu.rl.shared_prompt import SharedPromptLayout
+
+    return SharedPromptLayout(int(batch.prompt_lengths.max()), max(int(batch.mask.sum(dim=1).max()), 1), group)
 
 
 def shared_prompt_flops_ratio(batch: RLBatch, group: int, hidden: int, linear_params_per_layer: int) -> float:
     """Estimated FLOPs per layer of the shared-prompt layout over the one-row-per-sample layout:
     the linear layers scale with the tokens, attention (dense masks) with the squared lengths."""
     n, L = batch.tokens.shape
-    _, _, S = _shared_prompt_shape(batch, group)
+    S = _shared_prompt_layout(batch, group).length
     seqs = n // group
 
     def flops(rows: int, length: int) -> float:
@@ -136,13 +136,11 @@ def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad
     for the per-token tensors (``targets``, ``mask``, ``sampler_logprobs``: [micro_size, R],
     response token t in column t).
     """
-    from tulu.rl.shared_prompt import SharedPromptLayout
-
     n = batch.tokens.shape[0]
     if n % micro_size or micro_size % group:
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_size} holding whole groups "
                          f"of {group}")
-    layout = SharedPromptLayout(*_shared_prompt_shape(batch, group)[:2], group)
+    layout = _shared_prompt_layout(batch, group)
     R, S = layout.response_width, layout.length
     rope, logits_at = layout.rope_positions(), layout.logits_at()
     resp_len = batch.mask.sum(dim=1)

@@ -74,8 +74,7 @@ def run(ctx) -> dict:
                              gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
                              max_model_len=inf.max_model_len, seed=cfg.run.seed,
                              dtype="float32" if cfg.model.dtype == "fp32" else "auto")
-        scores_reference = rl.reference_logprobs == "inference" and rl.kl_beta > 0
-        if scores_reference:  # the learner sends it first thing (protocol.REFERENCE_VERSION)
+        if rl.reference_in_engine:  # the learner sends it first thing (protocol.REFERENCE_VERSION)
             engine.load_reference(receive_weights(bridge, version=protocol.REFERENCE_VERSION))
     engine_index, engines = role.dp_rank, plan.inference_engines
     reports = role.tp_rank == 0 and role.pp_rank == 0
@@ -106,7 +105,7 @@ def run(ctx) -> dict:
             outs = engine.generate([p.token_ids for p in mine], n=rl.samples_per_prompt, sampling=sampling)
             gen_s = time.perf_counter() - t0
             refs = engine.reference_logprobs([p.token_ids for p in mine], outs, rl.temperature) \
-                if scores_reference else [None] * len(outs)
+                if rl.reference_in_engine else [None] * len(outs)
             ref_s = time.perf_counter() - t0 - gen_s
         generated += sum(len(o.token_ids) for o in outs)
         versions.append([step, loaded])

@@ -91,9 +91,6 @@ class Learner:
         self.tokenizer = build_tokenizer(self.source.tokenizer)
         self.policy = tmodel.build_policy(cfg, self.source)
         self.reference = tmodel.build_reference(cfg, self.source) if rl.kl_beta > 0 else None
-        # rlvr.reference_logprobs: inference: the engines score against the reference (sent to
-        # them below, before the START); this group keeps no copy and runs no reference pass
-        self.engine_reference = self.reference is not None and rl.reference_logprobs == "inference"
         self.value = None
         fp = fingerprint(cfg)
         if self.ppo:
@@ -131,7 +128,9 @@ class Learner:
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
         self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.default_timeout_s) \
             if role.bridge_rank is not None else None
-        if self.engine_reference:
+        if rl.reference_in_engine:
+            # the engines score against the reference (sent before the START); this group keeps
+            # no copy and runs no reference pass
             self.send_reference()
             self.reference = None
         if self.is_leader:
@@ -175,7 +174,7 @@ class Learner:
                 "shuffle_seed": data.shuffle_seed, "max_model_len": self.cfg.groups.inference.max_model_len,
                 "prompts_per_step": rl.prompts_per_step, "samples_per_prompt": rl.samples_per_prompt,
                 "response_length": rl.response_length, "temperature": rl.temperature, "seed": self.cfg.run.seed,
-                "reference_logprobs": rl.reference_logprobs if rl.kl_beta > 0 else None}
+                "reference_in_engine": rl.reference_in_engine}
 
     def _stored_rollouts(self, data_state) -> dict[int, list[dict]]:
         """The checkpoint's in-flight rollouts (steps step, step + 1, ...), or {} when it holds none
@@ -259,7 +258,7 @@ class Learner:
         self._results = results
         if stop:
             self.ctx.stop.requested = True  # an inference rank got the signal: the learner agrees on it
-        timing = {"reference_s": ref_s} if self.engine_reference else {}
+        timing = {"reference_s": ref_s} if self.rl.reference_in_engine else {}
         return rollouts, {**timing, "generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s,
                           "rollout_wait_s": wait_s,
                           "engine_cpu_s": engine_cpu_s, "rollout_policy_version": versions.pop()}
@@ -311,19 +310,18 @@ class Learner:
         if self._share_prompts(mine):
             mbs = shared_prompt_micro_batches(mine, size, self.rl.samples_per_prompt,
                                               pad_id=self.tokenizer.pad_token_id or 0)
-            L = mbs[0]["tokens"].shape[1]
         else:
             # GRPO's passes need logits at response positions only; PPO's value model scores every
             # position, and sequence parallelism leaves the sequence to the output layer
             mbs = micro_batches(mine, size, response_logits_only=not self.ppo
                                 and not self.policy.module.config.sequence_parallel)
-            L = batch.seq_length
         for k, mb in enumerate(mbs):
             mb["scores"] = mine.scores[k * size:(k + 1) * size]
         if not on_policy:  # the behaviour policy's log-probs: the engine's (module doc)
             for mb in mbs:
                 mb["old_logprobs"] = mb["sampler_logprobs"]
         mbs = [to_device(mb, device()) for mb in mbs]  # a no-op on CPU
+        L = batch.seq_length  # run_logits_schedule takes a shared-prompt batch's length from it
         if self.ppo:
             lr = self.schedule.current_lr
             # the value model follows the policy's schedule, scaled to rlvr.value_lr
@@ -334,7 +332,7 @@ class Learner:
             return out
         # No old-log-prob pass: GRPO takes one optimizer step, so on-policy the old log-probs are
         # the training forward's own (detached); off-policy they are the engine's (set above).
-        if self.engine_reference and any("ref_logprobs" not in mb for mb in mbs):
+        if self.rl.reference_in_engine and any("ref_logprobs" not in mb for mb in mbs):
             raise RuntimeError(f"step {self.step}: rlvr.reference_logprobs is 'inference' but the rollouts carry no "
                                "reference log-probs")
         if self.reference is not None:
