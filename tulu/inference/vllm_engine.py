@@ -17,9 +17,10 @@ CPU settings made here when the caller has not set them (DESIGN.md §7):
 ``reload_weights`` gets the tensors without pickling), ``VLLM_CPU_OMP_THREADS_BIND`` with one core
 range per local rank when ``tp * pp > 1``, ``gpu_memory_utilization=0.2`` (vLLM reads the NUMA
 node's memory on CPU), ``enforce_eager=True``, ``enable_chunked_prefill=False`` (seeded sampling
-crashes on CPU when a prompt is split, see below), and a per-world prefix for the CPU shared-memory
-communicator's name (two engines on one host otherwise both derive it from ``env://`` and the
-second fails with ``create shm in SHMManager failed. errno: 17``).
+crashes on CPU when a prompt is split, see below), and a valid per-world name for the CPU
+shared-memory communicator that vLLM's AVX-512 kernels use for TP/PP (``tulu/inference/cpu_shm.py``:
+derived from ``env://`` it holds a ``/``, which ``shm_open`` refuses, and two engines on one host
+would share it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tulu.inference.cpu_shm import prefix_vllm_cpu_shm_names
 from tulu.inference.engine import (
     Completion,
     InferenceEngine,
@@ -65,23 +67,6 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     """The vLLM request seed of ``prompts[prompt_index]`` (a fixed mix; below 2**31 - n)."""
     digest = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 2**20)
-
-
-def _prefix_cpu_shm_names(prefix: str) -> None:
-    """Make the CPU SHM communicator's group name unique per inference world on this host."""
-    from vllm.distributed.device_communicators import cpu_communicator as cc
-
-    current = cc._CPUSHMDistributed.make_group_name
-    if getattr(current, "_tulu_prefix", None) == prefix:
-        return
-    original = getattr(current, "_tulu_original", current)
-
-    def make_group_name(communicator) -> str:
-        return f"tulu{prefix}-{original(communicator)}"
-
-    make_group_name._tulu_prefix = prefix             # type: ignore[attr-defined]
-    make_group_name._tulu_original = original         # type: ignore[attr-defined]
-    cc._CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
 
 
 class VllmEngine(InferenceEngine):
@@ -126,7 +111,7 @@ class VllmEngine(InferenceEngine):
             if backend is not None:
                 local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(local))
-                _prefix_cpu_shm_names(os.environ["MASTER_PORT"])
+                prefix_vllm_cpu_shm_names(os.environ["MASTER_PORT"])
         self.llm = LLM(
             model=self.model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
             distributed_executor_backend=backend,
