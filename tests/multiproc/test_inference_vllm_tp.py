@@ -14,6 +14,7 @@ less in silence. (Forcing the AVX2 kernels on an AVX-512 host is not a faithful 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def _tp2_rank(rank, world_size, model_dir):  # noqa: ARG001
     engine.update_weights(_perturbed(model_dir))
     after = [c.token_ids for c in engine.generate(PROMPTS, 1, greedy)]
     engine.close()
-    return before, after, shm
+    import os
+
+    return before, after, shm, os.environ["MASTER_PORT"]
 
 
 @pytest.mark.parametrize("tp_path", ["avx512-shm", "avx2-torch-distributed"])
@@ -78,7 +81,10 @@ def test_tp2_external_launcher_matches_transformers_before_and_after_a_weight_up
                     "communicator here; the torch.distributed fallback runs on AVX2 hosts")
     model_dir = save_tiny_llama(tmp_path / "model")
     results = run_distributed(_tp2_rank, 2, str(model_dir), timeout=400, init_process_group=False)
-    for rank, (_, _, shm) in enumerate(results):
+    port = results[0][3]
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"tulu{port}-")]
+    assert not left, f"SHM segments left in /dev/shm after every engine closed: {left}"
+    for rank, (_, _, shm, _) in enumerate(results):
         record_property(f"rank{rank}_shm_communicator", shm)
         assert shm["tp"] is shm_expected, (
             f"rank {rank}: TP group used the {'SHM' if shm['tp'] else 'torch.distributed'} "
@@ -91,6 +97,6 @@ def test_tp2_external_launcher_matches_transformers_before_and_after_a_weight_up
     expected_after = [c.token_ids for c in hf.generate(PROMPTS, 1, greedy)]
 
     assert expected_before != expected_after
-    for rank, (before, after, _) in enumerate(results):
+    for rank, (before, after, _, _) in enumerate(results):
         assert before == expected_before, f"rank {rank} before the update"
         assert after == expected_after, f"rank {rank} after the update"

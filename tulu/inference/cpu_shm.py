@@ -19,13 +19,17 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["MAX_GROUP_NAME", "posix_shm_name", "prefix_vllm_cpu_shm_names", "shm_communicator_in_use",
-           "vllm_cpu_kernels"]
+__all__ = ["MAX_GROUP_NAME", "posix_shm_name", "prefix_vllm_cpu_shm_names", "release_vllm_cpu_shm",
+           "shm_communicator_in_use", "vllm_cpu_kernels"]
 
 MAX_GROUP_NAME = 200
 """Longest group name we hand to vLLM: NAME_MAX is 255 and the C++ side appends ``_<rank>``."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+_segments: set[str] = set()
+"""The ``{group name}_{rank}`` segments this process's ranks create; vLLM 0.32 never unlinks them
+(4 MiB each stay in /dev/shm after the engine is gone), :func:`release_vllm_cpu_shm` does."""
 
 
 def posix_shm_name(vllm_name: str, prefix: str) -> str:
@@ -54,11 +58,33 @@ def prefix_vllm_cpu_shm_names(prefix: str) -> None:
     original = getattr(current, "_tulu_original", current)
 
     def make_group_name(communicator) -> str:
-        return posix_shm_name(original(communicator), prefix)
+        name = posix_shm_name(original(communicator), prefix)
+        rank = getattr(communicator, "rank", None)
+        if rank is not None:
+            _segments.add(f"{name}_{rank}")
+        return name
 
     make_group_name._tulu_prefix = prefix             # type: ignore[attr-defined]
     make_group_name._tulu_original = original         # type: ignore[attr-defined]
     cc._CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
+
+
+def release_vllm_cpu_shm() -> list[str]:
+    """Unlink the SHM segments this process created (call once its engine is closed; a peer that
+    still maps one keeps its memory until it unmaps). Returns the names that were removed."""
+    from _posixshmem import shm_unlink
+
+    removed = []
+    for name in sorted(_segments):
+        try:
+            shm_unlink("/" + name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError:  # another user's segment, or /dev/shm gone: not ours to fix at close
+            continue
+    _segments.clear()
+    return removed
 
 
 def shm_communicator_in_use() -> dict[str, bool]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tulu.inference.cpu_shm import prefix_vllm_cpu_shm_names
+from tulu.inference.cpu_shm import prefix_vllm_cpu_shm_names, release_vllm_cpu_shm
 from tulu.inference.engine import (
     Completion,
     InferenceEngine,
@@ -193,3 +193,4 @@ class VllmEngine(InferenceEngine):
         destroy_model_parallel()
         destroy_distributed_environment()
         gc.collect()
+        release_vllm_cpu_shm()
