@@ -1,11 +1,45 @@
-"""`tulu`: plan, submit, rehearse, pipeline, logs, status, cancel, score, export."""
+"""`tulu`: plan, submit, rehearse, pipeline, logs, status, cancel, score, export.
+
+Every subcommand is an argparse subparser (`tulu CMD --help`). A failure the user can fix (a
+config value, a path, a job that does not exist, a Slurm command that does not answer) is one line
+on stderr, `tulu: <what>: <where>`, and exit status 2; `TULU_DEBUG=1` adds the traceback. Paths
+are checked before the heavy imports (torch, Megatron).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import traceback
 
-from tulu.config import ConfigError, load_config
+from tulu.config import ConfigError, load_config, load_raw
+from tulu.errors import CommandError
+
+JOB_EXAMPLE = "configs/tiny-cpu-sft.yaml"
+PIPELINE_EXAMPLE = "configs/tiny-cpu.yaml"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tulu-hpc")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _kind(path: str) -> str:
+    from tulu.pipeline.config import config_kind
+
+    return config_kind(load_raw(path))
+
+
+def _require_job_config(path: str) -> None:
+    if _kind(path) == "pipeline":
+        raise CommandError("a pipeline config, not a job config", path,
+                           f"run it with: tulu pipeline {path} (a job config looks like {JOB_EXAMPLE})")
 
 
 def _load(args) -> "JobConfig":  # noqa: F821
@@ -15,7 +49,22 @@ def _load(args) -> "JobConfig":  # noqa: F821
     return load_config(args.config, overrides)
 
 
+def _print_pipeline_plan(pipeline) -> None:
+    from tulu.pipeline.driver import plan_stages
+
+    for stage, plan in plan_stages(pipeline).items():
+        print(f"# stage {stage}: {pipeline.jobs[stage].run_dir}")
+        print(plan.describe())
+
+
 def cmd_plan(args) -> int:
+    if _kind(args.config) == "pipeline":
+        from tulu.pipeline.config import load_pipeline
+
+        print(f"# {args.config} is a pipeline config: the plan of each stage (run it with: tulu pipeline "
+              f"{args.config})")
+        _print_pipeline_plan(load_pipeline(args.config, list(args.set or [])))
+        return 0
     from tulu.plan import build_plan
 
     cfg = _load(args)
@@ -24,6 +73,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    _require_job_config(args.config)
     from tulu.launch import executor
     from tulu.plan import build_plan
 
@@ -50,16 +100,23 @@ def cmd_submit(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    if _kind(args.config) == "job":
+        raise CommandError("a job config (one stage), not a pipeline config", args.config,
+                           f"submit it with: tulu submit {args.config} (a pipeline config looks like "
+                           f"{PIPELINE_EXAMPLE})")
     from tulu.pipeline.config import load_pipeline
-    from tulu.pipeline.driver import run
+    from tulu.pipeline.driver import check_folder, fresh_entries, run
 
     pipeline = load_pipeline(args.config, list(args.set or []))
     if args.dry_run:
-        from tulu.pipeline.driver import plan_stages
-
-        for stage, plan in plan_stages(pipeline).items():
-            print(f"# stage {stage}: {pipeline.jobs[stage].run_dir}")
-            print(plan.describe())
+        if args.fresh:
+            delete, keep = fresh_entries(pipeline)
+        else:
+            check_folder(pipeline)
+        _print_pipeline_plan(pipeline)
+        if args.fresh:
+            print(f"# --fresh would delete in {pipeline.dir}: {', '.join(e.name for e in delete) or 'nothing'}"
+                  + (f"; and keep: {', '.join(e.name for e in keep)}" if keep else ""))
         return 0
     return run(pipeline, wait=not args.no_wait, fresh=args.fresh)
 
@@ -73,7 +130,9 @@ def cmd_logs(args) -> int:
 def cmd_status(args) -> int:
     from tulu.ops import status
 
-    status(args.job)
+    info = status(args.job)
+    if info.get("slurm_error"):
+        raise CommandError("Slurm did not answer", f"job {info['job_id']}", info["slurm_error"])
     return 0
 
 
@@ -84,83 +143,161 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from tulu.rewards.score_cli import main as score_main
+    from tulu.rewards.score_cli import run
 
-    return score_main(args.rest)
+    return run(args)
 
 
 def cmd_export(args) -> int:
-    from tulu.export import main as export_main
+    from tulu.export import run
 
-    return export_main(args.rest)
+    return run(args)
+
+
+def _count(text: str) -> int:
+    """A non-negative integer argument."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tulu", description="Slurm-native SFT/DPO/RLVR post-training")
-    sub = p.add_subparsers(dest="command", required=True)
+    from tulu import export
+    from tulu.rewards import score_cli
 
-    def config_cmd(name, help_):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config", help="YAML config, e.g. configs/tiny-cpu-sft.yaml")
+    p = argparse.ArgumentParser(prog="tulu", description="Slurm-native SFT/DPO/RLVR post-training",
+                                epilog=f"Start with: tulu pipeline {PIPELINE_EXAMPLE}\n"
+                                       "Each command's options: tulu COMMAND --help",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"tulu {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_, description=None, epilog=None):
+        return sub.add_parser(name, help=help_, description=description or help_, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def config_args(sp, example, set_example):
+        sp.add_argument("config", help=f"YAML config, e.g. {example}")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set groups.training.tp=2 (repeatable)")
-        return sp
+                        help=f"override a config value, e.g. --set {set_example} (repeatable; a mapping "
+                             "value merges into the section)")
 
-    sp = config_cmd("plan", "print the rank layout and per-GPU memory; non-zero if it does not fit")
+    sp = add("plan", "print the rank layout and per-GPU memory; non-zero if it does not fit",
+             epilog=f"examples:\n  tulu plan configs/tulu3-405b-rlvr.yaml\n"
+                    f"  tulu plan {PIPELINE_EXAMPLE}      # a pipeline config: every stage's plan")
+    config_args(sp, f"{JOB_EXAMPLE} (a job) or {PIPELINE_EXAMPLE} (a pipeline: plans each stage)",
+                "groups.training.tp=2")
     sp.set_defaults(func=cmd_plan, mode=None)
-    sp = config_cmd("submit", "validate, plan and submit a job")
+
+    sp = add("submit", "validate, plan and submit a job (one stage: a job config)",
+             epilog=f"examples:\n  tulu submit {JOB_EXAMPLE} --dry-run\n  tulu submit {JOB_EXAMPLE} --wait\n"
+                    f"(a pipeline config such as {PIPELINE_EXAMPLE} runs with: tulu pipeline)")
+    config_args(sp, JOB_EXAMPLE, "sft.max_steps=20")
     sp.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     sp.add_argument("--mode", choices=["train", "rehearse", "counter"], help="override the config's mode")
     sp.add_argument("--wait", action="store_true", help="wait for the job to finish, streaming its logs")
     sp.set_defaults(func=cmd_submit)
-    sp = config_cmd("rehearse", "submit the layout in rehearse mode: form every group, one collective each")
-    sp.add_argument("--dry-run", action="store_true")
-    sp.add_argument("--wait", action="store_true")
+
+    sp = add("rehearse", "submit the layout in rehearse mode: form every group, one collective each",
+             epilog="example:\n  tulu rehearse configs/tiny-cpu-rehearse.yaml --wait")
+    config_args(sp, "configs/tiny-cpu-rehearse.yaml", "groups.training.pp=3")
+    sp.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    sp.add_argument("--wait", action="store_true", help="wait for the job to finish, streaming its logs")
     sp.set_defaults(func=cmd_submit, mode="rehearse")
 
-    sp = config_cmd("pipeline", "SFT -> on-policy DPO -> RLVR -> evaluation as chained jobs; "
-                    "prints the held-out accuracy table")
+    sp = add("pipeline", "SFT -> on-policy DPO -> RLVR -> evaluation as chained jobs; "
+             "prints the held-out accuracy table",
+             epilog=f"examples:\n  tulu pipeline {PIPELINE_EXAMPLE}\n"
+                    f"  tulu pipeline {PIPELINE_EXAMPLE} --set pipeline.name=seed2 --set pipeline.seed=2\n"
+                    f"  tulu pipeline {PIPELINE_EXAMPLE} --fresh --dry-run   # what --fresh would delete\n"
+                    f"(a job config such as {JOB_EXAMPLE} runs with: tulu submit)")
+    config_args(sp, PIPELINE_EXAMPLE, "stages.rlvr.rlvr.steps=40")
     sp.add_argument("--no-wait", action="store_true", help="submit the chain and return (Slurm only)")
-    sp.add_argument("--fresh", action="store_true", help="delete the pipeline's folder first (else stages resume)")
+    sp.add_argument("--fresh", action="store_true",
+                    help="start over: delete what this pipeline wrote in its folder (only a folder whose "
+                         "pipeline.json names this pipeline; other files are kept); else stages resume")
     sp.add_argument("--dry-run", action="store_true", help="validate and plan every stage, submit nothing")
     sp.set_defaults(func=cmd_pipeline)
 
-    sp = sub.add_parser("logs", help="show (and follow) the per-task logs of a job, across requeues")
-    sp.add_argument("job", help="job id or run folder")
-    sp.add_argument("-f", "--follow", action="store_true")
-    sp.add_argument("-n", "--lines", type=int, default=40, help="lines per file to show first (0: all)")
+    job_help = "a job id (tulu submit prints it) or a run folder, e.g. runs/tiny-cpu/rlvr"
+    sp = add("logs", "show (and follow) the per-task logs of a job, across requeues",
+             epilog="examples:\n  tulu logs 1234 -f\n  tulu logs runs/tiny-cpu/rlvr --group inference -n 0")
+    sp.add_argument("job", help=job_help)
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    sp.add_argument("-n", "--lines", type=_count, default=40, help="lines per file to show first (0: all)")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--rank", type=int)
-    g.add_argument("--group", choices=["inference", "training"])
+    g.add_argument("--rank", type=_count, help="only this global rank's logs")
+    g.add_argument("--group", choices=["inference", "training"], help="only this group's ranks")
     sp.set_defaults(func=cmd_logs)
-    sp = sub.add_parser("status", help="state, restarts, nodes, last step and the monitor's last report")
-    sp.add_argument("job")
+
+    sp = add("status", "state, restarts, nodes, last step and the monitor's last report")
+    sp.add_argument("job", help=job_help)
     sp.set_defaults(func=cmd_status)
-    sp = sub.add_parser("cancel", help="cancel a job")
-    sp.add_argument("job")
+
+    sp = add("cancel", "cancel a Slurm job")
+    sp.add_argument("job", help=job_help)
     sp.set_defaults(func=cmd_cancel)
-    sp = sub.add_parser("score", help="score a jsonl of completions with the RLVR verifiers", add_help=False)
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = add("score", "score a jsonl of completions with the RLVR verifiers",
+             description="Score a JSONL of completions (dataset, ground_truth, completion per line) with the\n"
+                         "RLVR verifiers; --out gets each row with reward and verified added (never the input).",
+             epilog="example:\n  tulu score completions.jsonl --out scored.jsonl --workers 2")
+    score_cli.add_arguments(sp)
     sp.set_defaults(func=cmd_score)
-    sp = sub.add_parser("export", help="export a verified checkpoint as a Hugging Face folder", add_help=False)
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = add("export", "export a verified checkpoint as a Hugging Face folder",
+             description="Export a verified training checkpoint as a Hugging Face model folder that transformers\n"
+                         "and vLLM load. OUT must be new or empty (--force replaces it); it appears whole.",
+             epilog="example:\n  tulu export runs/tiny-cpu/rlvr/checkpoints hf/tiny-rlvr")
+    export.add_arguments(sp)
     sp.set_defaults(func=cmd_export)
     return p
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures the user can act on: shown as one line, not a traceback."""
+    found: list[type[BaseException]] = [ConfigError, CommandError, OSError, subprocess.SubprocessError]
+    submitit_utils = sys.modules.get("submitit.core.utils")
+    if submitit_utils is not None:  # sbatch refused the job
+        found += [submitit_utils.FailedSubmissionError, submitit_utils.FailedJobError]
+    return tuple(found)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, ConfigError):
+        return f"config error: {e}"
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    if isinstance(e, subprocess.SubprocessError) or type(e).__module__.startswith("submitit"):
+        return f"Slurm command failed: {str(e).strip() or type(e).__name__}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("TULU_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"tulu: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"tulu: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `tulu plan ... | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        print("tulu: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors meet the user
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, _expected_errors()):
+            print(f"tulu: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if not debug:
+            print(f"tulu: unexpected error (a bug; TULU_DEBUG=1 shows the traceback): "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

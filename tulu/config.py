@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,21 @@ class RunConfig:
     counter_step_s: float = 0.5
     counter_checkpoint_interval: int = 1
 
+    def validate(self) -> None:
+        require(is_plain_name(self.name), "run.name", self.name,
+                "one plain folder name (no '/', not '.' or '..', not empty)")
+        try:
+            self.dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError("run.dir", f"got {self.dir!r}; allowed: a path where only {{name}} is replaced, "
+                                         "e.g. runs/{name}") from None
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component that stays where `{name}` puts it: no separator, not `.` or `..`."""
+    return (bool(name) and name == name.strip() and name not in (".", "..")
+            and "/" not in name and "\\" not in name and name.isprintable())
+
 
 @dataclass(kw_only=True, slots=True)
 class JobConfig:
@@ -388,6 +404,7 @@ class JobConfig:
                     self.groups.inference.gpus, f"0 for stage {self.stage} (only rlvr uses an inference group)")
         self.checkpoint.validate()
         self.monitoring.validate()
+        self.run.validate()
         return self
 
     @property
@@ -396,11 +413,11 @@ class JobConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir.format(name=self.run.name))
+        return Path(self.run.dir.format(name=self.run.name)).expanduser()
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+        return Path(self.checkpoint.dir).expanduser() if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -412,10 +429,21 @@ class JobConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Path values: a leading `~` means the home folder here as in a shell.
+PATH_KEYS = ("run.dir", "checkpoint.dir", "data.train", "data.eval", "data.cache_dir", "model.name_or_path",
+             "model.tokenizer", "model.init_from")
+
+
 def parse_config(data: dict) -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a YAML mapping, got {type(data).__name__}")
-    return from_dict(JobConfig, data).validate()
+    cfg = from_dict(JobConfig, data)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(getattr(cfg, section), name, os.path.expanduser(value))
+    return cfg.validate()
 
 
 class _Loader(yaml.SafeLoader):
@@ -426,41 +454,94 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+
                               list("-+0123456789."))
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def yaml_load(text: str, source: str = "<value>"):
+    """Parse YAML text; a mapping key written twice is refused with both line numbers."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        if node is not None:
+            _refuse_duplicate_keys(node, source)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("", f"{source} is not valid YAML: {problem}{where}") from None
 
 
-def _parse_scalar(text: str):
-    return yaml_load(text)
+def _refuse_duplicate_keys(node: yaml.Node, source: str, prefix: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[object, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            line = key_node.start_mark.line + 1
+            if key is not None and key != "<<":
+                if key in seen:
+                    raise ConfigError(dotted, f"written twice in {source} (lines {seen[key]} and {line}); "
+                                              "keep one")
+                seen[key] = line
+            _refuse_duplicate_keys(value_node, source, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{prefix}[{i}]")
+
+
+def merge_mappings(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: nested mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`groups.training.tp=2` style overrides (values parsed as YAML) on a raw config mapping."""
+    """`groups.training.tp=2` style overrides (values parsed as YAML) on a raw config mapping. A
+    mapping value (`sft.optim={lr: 1e-5}`) merges into the section like a YAML override does."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like dotted.key=value")
         key, text = item.split("=", 1)
+        parts = [p.strip() for p in key.split(".")]
+        if not all(parts):
+            raise ConfigError(key or item, "an override needs a key: dotted.key=value, e.g. groups.training.tp=2")
+        key = ".".join(parts)
+        value = yaml_load(text, f"--set {key}")
         node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
-                raise ConfigError(key, f"{p} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+                raise ConfigError(".".join(parts[:depth + 1]), f"is not a section (it is {node!r}); cannot set {key}")
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = merge_mappings(node[last], value)
+        else:
+            node[last] = value
     return data
 
 
 def load_raw(path: str | Path) -> dict:
-    path = Path(path)
+    """The YAML mapping of a config file; an unreadable, empty, non-UTF-8 or duplicate-key file is
+    refused with the path (and the key and lines)."""
+    path = Path(path).expanduser()
     try:
-        text = path.read_text()
+        blob = path.read_bytes()
     except OSError as e:
         raise ConfigError("", f"cannot read config {path}: {e.strerror}") from None
     try:
-        data = yaml_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{path} is not valid YAML: {e}") from None
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path} is not a YAML text file (not UTF-8: byte 0x{blob[e.start]:02x} "
+                              f"at offset {e.start})") from None
+    data = yaml_load(text, str(path))
+    if data is None:
+        raise ConfigError("", f"{path} is empty (no settings); start from one in configs/, "
+                              "e.g. configs/tiny-cpu-sft.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must be a YAML mapping of settings, got a {type(data).__name__}")
     return data
 
 
@@ -468,8 +549,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     data = load_raw(path)
     if overrides:
         data = apply_overrides(data, overrides)
-    if isinstance(data, dict):
-        data.setdefault("run", {}).setdefault("name", Path(path).stem)
+    if data.get("run") is None:
+        data["run"] = {}
+    if isinstance(data["run"], dict):
+        data["run"].setdefault("name", Path(path).stem)
     return parse_config(data)
 
 

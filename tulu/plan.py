@@ -264,9 +264,14 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                      f"(consider groups.inference.tp={cl.gpus_per_node}, pp={inf.tp * inf.pp // cl.gpus_per_node})")
     problem = _layout_problem(shape, cl.gpus_per_node, tr.tp, tr.pp)
     if problem:
-        key = "groups.training.tp" if "TP" in problem.split()[0] else "groups.training.pp"
-        valid = [t for t in _divisors(cl.gpus_per_node) if shape.num_kv_heads % t == 0]
-        raise PlanError(key, f"got {getattr(tr, key.rsplit('.', 1)[1])}; {problem}. Allowed TP values here: {valid}")
+        if "TP" in problem.split()[0]:
+            valid = [t for t in _divisors(cl.gpus_per_node) if shape.num_kv_heads % t == 0]
+            raise PlanError("groups.training.tp", f"got {tr.tp}; {problem}. Allowed TP values here: {valid}")
+        valid = [p for p in range(1, shape.num_layers + 1)
+                 if not _layout_problem(shape, cl.gpus_per_node, tr.tp, p)
+                 and training_gpus % (tr.tp * p) == 0]
+        raise PlanError("groups.training.pp", f"got {tr.pp}; {problem}. Allowed PP values here (with TP{tr.tp}, "
+                                              f"{training_gpus} training GPUs): {valid}")
     cands = candidates(cfg, shape, training_gpus)
     best = best_candidate(cands)
     if training_gpus % (tr.tp * tr.pp):

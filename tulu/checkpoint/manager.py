@@ -26,13 +26,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from tulu.deletion import remove_tree
 
 from . import collectives, rng, sharded
 from .fingerprint import IncompatibleCheckpointError, config_hash, diff_fingerprints, flatten
@@ -139,7 +140,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("step_*.tmp"):
                 log.warning("removing %s: a save that never committed", stale)
-                shutil.rmtree(stale)
+                remove_tree(stale)
             tmp.mkdir()
             for sub in (["model"] if model is not None else []) + (
                     ["optimizer"] if sharded.has_sharded_state(optimizer) else []):
@@ -212,7 +213,7 @@ class CheckpointManager:
                         final.name, final)
         aside = final.with_name(final.name + ".replaced.tmp")
         os.rename(final, aside)
-        shutil.rmtree(aside)
+        remove_tree(aside)
 
     # ---------------------------------------------------------------- find / verify
     def committed(self) -> list[tuple[int, Path]]:
@@ -380,4 +381,4 @@ class CheckpointManager:
         for s, p in self._step_dirs():
             if s not in kept and s < newest:
                 log.info("retention: deleting %s (keep_last=%d)", p, self.keep_last)
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p, ignore_errors=True)

@@ -12,15 +12,15 @@ e.g. `stages.dpo.dpo.beta: got -1; allowed: a number > 0`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tulu.config import JobConfig, apply_overrides, load_raw, parse_config
+from tulu.config import JobConfig, apply_overrides, is_plain_name, load_raw, merge_mappings, parse_config
 from tulu.config_schema import ConfigError, from_dict, require
 
 STAGE_ORDER = ("sft", "dpo", "rlvr")
+PIPELINE_KEYS = ("pipeline", "defaults", "stages")  # a pipeline config's top level
 
 
 @dataclass(kw_only=True, slots=True)
@@ -82,6 +82,9 @@ class PipelineSettings:
     stage_time_limit_min: int = 30  # the pairs and evaluation jobs
 
     def validate(self) -> None:
+        require(is_plain_name(self.name), "pipeline.name", self.name,
+                "one plain folder name (no '/', not '.' or '..', not empty), e.g. tiny-cpu-seed2")
+        self._check_folder()
         require(bool(self.stages) and all(s in STAGE_ORDER for s in self.stages), "pipeline.stages", self.stages,
                 f"a non-empty list of {', '.join(STAGE_ORDER)}")
         require(self.stages == [s for s in STAGE_ORDER if s in self.stages], "pipeline.stages", self.stages,
@@ -90,6 +93,25 @@ class PipelineSettings:
         self.tasks.validate()
         self.pairs.validate()
         self.eval.validate()
+
+    def root(self) -> Path:
+        """The pipeline's folder: `dir` with `{name}` and a leading `~` replaced, absolute."""
+        try:
+            return Path(self.dir.format(name=self.name)).expanduser().resolve()
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError("pipeline.dir", f"got {self.dir!r}; allowed: a path where only {{name}} is "
+                                              "replaced, e.g. runs/{name}") from None
+
+    def _check_folder(self) -> None:
+        """Never a folder that is or holds `/`, the home or working folder or a repository:
+        `--fresh` empties it."""
+        from tulu.deletion import refusal
+
+        root = self.root()
+        reason = refusal(root)
+        if reason:
+            raise ConfigError("pipeline.dir", f"got {self.dir!r}, which is {root}: {reason}; allowed: a folder "
+                                              "of the pipeline's own, e.g. runs/{name}")
 
 
 @dataclass
@@ -100,7 +122,7 @@ class Pipeline:
 
     @property
     def dir(self) -> Path:
-        return Path(self.settings.dir.format(name=self.settings.name)).resolve()
+        return self.settings.root()
 
     @property
     def data_dir(self) -> Path:
@@ -110,16 +132,9 @@ class Pipeline:
         return self.dir / stage
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def stage_job_data(settings: PipelineSettings, defaults: dict, stage_data: dict, stage: str, root: Path) -> dict:
     """The raw JobConfig mapping of one stage: defaults, the stage's keys, then what the chain fixes."""
-    data = _merge(defaults, stage_data)
+    data = merge_mappings(defaults, stage_data)
     data["stage"] = stage
     run = data.setdefault("run", {})
     run.update(name=f"{settings.name}-{stage}", dir=str(root / stage), seed=settings.seed)
@@ -142,15 +157,20 @@ def parse_pipeline(raw: dict, source: str | None = None) -> Pipeline:
     unknown = sorted(set(raw) - {"pipeline", "defaults", "stages"})
     if unknown:
         raise ConfigError(unknown[0], "unknown key; valid top-level keys of a pipeline config: pipeline, defaults, stages")
+    for key in PIPELINE_KEYS:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(key, f"got {raw[key]!r}; expected a mapping")
     settings = from_dict(PipelineSettings, raw.get("pipeline") or {}, "pipeline")
     settings.validate()
     stages_raw = raw.get("stages") or {}
     extra = sorted(set(stages_raw) - set(STAGE_ORDER))  # a section of a skipped stage is kept, unused
     if extra:
         raise ConfigError(f"stages.{extra[0]}", f"unknown stage; allowed: {', '.join(STAGE_ORDER)}")
-    root = Path(settings.dir.format(name=settings.name)).resolve()
+    root = settings.root()
     jobs = {}
     for stage in settings.stages:
+        if not isinstance(stages_raw.get(stage) or {}, dict):
+            raise ConfigError(f"stages.{stage}", f"got {stages_raw[stage]!r}; expected a mapping of job config keys")
         data = stage_job_data(settings, raw.get("defaults") or {}, stages_raw.get(stage) or {}, stage, root)
         try:
             jobs[stage] = parse_config(data)
@@ -165,11 +185,17 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     raw = load_raw(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    if isinstance(raw, dict):
-        raw.setdefault("pipeline", {}).setdefault("name", Path(path).stem)
+    if raw.get("pipeline") is None:
+        raw["pipeline"] = {}
+    if isinstance(raw["pipeline"], dict):
+        raw["pipeline"].setdefault("name", Path(path).stem)
     return parse_pipeline(raw, str(path))
 
 
+def config_kind(raw: dict) -> str:
+    """'pipeline' for a pipeline config (pipeline/defaults/stages), else 'job' (one stage)."""
+    return "pipeline" if any(k in raw for k in PIPELINE_KEYS) else "job"
+
+
 def is_pipeline_config(path: str | Path) -> bool:
-    raw = load_raw(path)
-    return isinstance(raw, dict) and "pipeline" in raw
+    return config_kind(load_raw(path)) == "pipeline"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tulu.config_schema import ConfigError
-from tulu.pipeline.config import Pipeline
+from tulu.deletion import DeleteRefused, refusal, remove_tree
+from tulu.errors import CommandError
+from tulu.pipeline.config import STAGE_ORDER, Pipeline
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                  "PREEMPTED"}
@@ -144,6 +145,69 @@ def pipeline_settings_dict(pipeline: Pipeline) -> dict:
     return to_dict(pipeline.settings)
 
 
+# What a pipeline writes at the top of its folder (besides pipeline.json); `--fresh` deletes these
+# and nothing else.
+PIPELINE_ENTRIES = frozenset({"data", *STAGE_ORDER, "pairs", "eval", "pipeline.tmp"})
+
+
+def folder_owner(folder: Path) -> str | None:
+    """The pipeline named by `folder`/pipeline.json, or None (no record, or not readable)."""
+    try:
+        rec = json.loads((folder / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("name") if isinstance(rec, dict) else None
+
+
+def check_folder(pipeline: Pipeline) -> None:
+    """The pipeline's folder must be new, empty or its own (a pipeline.json naming it)."""
+    root, name = pipeline.dir, pipeline.settings.name
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise CommandError("pipeline.dir is not a folder", root)
+    owner = folder_owner(root)
+    if owner is not None and owner != name:
+        raise CommandError("the pipeline folder belongs to another pipeline", root,
+                           f"its pipeline.json names {owner!r}, not {name!r}; set pipeline.name or pipeline.dir")
+    if owner is None and any(root.iterdir()):
+        raise CommandError("the pipeline folder holds files and no pipeline.json", root,
+                           "it was not made by a pipeline; set pipeline.dir (or pipeline.name) to a new folder")
+
+
+def fresh_entries(pipeline: Pipeline) -> tuple[list[Path], list[Path]]:
+    """What `--fresh` deletes (what this pipeline wrote) and keeps (anything else) in its folder;
+    refuses a folder this pipeline did not make. Deletes nothing."""
+    root, name = pipeline.dir, pipeline.settings.name
+    if not root.exists():
+        return [], []
+    reason = refusal(root)
+    if reason:
+        raise DeleteRefused(root, reason)
+    if not root.is_dir():
+        raise CommandError("pipeline.dir is not a folder", root)
+    entries = sorted(root.iterdir())
+    owner = folder_owner(root)
+    if entries and owner != name:
+        why = "has no pipeline.json" if owner is None else f"its pipeline.json names {owner!r}"
+        raise DeleteRefused(root, f"--fresh empties only a folder that pipeline {name!r} made, and this one {why}; "
+                                  "delete it yourself or set pipeline.dir")
+    delete = [e for e in entries if e.name in PIPELINE_ENTRIES]
+    return delete, [e for e in entries if e not in delete and e.name != "pipeline.json"]
+
+
+def start_fresh(pipeline: Pipeline, out=sys.stdout) -> None:
+    """Delete what this pipeline wrote in its folder, keep anything else (and pipeline.json, which
+    the new run rewrites: the folder stays the pipeline's)."""
+    delete, keep = fresh_entries(pipeline)
+    for entry in delete:
+        remove_tree(entry)
+    if delete:
+        print(f"--fresh: deleted {', '.join(e.name for e in delete)} in {pipeline.dir}", file=out)
+    if keep:
+        print(f"--fresh: kept {', '.join(e.name for e in keep)} (not written by the pipeline)", file=out)
+
+
 def _record(pipeline: Pipeline, kind: str, steps: list[Step]) -> None:
     rec = {"name": pipeline.settings.name, "config": pipeline.source, "executor": kind, "submitted": time.time(),
            "steps": [{"step": s.name, "job_id": s.job_id, "run_dir": str(s.run_dir), "log_dir": str(s.log_dir)}
@@ -252,8 +316,10 @@ def run(pipeline: Pipeline, *, wait: bool = True, fresh: bool = False, poll_s: f
 
     kind = choose_executor(pipeline)
     plans = plan_stages(pipeline)
-    if fresh and pipeline.dir.exists():
-        shutil.rmtree(pipeline.dir)
+    if fresh:
+        start_fresh(pipeline, out)
+    check_folder(pipeline)
+    _record(pipeline, kind, [])  # the folder is this pipeline's from now on (what --fresh checks)
     t0 = time.time()
     files = fns.write_data(pipeline.data_dir, pipeline.settings)
     counts = {k: sum(1 for _ in open(v)) for k, v in files.items() if str(v).endswith(".jsonl")}

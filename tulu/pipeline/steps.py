@@ -34,18 +34,11 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
 
 
 def export_stage(stage_dir: Path) -> Path:
-    """The stage's newest verified checkpoint as a HF folder ``<stage_dir>/hf``."""
+    """The stage's newest verified checkpoint as a HF folder ``<stage_dir>/hf`` (replaced whole:
+    written next to it, then renamed into place)."""
     from tulu.export import export
 
-    out = stage_dir / "hf"
-    tmp = stage_dir / f".hf.{os.getpid()}.tmp"
-    export(stage_dir / "checkpoints", tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    return out
+    return export(stage_dir / "checkpoints", stage_dir / "hf", force=True)
 
 
 def pairs_step(pipeline_dir: str, settings: dict) -> dict:

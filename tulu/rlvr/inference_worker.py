@@ -43,9 +43,9 @@ def engine_model_dir(ctx, source) -> Path:
     try:
         os.rename(tmp, out)
     except OSError:  # another inference rank won the race; its folder is the same
-        import shutil
+        from tulu.deletion import remove_tree
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)
     return out
 
 
