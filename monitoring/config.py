@@ -37,7 +37,8 @@ class MonitorConfig:
     (and ``learn_timeouts`` is on) its time-out is ``max(min_learned_s, safety_factor x the
     longest observed duration)``; before that it is ``phase_timeouts_s[phase]`` or
     ``default_timeout_s``. The same rule learns the stall time-out from the longest observed
-    gap between step completions.
+    gap between step completions. A learned time-out never exceeds ``max_learned_s`` (set by the
+    job to its longest configured time-out, which its process groups' own time-outs outlast).
     """
 
     check_interval_s: float = 5.0
@@ -48,6 +49,7 @@ class MonitorConfig:
     learn_timeouts: bool = True
     safety_factor: float = 5.0             # NVRx: 5x the longest observed interval
     min_learned_s: float = 120.0
+    max_learned_s: float | None = None     # cap: the job's collective time-outs outlast it
     min_observations: int = 3
     restart_budget: int = 5                # fault requeues per job (Slurm's own are not counted)
     exclude_culprit_nodes: bool = True

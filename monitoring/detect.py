@@ -74,7 +74,10 @@ class Detector:
         cfg = self.cfg
         seen = self.observed.get(phase)
         if cfg.learn_timeouts and seen and seen[1] >= cfg.min_observations:
-            return max(cfg.min_learned_s, cfg.safety_factor * seen[0]), "learned"
+            learned = max(cfg.min_learned_s, cfg.safety_factor * seen[0])
+            # the job's collectives give up after the longest configured time-out (+ a margin):
+            # a learned time-out beyond it would let them fail before the monitor decides
+            return (min(learned, cfg.max_learned_s) if cfg.max_learned_s else learned), "learned"
         if phase == STEP_GAP:
             return cfg.stall_timeout_s, "configured"
         return cfg.configured_timeout(phase), "configured"

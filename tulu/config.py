@@ -318,6 +318,11 @@ class CheckpointConfig:
         require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
 
 
+COLLECTIVE_MARGIN_S = 120.0
+"""At least this much longer than the monitor's longest time-out: its check interval, the stack
+dump and the requeue decision happen in it."""
+
+
 @dataclass(kw_only=True, slots=True)
 class MonitoringConfig:
     enabled: bool = True
@@ -329,6 +334,14 @@ class MonitoringConfig:
     safety_factor: float = 5.0
     min_learned_timeout_s: float = 60.0
     exclude_culprit_node: bool = True
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """Time-out of every process group, bridge and store wait: longer than any time-out the
+        monitor applies, plus a margin, so the monitor names a hang (culprit rank, stacks) before
+        a collective gives up with a bare NCCL/gloo error."""
+        longest = max(self.default_timeout_s, self.stall_timeout_s, *self.phase_timeouts_s.values())
+        return longest + max(COLLECTIVE_MARGIN_S, 0.1 * longest)
 
     def validate(self) -> None:
         require(self.check_interval_s > 0, "monitoring.check_interval_s", self.check_interval_s, "> 0")
@@ -394,6 +407,13 @@ class JobConfig:
             require(self.groups.inference.gpus >= 1, "groups.inference.gpus", self.groups.inference.gpus,
                     ">= 1 for stage rlvr (someone has to generate)")
             rl = self.rlvr
+            if rl.algorithm == "ppo" and self.model.value_model is not None:
+                from tulu.model_shapes import ARCHITECTURES
+
+                require(self.model.value_model not in ARCHITECTURES, "model.value_model", self.model.value_model,
+                        "a HF name/path or a tulu checkpoint folder holding the value model's initial weights "
+                        f"(a shape name such as {self.model.value_model!r} has no weights; it serves "
+                        "model.arch for `tulu plan` only), or unset to start from the policy's weights")
             require(rl.reference_logprobs == "training" or (self.groups.inference.engine == "transformers"
                                                             and rl.algorithm == "grpo"),
                     "rlvr.reference_logprobs", rl.reference_logprobs,

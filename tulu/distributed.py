@@ -72,6 +72,29 @@ def engine_env(plan: RankPlan, role: RankRole, env: TaskEnv) -> dict[str, str]:
             "MASTER_PORT": str(env.port_base() + ENGINE_PORT_OFFSET + engine)}
 
 
+def task_gpu(local_rank: int, visible: str | None = None) -> str | None:
+    """The GPU (as Slurm/CUDA name it in ``CUDA_VISIBLE_DEVICES``) that this node's task
+    ``local_rank`` owns: one task per GPU, in order. None where no GPU list is visible.
+
+    Slurm's ``--gpus-per-node`` shows every task all of its node's GPUs, so a process that takes
+    "the first GPU" (a single-GPU vLLM engine does) lands on GPU 0 with its seven neighbours."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    devices = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if not devices:
+        return None
+    if len(devices) == 1:  # Slurm already bound this task to one GPU (--gpus-per-task, --gpu-bind)
+        return devices[0]
+    return devices[local_rank % len(devices)]
+
+
+def bind_task_gpu(env: TaskEnv) -> str | None:
+    """Show this process only its own GPU (for engines that take the first visible one)."""
+    gpu = task_gpu(env.local_rank)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
+
+
 def init_role_world(plan: RankPlan, role: RankRole, env: TaskEnv, timeout_s: float = 1800.0) -> None:
     os.environ.update(role_env(plan, role, env))
     if backend() == "nccl":

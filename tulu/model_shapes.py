@@ -64,6 +64,7 @@ HF_NAME_TO_ARCH = {
     "meta-llama/Llama-3.1-405B": "llama-3.1-405b",
     "allenai/Llama-3.1-Tulu-3-8B-SFT": "llama-3.1-8b",
     "allenai/Llama-3.1-Tulu-3-8B-DPO": "llama-3.1-8b",
+    "allenai/Llama-3.1-Tulu-3-8B": "llama-3.1-8b",
     "allenai/Llama-3.1-Tulu-3-405B-SFT": "llama-3.1-405b",
     "allenai/Llama-3.1-Tulu-3-405B-DPO": "llama-3.1-405b",
 }

@@ -8,6 +8,7 @@ stage's leader (tp 0, dp 0) with every inference rank: leaders first, then infer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tulu.config import ConfigError, JobConfig
@@ -243,6 +244,33 @@ def best_candidate(cands: list[Candidate]) -> Candidate | None:
     return min(fitting, key=lambda c: (c.tp * c.pp, c.pp, c.memory.total_gb)) if fitting else None
 
 
+def _multiples_near(value: int, unit: int) -> str:
+    below = value // unit * unit
+    return ", ".join(str(v) for v in (below, below + unit) if v >= unit)
+
+
+def _check_batch_geometry(cfg: JobConfig, dp: int) -> None:
+    """Every DP rank gets whole micro-batches: checked here, before the queue wait, as the trainer
+    would check it after (tulu.train.loop.BatchLayout, the RLVR learner's setup)."""
+    mbs = cfg.groups.training.micro_batch_size
+    unit = mbs * dp
+    if cfg.stage == "rlvr":
+        rl = cfg.rlvr
+        rollouts = rl.prompts_per_step * rl.samples_per_prompt
+        if rollouts % unit:
+            per = unit // math.gcd(unit, rl.samples_per_prompt)
+            raise PlanError("rlvr.prompts_per_step", f"got {rl.prompts_per_step}; prompts_per_step x samples_per_prompt "
+                            f"= {rollouts} rollouts must split into whole micro-batches over the training "
+                            f"group: a multiple of groups.training.micro_batch_size ({mbs}) x DP ({dp}) = {unit}. "
+                            f"Allowed nearby: prompts_per_step {_multiples_near(rl.prompts_per_step, per)}")
+        return
+    gbs = cfg.stage_config.global_batch_size
+    if gbs % unit:
+        raise PlanError(f"{cfg.stage}.global_batch_size", f"got {gbs}; must be a multiple of "
+                        f"groups.training.micro_batch_size ({mbs}) x DP ({dp}) = {unit}. "
+                        f"Allowed nearby: {_multiples_near(gbs, unit)}")
+
+
 def build_plan(cfg: JobConfig) -> RankPlan:
     """Validate the layout of `cfg` and compute its memory; raise PlanError with a suggestion."""
     cl, inf, tr = cfg.cluster, cfg.groups.inference, cfg.groups.training
@@ -302,4 +330,6 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                 "distributed_optimizer=true, grad_dtype=bf16, or add nodes")
         raise PlanError("groups.training", f"TP{tr.tp} x PP{tr.pp} x DP{dp} does not fit in "
                         f"{cl.gpu_memory_gb:.0f} GB per GPU\n{mem.table()}\n{hint}")
+    if cfg.mode == "train":
+        _check_batch_geometry(cfg, dp)
     return plan

@@ -82,6 +82,9 @@ def test_rehearsal_across_four_nodes_forms_every_group_and_reports(runner):
     ranks = {r["global_rank"]: r for r in report["ranks"]}
     assert sorted(ranks) == list(range(8))
     assert {r["node"] for r in ranks.values()} == {0, 1, 2, 3}
+    # one task per (fake) GPU: Slurm shows each task both of its node's GPUs, each rank takes its own
+    assert report["shared_gpus"] == {}
+    assert {(r["node"], r["gpu"]) for r in ranks.values()} == {(n, g) for n in range(4) for g in ("0", "1")}
     names = {g["group"] for r in ranks.values() for g in r["groups"]}
     assert {"inference (role world)", "inference engine 0", "training (role world)", "tensor parallel",
             "pipeline parallel", "data parallel", "bridge"} <= names

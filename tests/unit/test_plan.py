@@ -57,7 +57,7 @@ def test_405b_pp6_dp5_is_refused_as_too_tight_with_a_suggestion():
 def test_without_reference_model_pp6_would_have_fit_before_activations():
     # The reference model is what tips PP6 over (DESIGN.md section 4).
     cfg = load_config("configs/tulu3-405b-rlvr.yaml", ["groups.training.pp=6", "groups.training.dp=5",
-                                                        "rlvr.kl_beta=0.0"])
+                                                        "rlvr.kl_beta=0.0", "rlvr.prompts_per_step=1860"])
     assert build_plan(cfg).training_mem.fits
 
 

@@ -18,7 +18,7 @@ def run(ctx: JobContext) -> dict:
     rc = ctx.cfg.run
     state_file = ctx.run_dir / "counter" / "state.json"
     with ctx.phase("setup", 0):
-        tdist.init_whole_job_world(ctx.env, timeout_s=ctx.cfg.monitoring.default_timeout_s)
+        tdist.init_whole_job_world(ctx.env, timeout_s=ctx.cfg.monitoring.collective_timeout_s)
     state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "total": 0, "history": []}
     step, total = state["step"], state["total"]
     ctx.log(f"counter resumes at step {step} (total {total}), attempt {ctx.env.restart_count}")

@@ -90,7 +90,7 @@ def _bridge(ctx: JobContext) -> dict:
 def run(ctx: JobContext) -> dict:
     out_dir = ctx.run_dir / "rehearsal" / ctx.env.job_id
     with ctx.phase("setup", 0):
-        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=ctx.cfg.monitoring.default_timeout_s)
+        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=ctx.cfg.monitoring.collective_timeout_s)
         groups = _training_groups(ctx) if ctx.role.role == "training" else _inference_groups(ctx)
         if ctx.role.bridge_rank is not None:
             groups.append(_bridge(ctx))
@@ -99,6 +99,7 @@ def run(ctx: JobContext) -> dict:
     mine = {"global_rank": ctx.env.global_rank, "node": ctx.env.node, "hostname": ctx.env.hostname,
             "role": ctx.role.role, "role_rank": ctx.role.role_rank, "tp_rank": ctx.role.tp_rank,
             "pp_rank": ctx.role.pp_rank, "dp_rank": ctx.role.dp_rank, "bridge_rank": ctx.role.bridge_rank,
+            "gpu": tdist.task_gpu(ctx.env.local_rank),
             "groups": groups, "ok": all(g["ok"] for g in groups)}
     write_json_atomic(out_dir / f"rank_{ctx.env.global_rank:05d}.json", mine)
     for g in groups:
@@ -107,6 +108,15 @@ def run(ctx: JobContext) -> dict:
     if ctx.is_global_leader:
         return _gather(ctx, out_dir)
     return {"ok": mine["ok"]}
+
+
+def _shared_gpus(ranks: list[dict]) -> dict[str, list[int]]:
+    """{"node N GPU g": [ranks]} for every GPU that more than one rank of a node would use."""
+    owners: dict[str, list[int]] = {}
+    for r in ranks:
+        if r.get("gpu") is not None:
+            owners.setdefault(f"node {r['node']} GPU {r['gpu']}", []).append(r["global_rank"])
+    return {k: sorted(v) for k, v in owners.items() if len(v) > 1}
 
 
 def _gather(ctx: JobContext, out_dir: Path, timeout_s: float = 120.0) -> dict:
@@ -119,19 +129,24 @@ def _gather(ctx: JobContext, out_dir: Path, timeout_s: float = 120.0) -> dict:
         time.sleep(0.2)
     ranks = [json.loads(f.read_text()) for f in files]
     missing = sorted(set(range(ctx.plan.world_size)) - {r["global_rank"] for r in ranks})
-    ok = not missing and all(r["ok"] for r in ranks)
-    report = {"job_id": ctx.env.job_id, "ok": ok, "missing_ranks": missing, "plan": ctx.plan.describe(),
+    shared = _shared_gpus(ranks)
+    ok = not missing and not shared and all(r["ok"] for r in ranks)
+    report = {"job_id": ctx.env.job_id, "ok": ok, "missing_ranks": missing, "shared_gpus": shared,
+              "plan": ctx.plan.describe(),
               "ranks": ranks}
     write_json_atomic(out_dir / "report.json", report)
     lines = [f"rehearsal of job {ctx.env.job_id}: {'OK' if ok else 'FAILED'}", ctx.plan.describe(), ""]
     for r in ranks:
-        lines.append(f"rank {r['global_rank']:>4} node {r['node']} ({r['hostname']}) {r['role']}:{r['role_rank']}")
+        lines.append(f"rank {r['global_rank']:>4} node {r['node']} ({r['hostname']}) {r['role']}:{r['role_rank']} "
+                     f"GPU {r.get('gpu')}")
         for g in r["groups"]:
             extra = f" broadcast {g['broadcast_mb']} MB in {g['broadcast_seconds']:.3f} s" if "broadcast_mb" in g else ""
             lines.append(f"      {g['group']:<24} members {g['members']} sum {g['all_reduce_sum']:.0f} "
                          f"{'ok' if g['ok'] else 'MISMATCH (expected ' + str(g['expected_members']) + ')'}{extra}")
     if missing:
         lines.append(f"missing reports from ranks {missing}")
+    for where, owners in shared.items():
+        lines.append(f"GPU {where} is used by ranks {owners}: one task per GPU expected")
     (out_dir / "report.txt").write_text("\n".join(lines) + "\n")
     ctx.log(f"rehearsal report: {out_dir / 'report.txt'} ({'OK' if ok else 'FAILED'})")
     if not ok:

@@ -92,6 +92,7 @@ def monitor_settings(cfg: JobConfig) -> dict:
         "learn_timeouts": m.learn_timeouts,
         "safety_factor": m.safety_factor,
         "min_learned_s": m.min_learned_timeout_s,
+        "max_learned_s": max(m.default_timeout_s, m.stall_timeout_s, *m.phase_timeouts_s.values()),
         "restart_budget": cfg.cluster.max_restarts,
         "exclude_culprit_nodes": m.exclude_culprit_node,
         "log_globs": [str(run_paths(cfg).logs / "{job_id}" / "*_log.*")],

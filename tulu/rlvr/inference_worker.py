@@ -59,15 +59,19 @@ def run(ctx) -> dict:
     cfg, plan, role = ctx.cfg, ctx.plan, ctx.role
     rl, inf = cfg.rlvr, cfg.groups.inference
     with ctx.phase("setup", 0):
-        bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
+        bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
         source = resolve_model(cfg.model, cfg.run.seed)
         tokenizer = build_tokenizer(source.tokenizer)
         train_file, _ = prompt_files(cfg)
         prompts = PromptSet(read_rows(train_file), tokenizer, cfg.data.shuffle_seed,
                             inf.max_model_len - rl.response_length)
         model_dir = engine_model_dir(ctx, source)
-        if inf.tp * inf.pp > 1:
+        if inf.tp * inf.pp > 1:  # vLLM's external launcher picks cuda:LOCAL_RANK itself
             os.environ.update(tdist.engine_env(plan, role, ctx.env))
+        else:
+            gpu = tdist.bind_task_gpu(ctx.env)
+            ctx.log(f"single-GPU engine on GPU {gpu} (CUDA_VISIBLE_DEVICES)" if gpu is not None
+                    else "single-GPU engine: no GPU visible")
         # An fp32 policy samples in fp32: vLLM's "auto" picks bf16 on CPU, which is several times
         # slower there and moves the engine's log-probs away from the trainer's (sampler_kl).
         engine = make_engine(inf.engine, model_dir, tp=inf.tp, pp=inf.pp,

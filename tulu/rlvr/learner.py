@@ -76,7 +76,7 @@ class Learner:
         self.ppo = rl.algorithm == "ppo"
         if self.ppo and rl.ppo_epochs < 1:
             raise ConfigError("rlvr.ppo_epochs", f"got {rl.ppo_epochs}; PPO needs >= 1 epoch over each batch")
-        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
+        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
         megatron_cpu.apply()
         ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
         _seed_everything(cfg.run.seed)
@@ -126,7 +126,7 @@ class Learner:
         role = ctx.role
         self.sends_weights = role.tp_rank == 0 and role.dp_rank == 0  # the stage leaders (bridge members)
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
-        self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.default_timeout_s) \
+        self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.collective_timeout_s) \
             if role.bridge_rank is not None else None
         if rl.reference_in_engine:
             # the engines score against the reference (sent before the START); this group keeps

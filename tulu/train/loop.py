@@ -80,7 +80,7 @@ class Trainer:
         from tulu.train.schedule import LRSchedule
 
         cfg, ctx, st = self.cfg, self.ctx, self.st
-        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.default_timeout_s)
+        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
         megatron_cpu.apply()
         ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
         _seed_everything(cfg.run.seed)
