@@ -19,7 +19,7 @@ from tulu.memory import (
     inference_memory,
     training_memory,
 )
-from tulu.model_shapes import ARCHITECTURES, ModelShape, resolve_shape
+from tulu.model_shapes import ARCHITECTURES, HF_NAME_TO_ARCH, ModelShape, resolve_shape
 
 
 class PlanError(ConfigError):
@@ -271,6 +271,55 @@ def _check_batch_geometry(cfg: JobConfig, dp: int) -> None:
                         f"Allowed nearby: {_multiples_near(gbs, unit)}")
 
 
+CHECKPOINT_WRITE_GB_S_PER_NODE = 1.0
+"""Assumed sustained write rate of one node to the run folder's parallel file system (Lustre and
+GPFS clients reach 1-5 GB/s); sizes the time-limit warning."""
+
+STEP_PHASES = ("generate", "score", "train", "weight_sync")
+
+
+def checkpoint_bytes(cfg: JobConfig, shape: ModelShape) -> int:
+    """Bytes one committed checkpoint holds: trained weights + Adam state (fp32 master, m, v) of
+    the policy, and of PPO's value model; the frozen reference is not saved."""
+    weight = 2 if cfg.model.dtype == "bf16" else 4
+    master = 4 if weight == 2 else 0
+    per_param = weight + master + 8
+    total = shape.num_params * per_param
+    if cfg.stage == "rlvr" and cfg.stage_config.algorithm == "ppo":
+        vm = cfg.model.value_model
+        vshape = ARCHITECTURES.get(HF_NAME_TO_ARCH.get(vm, vm)) if vm else shape
+        total += (vshape or shape).num_params * per_param
+    return total
+
+
+def time_limit_warning_s(cfg: JobConfig, plan: "RankPlan") -> tuple[float, str]:
+    """Seconds the time-limit warning must leave: reach the next step boundary, then save.
+
+    A healthy step is estimated from the monitor's own rule (a time-out is ``safety_factor`` x a
+    healthy phase): the step's phase time-outs / safety_factor. The save: the checkpoint spread
+    over the training nodes at :data:`CHECKPOINT_WRITE_GB_S_PER_NODE`."""
+    m = cfg.monitoring
+    phases = [p for p in STEP_PHASES if p in m.phase_timeouts_s] or ["train"]
+    step_s = sum(m.phase_timeouts_s.get(p, m.default_timeout_s) for p in phases) / m.safety_factor
+    nodes = max(1, -(-plan.training_gpus // plan.gpus_per_node))
+    ckpt = checkpoint_bytes(cfg, plan.shape)
+    save_s = ckpt / nodes / (CHECKPOINT_WRITE_GB_S_PER_NODE * 1e9)
+    why = (f"a step ~{step_s:.0f} s ({' + '.join(phases)} time-outs / safety_factor {m.safety_factor:g}) + a save "
+           f"~{save_s:.0f} s ({ckpt / 1e9:,.0f} GB over {nodes} training node(s) at "
+           f"{CHECKPOINT_WRITE_GB_S_PER_NODE:g} GB/s each)")
+    return step_s + save_s, why
+
+
+def _check_time_limit_warning(cfg: JobConfig, plan: "RankPlan") -> None:
+    need, why = time_limit_warning_s(cfg, plan)
+    plan.notes.append(f"time-limit warning: {cfg.cluster.signal_delay_s} s before the limit; needs >= {need:.0f} s: {why}")
+    if cfg.cluster.executor == "slurm" and cfg.cluster.signal_delay_s < need:
+        limit_s = cfg.cluster.time_limit_min * 60
+        raise PlanError("cluster.signal_delay_s", f"got {cfg.cluster.signal_delay_s}; the warning before the time "
+                        f"limit must cover {why} = {need:.0f} s, or the save is cut off and the time since the "
+                        f"last checkpoint is lost. Allowed: {math.ceil(need)} to {limit_s - 1} seconds")
+
+
 def build_plan(cfg: JobConfig) -> RankPlan:
     """Validate the layout of `cfg` and compute its memory; raise PlanError with a suggestion."""
     cl, inf, tr = cfg.cluster, cfg.groups.inference, cfg.groups.training
@@ -332,4 +381,5 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                         f"{cl.gpu_memory_gb:.0f} GB per GPU\n{mem.table()}\n{hint}")
     if cfg.mode == "train":
         _check_batch_geometry(cfg, dp)
+        _check_time_limit_warning(cfg, plan)
     return plan

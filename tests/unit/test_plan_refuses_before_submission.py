@@ -97,3 +97,23 @@ def test_each_task_gets_its_own_gpu(monkeypatch, visible, local_rank, gpu):
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert task_gpu(local_rank) == gpu
+
+
+@pytest.mark.parametrize("preset", FLAGSHIPS)
+def test_a_90_s_time_limit_warning_is_refused_where_a_step_and_a_save_take_longer(preset):
+    with pytest.raises(PlanError) as err:
+        build_plan(load_config(CONFIGS / preset, ["cluster.signal_delay_s=90"]))
+    assert err.value.key == "cluster.signal_delay_s"
+    assert "GB over" in str(err.value) and "safety_factor" in str(err.value)
+
+
+def test_the_405b_rlvr_warning_covers_its_phases_and_a_5_8_tb_save():
+    from tulu.plan import checkpoint_bytes, time_limit_warning_s
+
+    cfg = load_config(CONFIGS / "tulu3-405b-rlvr.yaml")
+    plan = build_plan(cfg)
+    # 405.9B policy + 8.0B value model, each bf16 weights + fp32 master, m and v (14 bytes/param)
+    assert checkpoint_bytes(cfg, plan.shape) / 1e12 == pytest.approx(5.79, abs=0.01)
+    need, why = time_limit_warning_s(cfg, plan)
+    assert need == pytest.approx((1800 + 3600 + 300) / 5 + 5.794e12 / 30 / 1e9, rel=1e-3)
+    assert cfg.cluster.signal_delay_s >= need
