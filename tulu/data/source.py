@@ -73,7 +73,18 @@ def load_source(source: str | Path, split: str = "train", cache_dir: str | Path 
         if name.count("/") != 1 or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"data source {name!r} is not an existing file or folder, "
                                     "nor a hub dataset name like 'allenai/tulu-3-sft-mixture'")
-        return _datasets().load_dataset(name, split=split, cache_dir=cache)
+        return _datasets().load_dataset(str(hub_dataset_folder(name)), split=split, cache_dir=cache)
+
+
+def hub_dataset_folder(name: str) -> Path:
+    """The hub dataset ``name`` as a local folder: its snapshot in the Hugging Face cache.
+
+    Reading the snapshot as a folder (not ``load_dataset(name)``) means the same files give the
+    same rows with or without the network: a snapshot fetched once on a login node serves every
+    rank with ``HF_HUB_OFFLINE=1``, where ``datasets`` alone would want the hub."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, repo_type="dataset"))
 
 
 @dataclass

@@ -21,7 +21,9 @@ def engine_model_dir(ctx, source) -> Path:
     tiny or checkpoint-born model gets a seeded random init written once per run."""
     cfg = ctx.cfg
     if cfg.model.name_or_path and source.init.__class__.__name__ == "HFWeights":
-        return Path(cfg.model.name_or_path)
+        from tulu.models.hub import local_model_folder
+
+        return local_model_folder(cfg.model.name_or_path)   # a hub id: the cached snapshot
     out = ctx.run_dir / "inference_model"
     if (out / "config.json").exists():
         return out
@@ -63,8 +65,8 @@ def run(ctx) -> dict:
         source = resolve_model(cfg.model, cfg.run.seed)
         tokenizer = build_tokenizer(source.tokenizer)
         train_file, _ = prompt_files(cfg)
-        prompts = PromptSet(read_rows(train_file), tokenizer, cfg.data.shuffle_seed,
-                            inf.max_model_len - rl.response_length)
+        prompts = PromptSet(read_rows(train_file, cfg.data.split, cfg.data.cache_dir), tokenizer,
+                            cfg.data.shuffle_seed, inf.max_model_len - rl.response_length)
         model_dir = engine_model_dir(ctx, source)
         if inf.tp * inf.pp > 1:  # vLLM's external launcher picks cuda:LOCAL_RANK itself
             os.environ.update(tdist.engine_env(plan, role, ctx.env))

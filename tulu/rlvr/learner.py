@@ -138,8 +138,8 @@ class Learner:
 
             train_file, _ = prompt_files(cfg)
             inf = cfg.groups.inference
-            self.prompts = PromptSet(read_rows(train_file), self.tokenizer, cfg.data.shuffle_seed,
-                                     inf.max_model_len - rl.response_length)
+            self.prompts = PromptSet(read_rows(train_file, cfg.data.split, cfg.data.cache_dir), self.tokenizer,
+                                     cfg.data.shuffle_seed, inf.max_model_len - rl.response_length)
             self.scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward,
                                                     unverified_reward=rl.unverified_reward,
                                                     no_eos_penalty=rl.no_eos_penalty or None),

@@ -54,14 +54,22 @@ class PromptSet:
         return out
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_rows(source: str | Path, split: str = "train", cache_dir: str | Path | None = None) -> list[dict]:
+    """The rows of ``source``: a local jsonl file (read directly, it is the common case and fast),
+    or anything :func:`tulu.data.source.load_source` reads - a parquet/json/csv file, a
+    ``save_to_disk`` folder, a hub dataset name such as ``allenai/RLVR-MATH``."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from tulu.data.source import load_source
+
+    return [dict(row) for row in load_source(str(source), split, cache_dir)]
 
 
 def prompt_files(cfg) -> tuple[Path, Path | None]:
     """(train, held-out) jsonl: the configured files, or synthetic arithmetic written once
     (atomically, deterministic by seed, so every rank that races to write it writes the same)."""
-    if cfg.data.train:
+    if cfg.data.train:  # a local path or a hub dataset name (read_rows tells them apart)
         return Path(cfg.data.train), Path(cfg.data.eval) if cfg.data.eval else None
     from tulu.data import make_synthetic
 
