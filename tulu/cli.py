@@ -66,9 +66,14 @@ def cmd_plan(args) -> int:
         _print_pipeline_plan(load_pipeline(args.config, list(args.set or [])))
         return 0
     from tulu.plan import build_plan
+    from tulu.run_space import run_folder_space
 
     cfg = _load(args)
-    print(build_plan(cfg).describe())
+    plan = build_plan(cfg)
+    print(plan.describe())
+    space = run_folder_space(cfg, plan)
+    if space is not None:
+        print(space.describe())
     return 0
 
 
@@ -77,8 +82,13 @@ def cmd_submit(args) -> int:
     from tulu.launch import executor
     from tulu.plan import build_plan
 
+    from tulu.run_space import check_run_folder_space
+
     cfg = _load(args)
     plan = build_plan(cfg)
+    space = check_run_folder_space(cfg, plan)   # refuses a folder too small for the run
+    if space is not None:
+        print(space.describe())
     if args.dry_run:
         if cfg.cluster.executor == "local":
             print("# cluster.executor is 'local': tasks run on this machine, no sbatch script")
@@ -119,6 +129,17 @@ def cmd_pipeline(args) -> int:
                   + (f"; and keep: {', '.join(e.name for e in keep)}" if keep else ""))
         return 0
     return run(pipeline, wait=not args.no_wait, fresh=args.fresh)
+
+
+def cmd_twin(args) -> int:
+    _require_job_config(args.config)
+    from tulu.twin import derive_twin, write_twin
+
+    twin = derive_twin(args.config)
+    out = write_twin(twin, args.out or f"runs/twins/{twin.config['run']['name']}")
+    print(twin.report(), end="")
+    print(f"config: {out}\nsubmit: tulu submit {out}")
+    return 0
 
 
 def cmd_logs(args) -> int:
@@ -222,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "pipeline.json names this pipeline; other files are kept); else stages resume")
     sp.add_argument("--dry-run", action="store_true", help="validate and plan every stage, submit nothing")
     sp.set_defaults(func=cmd_pipeline)
+
+    sp = add("twin", "derive a preset's miniature twin (every structural feature, tiny sizes) for the local Slurm",
+             description="Write the miniature twin of a preset: the same TP/PP/DP features at degree 2, uneven\n"
+                         "pipeline stages, sequence parallel, distributed optimizer, reference and value models,\n"
+                         "hub ids served from an offline mirror; only widths, lengths, counts and steps shrink.",
+             epilog="example:\n  tulu twin configs/tulu3-405b-rlvr.yaml --out runs/twins/405b-rlvr\n"
+                    "  tulu submit runs/twins/405b-rlvr/twin.yaml --wait")
+    sp.add_argument("config", help="a preset (job config), e.g. configs/tulu3-405b-rlvr.yaml")
+    sp.add_argument("--out", help="folder for twin.yaml, report.txt and the hub mirror "
+                                  "(default runs/twins/twin-<preset>)")
+    sp.set_defaults(func=cmd_twin)
 
     job_help = "a job id (tulu submit prints it) or a run folder, e.g. runs/tiny-cpu/rlvr"
     sp = add("logs", "show (and follow) the per-task logs of a job, across requeues",

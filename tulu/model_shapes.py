@@ -86,8 +86,9 @@ def shape_from_hf_config(name: str, cfg: dict) -> ModelShape:
 ARCHITECTURES: dict[str, ModelShape] = _from_presets()
 
 
-def resolve_shape(model_cfg) -> ModelShape:
-    """The shape of a `ModelConfig`: named arch, tiny arch, known HF name or a local config.json."""
+def resolve_shape(model_cfg, hub_cache: str | None = None) -> ModelShape:
+    """The shape of a `ModelConfig`: named arch, tiny arch, a local or cached config.json (in the
+    Hugging Face cache the job will read: ``hub_cache``, else the default), or a known HF name."""
     import json
     from pathlib import Path
 
@@ -98,11 +99,13 @@ def resolve_shape(model_cfg) -> ModelShape:
         return ModelShape("tiny", t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                           t.num_attention_heads, t.num_key_value_heads)
     name = model_cfg.name_or_path
+    cfg_file = Path(name) / "config.json"
+    if not cfg_file.is_file():
+        cfg_file = _cached_hub_config(name, hub_cache)
+    if cfg_file is not None and cfg_file.is_file():  # the folder the job will read beats the table
+        return shape_from_hf_config(name, json.loads(cfg_file.read_text()))
     if name in HF_NAME_TO_ARCH:
         return ARCHITECTURES[HF_NAME_TO_ARCH[name]]
-    cfg_file = Path(name) / "config.json"
-    if cfg_file.is_file():
-        return shape_from_hf_config(name, json.loads(cfg_file.read_text()))
     from tulu.train.model import StageCheckpoint  # an earlier stage's tulu checkpoint records its shape
 
     stage = StageCheckpoint.find(name)
@@ -112,3 +115,17 @@ def resolve_shape(model_cfg) -> ModelShape:
         f"model.name_or_path: cannot tell the shape of {name!r} without downloading it; "
         f"give a local folder with config.json, or set model.arch to one of {', '.join(ARCHITECTURES)}"
     )
+
+
+def _cached_hub_config(name: str, hub_cache: str | None = None):
+    """``config.json`` of hub model ``name`` if the local Hugging Face cache holds it (no network)."""
+    from pathlib import Path
+
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(name, "config.json", cache_dir=hub_cache)
+    return Path(found) if isinstance(found, str) else None

@@ -19,7 +19,7 @@ from tulu.memory import (
     inference_memory,
     training_memory,
 )
-from tulu.model_shapes import ARCHITECTURES, HF_NAME_TO_ARCH, ModelShape, resolve_shape
+from tulu.model_shapes import ARCHITECTURES, ModelShape, resolve_shape
 
 
 class PlanError(ConfigError):
@@ -192,6 +192,12 @@ def _seq_len(cfg: JobConfig) -> tuple[int, int]:
     return st.max_seq_len, 2 if cfg.stage == "dpo" else 1
 
 
+def _hub_cache(cfg: JobConfig) -> str | None:
+    """The Hugging Face cache the job's tasks will read (``cluster.env``), so the plan sees the
+    same config.json they will."""
+    return cfg.cluster.env.get("HF_HUB_CACHE") or None
+
+
 def _memory_inputs(cfg: JobConfig, shape: ModelShape, tp: int, pp: int, dp: int) -> TrainingMemoryInputs:
     t = cfg.groups.training
     seq, per_mb = _seq_len(cfg)
@@ -202,7 +208,7 @@ def _memory_inputs(cfg: JobConfig, shape: ModelShape, tp: int, pp: int, dp: int)
         vm = cfg.model.value_model
         value_shape = ARCHITECTURES.get(vm) if vm else shape
         if value_shape is None:
-            value_shape = resolve_shape(type(cfg.model)(name_or_path=vm))
+            value_shape = resolve_shape(type(cfg.model)(name_or_path=vm), _hub_cache(cfg))
     wbytes = 2 if cfg.model.dtype == "bf16" else 4
     return TrainingMemoryInputs(
         shape=shape, tp=tp, pp=pp, dp=dp, layers_per_stage=layers_per_stage(shape.num_layers, pp),
@@ -287,8 +293,12 @@ def checkpoint_bytes(cfg: JobConfig, shape: ModelShape) -> int:
     total = shape.num_params * per_param
     if cfg.stage == "rlvr" and cfg.stage_config.algorithm == "ppo":
         vm = cfg.model.value_model
-        vshape = ARCHITECTURES.get(HF_NAME_TO_ARCH.get(vm, vm)) if vm else shape
-        total += (vshape or shape).num_params * per_param
+        try:
+            vshape = (ARCHITECTURES.get(vm) or resolve_shape(type(cfg.model)(name_or_path=vm), _hub_cache(cfg))
+                      if vm else shape)
+        except ValueError:  # an unknown value model: count it as large as the policy
+            vshape = shape
+        total += vshape.num_params * per_param
     return total
 
 
@@ -323,7 +333,7 @@ def _check_time_limit_warning(cfg: JobConfig, plan: "RankPlan") -> None:
 def build_plan(cfg: JobConfig) -> RankPlan:
     """Validate the layout of `cfg` and compute its memory; raise PlanError with a suggestion."""
     cl, inf, tr = cfg.cluster, cfg.groups.inference, cfg.groups.training
-    shape = resolve_shape(cfg.model)
+    shape = resolve_shape(cfg.model, _hub_cache(cfg))
     world = cl.world_size
     if inf.gpus >= world:
         raise PlanError("groups.inference.gpus", f"got {inf.gpus}; allowed: fewer than the {world} GPUs of "
