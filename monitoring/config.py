@@ -59,6 +59,10 @@ class MonitorConfig:
     act: bool = True                       # False: report only (never requeue or cancel)
     kill_ranks_on_fault: bool = False      # without Slurm: SIGKILL local ranks after the report
     sidecar_wait_s: float = 30.0           # on_exit waits this long for a busy sidecar
+    # Where the monitor writes when the monitor dir cannot be written (full, over quota,
+    # read-only): <fallback_dir>/job_<id>/; None: $TMPDIR/tulu-monitor-<uid>/ on the batch host
+    fallback_dir: str | None = None
+    on_storage_fault: str = "stop"         # "stop" (exit 79) | "hold" (requeued held)
 
     def __post_init__(self) -> None:
         positive = ("check_interval_s", "default_timeout_s", "stall_timeout_s",
@@ -72,6 +76,9 @@ class MonitorConfig:
                              f"{self.safety_factor}")
         if self.restart_budget < 0 or self.min_observations < 1:
             raise ValueError("MonitorConfig.restart_budget must be >= 0 and min_observations >= 1")
+        if self.on_storage_fault not in ("stop", "hold"):
+            raise ValueError(f"MonitorConfig.on_storage_fault must be 'stop' or 'hold', got "
+                             f"{self.on_storage_fault!r}")
         for phase, t in self.phase_timeouts_s.items():
             if t <= 0:
                 raise ValueError(f"MonitorConfig.phase_timeouts_s[{phase!r}] must be > 0, got {t}")

@@ -13,10 +13,15 @@ rules, first match wins:
   somewhere other than where the majority waits; else no culprit (all ranks wait in the same
   place: suspect the network or the collective itself, see the NCCL findings).
 - **startup**: the ranks that never reported.
+- **storage**: a crash whose cause is a full, over-quota, read-only or failing file system
+  (ENOSPC, EDQUOT, EROFS, EIO: from a failed rank's recorded detail or error, or a log line).
+  The ranks that hit it are named, but no node is blamed: excluding a node does not free a
+  shared file system.
 
 `diagnose` gathers the evidence (stacks, logs, flight-recorder dumps) and builds the report;
 `write_report` writes ``reports/<utc>_<kind>.json`` and ``.txt`` plus ``last_report.json`` /
-``last_report.txt``; `load_last_report` reads it back for ``tulu status``.
+``last_report.txt`` (in the fallback folder when the monitor dir cannot be written, see
+`monitoring.storage`; it never raises); `load_last_report` reads it back for ``tulu status``.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from monitoring.logscan import LogFinding, scan_logs, srun_failed_tasks
 from monitoring.progress import meta_path
 from monitoring.record import STATE_EXITED, STATE_FAILED, RankRecord
 from monitoring.stacks import RankStack, collect_stacks, innermost_frame
+from monitoring.storage import StorageFault, fault_from_text, files_for, say
 
 __all__ = ["Culprit", "HangReport", "name_culprits", "diagnose", "write_report",
-           "load_last_report", "request_flight_recorder_dumps"]
+           "load_last_report", "request_flight_recorder_dumps", "storage_fault_of"]
 
 _COMM_ERROR = re.compile(r"gloo|nccl|ProcessGroup|DistBackendError|DistNetworkError|"
                          r"Connection (closed|reset)|Broken pipe|collective", re.I)
@@ -167,6 +173,8 @@ class HangReport:
     flight_recorder: dict = field(default_factory=dict)
     reporter: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    storage: dict = field(default_factory=dict)   # kind "storage": the StorageFault; always:
+    #                                               the monitor's own failed writes
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -176,6 +184,13 @@ class HangReport:
         lines = [f"tulu-hpc health monitor: {self.kind.upper()} detected at {when}",
                  f"job {self.job_id or '-'} attempt {self.attempt}, {self.world_size} ranks",
                  "", self.summary, "", f"rule: {self.fault.get('detail', '')}", ""]
+        if self.storage.get("fault"):
+            f = StorageFault.from_dict(self.storage["fault"])
+            if f is not None:
+                lines += [f"storage: {f.line()}", f"what to do: {self.storage.get('advice', '')}", ""]
+        for w in self.storage.get("monitor_write_failures", [])[:5]:
+            lines.append(f"monitor could not write {w.get('path')}: {w.get('name')} "
+                         f"{w.get('error', '')}".rstrip())
         if self.culprits:
             lines.append("culprit(s):")
             lines += [f"  rank {c['rank']} on {c['node'] or '?'} (pid {c['pid']}): {c['reason']}"
@@ -236,6 +251,34 @@ def request_flight_recorder_dumps(monitor_dir: str | os.PathLike,
     return out
 
 
+def storage_fault_of(records: list[RankRecord | None],
+                     findings: list[LogFinding] | None = None) -> tuple[StorageFault, list[int]] | None:
+    """The storage fault behind a crash and the ranks that hit it, or None. A failed rank's
+    recorded detail (JSON from its excepthook: path and bytes) wins over its error text, which
+    wins over a log line."""
+    failed = sorted((r for r in records if r is not None and r.state == STATE_FAILED),
+                    key=lambda r: r.exit_time)
+    best: StorageFault | None = None
+    ranks: list[int] = []
+    for r in failed:
+        f = fault_from_text(r.detail) or fault_from_text(r.error)
+        if f is None:
+            continue
+        ranks.append(r.rank)
+        if best is None or (not best.path and f.path) or (best.needed_bytes is None
+                                                           and f.needed_bytes is not None):
+            best = f
+    for lf in findings or []:
+        if best is not None and best.path:
+            break
+        f = fault_from_text(lf.line) if lf.kind == "storage_error" else None
+        if f is not None and (best is None or (f.path and not best.path)):
+            best = f
+            if lf.rank is not None and lf.rank not in ranks:
+                ranks.append(lf.rank)
+    return (best.with_space(), ranks) if best is not None else None
+
+
 def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str | os.PathLike,
              cfg: MonitorConfig, detector: Detector | None = None,
              alive: dict[int, bool | None] | None = None, job_id: str | None = None,
@@ -258,7 +301,27 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
     findings = scan_logs(globs) if globs else []
     culprits = name_culprits(fault, records, stacks, alive, findings)
     nodes = sorted({c.node for c in culprits if c.node})
-    if culprits:
+    kind = fault.kind
+    storage: dict = {}
+    found = storage_fault_of(records, findings) if fault.kind == "crash" else None
+    if found is not None:
+        sf, hit = found
+        kind = "storage"
+        by_rank = {r.rank: r for r in present}
+        culprits = [Culprit(r, by_rank[r].node if r in by_rank else "", by_rank[r].pid if r in by_rank else 0,
+                            f"storage fault: {sf.line()}", host=by_rank[r].host if r in by_rank else "")
+                    for r in hit]
+        nodes = []   # a shared file system is not a node's fault: exclude none
+        storage = {"fault": sf.to_dict(), "line": sf.line(), "advice": sf.advice}
+    own_failures = files_for(monitor_dir).failures
+    if own_failures:
+        storage["monitor_write_failures"] = list(own_failures)
+    if kind == "storage":
+        who = ", ".join(f"rank {c.rank}" for c in culprits[:8]) or "a rank"
+        summary = (f"storage: {storage['line']} (hit by {who}); not a node fault, nothing excluded. "
+                   f"{storage['advice'][:1].upper()}{storage['advice'][1:]}, then resubmit: the run "
+                   f"resumes from its last committed checkpoint")
+    elif culprits:
         who = ", ".join(f"rank {c.rank} on {c.node or '?'}" for c in culprits[:8])
         summary = f"{fault.kind}: culprit {who}" + (" ..." if len(culprits) > 8 else "")
         summary += f" - {culprits[0].reason}"
@@ -272,41 +335,49 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
                     "default_timeout_s": cfg.default_timeout_s,
                     "stall_timeout_s": cfg.stall_timeout_s}
     return HangReport(
-        kind=fault.kind, detected_at=time.time(), job_id=job_id, attempt=attempt,
+        kind=kind, detected_at=time.time(), job_id=job_id, attempt=attempt,
         world_size=len(records), fault=fault.to_dict(),
         culprits=[c.to_dict() for c in culprits], culprit_nodes=nodes, summary=summary,
         ranks=[r.to_dict() for r in present], stacks={str(k): v.to_dict() for k, v in
                                                       stacks.items()},
         log_findings=[f.to_dict() for f in findings], timeouts=timeouts, flight_recorder=fr,
-        reporter={"host": host, "pid": os.getpid()})
+        reporter={"host": host, "pid": os.getpid()}, storage=storage)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_report(monitor_dir: str | os.PathLike, report: HangReport) -> Path:
-    """Write the report; returns the JSON path. ``last_report.json`` is a copy (not a symlink:
-    copies survive rsync and object stores)."""
+def write_report(monitor_dir: str | os.PathLike, report: HangReport) -> Path | None:
+    """Write the report; returns the path its JSON landed at (the monitor dir, else the fallback
+    folder), or None when neither could be written: then its text goes to stdout/stderr. Never
+    raises. ``last_report.json`` is a copy (not a symlink: copies survive rsync and object
+    stores)."""
+    io = files_for(monitor_dir)
     d = Path(monitor_dir) / "reports"
-    d.mkdir(parents=True, exist_ok=True)
     stem = f"{_utc(report.detected_at)}_{report.kind}"
     jpath, tpath = d / f"{stem}.json", d / f"{stem}.txt"
     report.files = {"json": str(jpath), "text": str(tpath)}
+    where = io.write_text(jpath, "{}", what="monitor report")   # where the report will land
+    if where is not None and where != jpath:
+        report.files = {"json": str(where), "text": str(where.with_suffix(".txt")),
+                        "monitor_dir_unwritable": str(jpath)}
+    if io.failures:
+        report.storage.setdefault("monitor_write_failures", list(io.failures))
     data = json.dumps(report.to_dict(), indent=1, sort_keys=True)
     text = report.to_text()
-    _atomic_write(jpath, data)
-    _atomic_write(tpath, text)
-    _atomic_write(Path(monitor_dir) / "last_report.json", data)
-    _atomic_write(Path(monitor_dir) / "last_report.txt", text)
-    return jpath
+    landed = io.write_text(jpath, data, what="monitor report")
+    io.write_text(tpath, text, what="monitor report")
+    io.write_text(Path(monitor_dir) / "last_report.json", data, what="monitor report")
+    io.write_text(Path(monitor_dir) / "last_report.txt", text, what="monitor report")
+    if landed is None:
+        say("tulu-hpc health monitor: the report could not be written anywhere; here it is:\n" + text)
+    return landed
 
 
-def load_last_report(monitor_dir: str | os.PathLike) -> dict | None:
-    """The newest report as a dict (keys as in `HangReport`), or None if there is none."""
+def load_last_report(monitor_dir: str | os.PathLike, *, fallback_dir: str | None = None,
+                     job_id: str | None = None) -> dict | None:
+    """The newest report as a dict (keys as in `HangReport`), from the monitor dir or its
+    fallback folder (``MonitorConfig.fallback_dir`` and the job id name it), or None."""
+    io = files_for(monitor_dir, fallback_dir=fallback_dir, job_id=job_id)
+    text = io.read_text(Path(monitor_dir) / "last_report.json")
     try:
-        return json.loads((Path(monitor_dir) / "last_report.json").read_text())
-    except (OSError, ValueError):
+        return json.loads(text) if text else None
+    except ValueError:
         return None

@@ -21,7 +21,13 @@ Kinds:
 - ``hang_weight_sync`` / ``hang_checkpoint``: sleep forever at point ``weight_sync`` /
   ``checkpoint``;
 - ``gil_hang``: blocks in C while holding the GIL (no Python thread of the rank runs again;
-  faulthandler still dumps from its signal handler).
+  faulthandler still dumps from its signal handler);
+- ``enospc``: fills the file system of the run folder (``$TULU_RUN_DIR``, else the cwd) with a
+  file ``tulu-fault-fill.<pid>`` in that folder, until the file system refuses more
+  (ENOSPC, or EDQUOT under a quota); then the rank goes on and meets the full disk at its next
+  write. Delete the file to free the space. Use a small file system (a tmpfs), not a shared
+  one. Point ``checkpoint_write`` (inside `CheckpointManager.save`, after its free-space check)
+  makes a save fail midway; point ``checkpoint`` (before the save) meets that check.
 
 Loops call ``maybe_inject(point, step, rank, restart=...)`` at named points; the restart count
 is passed in (the rank plan knows it), never read from Slurm here. Without ``TULU_FAULT`` the
@@ -30,6 +36,7 @@ call is one dict lookup.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -39,7 +46,7 @@ __all__ = ["FaultSpec", "InjectedFault", "parse_faults", "maybe_inject", "KINDS"
 
 ENV = "TULU_FAULT"
 KINDS = ("sigstop", "skip_collective", "sigkill", "exception", "straggler",
-         "hang_weight_sync", "hang_checkpoint", "gil_hang")
+         "hang_weight_sync", "hang_checkpoint", "gil_hang", "enospc")
 _DEFAULT_POINT = {"hang_weight_sync": "weight_sync", "hang_checkpoint": "checkpoint"}
 
 
@@ -133,8 +140,43 @@ def _fire(spec: FaultSpec, point: str, step: int, rank: int) -> None:
         raise InjectedFault(f"injected fault: {where}")
     elif spec.kind == "gil_hang":
         _hold_gil_forever()
+    elif spec.kind == "enospc":
+        folder = os.environ.get("TULU_RUN_DIR") or os.getcwd()
+        filled = fill_file_system(folder)
+        print(f"[tulu fault injection] filled {folder}'s file system with {filled} bytes", flush=True)
     else:  # skip_collective, hang_weight_sync, hang_checkpoint
         _sleep_forever()
+
+
+def fill_file_system(folder: str | os.PathLike, chunk: int = 1 << 20) -> int:
+    """Write ``folder/tulu-fault-fill.<pid>`` until its file system is full; bytes written."""
+    path = os.path.join(os.fspath(folder), f"tulu-fault-fill.{os.getpid()}")
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (chunk, 4096, 512):
+            block = b"\0" * size
+            while True:
+                try:
+                    n = os.write(fd, block)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        break
+                    raise
+                written += n
+                if n < size:
+                    break
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    if written == 0:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return written
 
 
 def _sleep_forever() -> None:

@@ -39,6 +39,9 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
                                   r"Segmentation fault|Aborted)")),
     ("step_cancelled", re.compile(r"\*\*\* (STEP|JOB) [\d.]+ ON (?P<node>\S+) CANCELLED AT "
                                   r"(?P<at>\S+)(?P<why>[^*]*)\*\*\*")),
+    # a full / over-quota / read-only / failing file system (monitoring.storage)
+    ("storage_error", re.compile(r"\[Errno (28|122|30|5)\]|No space left on device|Disk quota "
+                                 r"exceeded|Read-only file system")),
 ]
 
 _RANK_IN_LINE = re.compile(r"(?:\[rank(\d+)\]|\bRank (\d+)\])")

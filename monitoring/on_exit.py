@@ -18,7 +18,9 @@ sidecar included; so the crash -> requeue decision is taken here, in the script'
    and `recovery.handle_fault`.
 
 Exit status (the batch script's final status): srun's rc, or `EXIT_DO_NOT_REQUEUE` (79) when
-the restart chain was stopped.
+the restart chain was stopped. An I/O error never ends it before it decides: records it cannot
+write go to the fallback folder (`monitoring.storage`), and a storage fault (ENOSPC, EDQUOT,
+EROFS, EIO) is named in the report and the job's comment and never requeued.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ from monitoring.recovery import (
     requeue_requested, stop_reason,
 )
 from monitoring.sidecar import BUSY, log
+from monitoring import storage
 
 __all__ = ["decide_on_exit", "main"]
 
 
 def _wait_for_sidecar(monitor_dir: Path, pid: int | None, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
-    while (monitor_dir / BUSY).exists() and time.monotonic() < deadline:
+    io = storage.files_for(monitor_dir)
+    while io.exists(monitor_dir / BUSY) and time.monotonic() < deadline:
         if pid and not os.path.exists(f"/proc/{pid}"):
             break
         time.sleep(0.2)
@@ -109,14 +113,27 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
     report = diagnose(fault, records, monitor_dir=d, cfg=cfg, job_id=job_id, attempt=attempt,
                       collect=False)
     path = write_report(d, report)
-    log(f"report {path}: {report.summary}")
+    log(f"report {path or '(written nowhere: text on stdout/stderr)'}: {report.summary}")
     step = max((r.done_step for r in records if r is not None), default=-1)
+    if report.kind == "storage":
+        kind = "storage"
     decision = handle_fault(
         d, job_id=job_id, attempt=attempt, fault_kind=kind, step=step, cfg=cfg,
         culprit_nodes=report.culprit_nodes, culprit_ranks=[c["rank"] for c in report.culprits],
-        by="on_exit", report=str(path), job_running=False, rc=rc)
+        by="on_exit", report=str(path) if path else None, job_running=False, rc=rc,
+        storage_line=report.storage.get("line", ""))
     log(f"decision: {decision.action}: {decision.reason}", exclude=list(decision.exclude_nodes))
     return EXIT_DO_NOT_REQUEUE if decision.action == "stop" else rc
+
+
+def _decide_safely(rc: int, monitor_dir, world_size: int, cfg: MonitorConfig, **kw) -> int:
+    """`decide_on_exit`, and if it still fails (a bug, or an error nobody foresaw), one log line
+    and srun's status: the batch script must end with a status, never a traceback."""
+    try:
+        return decide_on_exit(rc, monitor_dir, world_size, cfg, **kw)
+    except Exception as e:  # noqa: BLE001 - the EXIT trap's last line of defence
+        log(f"on_exit could not decide ({type(e).__name__}: {e}); exiting with srun's status {rc}")
+        return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
     attempt = args.attempt if args.attempt is not None else int(
         os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    return decide_on_exit(args.rc, args.monitor_dir, args.world_size, cfg, job_id=job_id,
+    storage.configure(args.monitor_dir, cfg.fallback_dir, job_id)
+    return _decide_safely(args.rc, args.monitor_dir, args.world_size, cfg, job_id=job_id,
                           attempt=attempt, sidecar_pid=args.sidecar_pid)
 
 

@@ -81,9 +81,37 @@ def _proc_start_time(pid: int) -> float:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:   # a full file system must not collect zero-byte leftovers
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def storage_detail(exc: BaseException | None) -> str:
+    """JSON naming the storage fault behind ``exc`` (path, errno, bytes needed and free), or ""
+    when it is not one. Fits the record's detail field."""
+    from monitoring.storage import fault_from_exception
+
+    fault = fault_from_exception(exc)
+    if fault is None:
+        return ""
+    d = {k: v for k, v in fault.to_dict().items() if v not in (None, "")}
+    text = json.dumps(d, sort_keys=True)
+    for drop in ("what", "mount", "total_bytes"):
+        if len(text.encode()) <= L.DETAIL.size:
+            break
+        d.pop(drop, None)
+        text = json.dumps(d, sort_keys=True)
+    if len(text.encode()) > L.DETAIL.size:   # a very long path: keep its end
+        d["path"] = "..." + d.get("path", "")[-(L.DETAIL.size - 200):]
+        text = json.dumps(d, sort_keys=True)
+    return text
 
 
 class ProgressTracker:
@@ -224,11 +252,14 @@ class ProgressTracker:
                     self._longest[slot], self._counts[slot])
 
     # ------------------------------------------------------------------ exit
-    def exit(self, rc: int = 0, error: str = "") -> None:
-        """Record this rank's exit: ``rc == 0`` is clean, anything else is a failure."""
+    def exit(self, rc: int = 0, error: str = "", detail: str = "") -> None:
+        """Record this rank's exit: ``rc == 0`` is clean, anything else is a failure.
+        ``detail``: JSON the monitor reads (`storage_detail`: a storage fault's path and bytes)."""
         if self._closed:
             return
         state = STATE_EXITED if rc == 0 and not error else STATE_FAILED
+        if detail:
+            self._write(L.DETAIL, L.OFF_DETAIL, _b(detail, L.DETAIL.size))
         self._write(L.EXIT, L.OFF_EXIT, state, int(rc) if rc or not error else 1, time.time(),
                     _b(error, 160))
         self._mm.flush()
@@ -243,7 +274,11 @@ class ProgressTracker:
         previous = sys.excepthook
 
         def excepthook(exc_type, exc, tb):
-            self.exit(1, error=f"{exc_type.__name__}: {exc}")
+            try:
+                detail = storage_detail(exc)
+            except Exception:  # noqa: BLE001 - recording the failure matters more
+                detail = ""
+            self.exit(1, error=f"{exc_type.__name__}: {exc}", detail=detail)
             previous(exc_type, exc, tb)
 
         sys.excepthook = excepthook

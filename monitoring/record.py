@@ -52,6 +52,7 @@ class RecordLayout:
     DONE = struct.Struct("<qddqd")            # done_step done_time max_step_gap n_steps updated
     EXIT = struct.Struct("<iid160s")          # state exit_code exit_time error
     SLOT = struct.Struct("<32sdq")            # phase name, longest duration, count
+    DETAIL = struct.Struct("<640s")           # JSON: a storage fault's path, errno, bytes
 
     OFF_SEQ = 0
     OFF_IDENT = OFF_SEQ + SEQ.size
@@ -59,7 +60,8 @@ class RecordLayout:
     OFF_DONE = OFF_PHASE + PHASE.size
     OFF_EXIT = OFF_DONE + DONE.size
     OFF_SLOTS = OFF_EXIT + EXIT.size
-    END = OFF_SLOTS + N_PHASE_SLOTS * SLOT.size
+    OFF_DETAIL = OFF_SLOTS + N_PHASE_SLOTS * SLOT.size
+    END = OFF_DETAIL + DETAIL.size
 
 
 assert RecordLayout.END <= RECORD_SIZE, RecordLayout.END
@@ -98,6 +100,7 @@ class RankRecord:
     exit_time: float
     error: str
     phase_stats: dict[str, tuple[float, int]] = field(default_factory=dict)  # name: (max s, n)
+    detail: str = ""      # JSON written with a failure: a storage fault's path, errno, bytes
 
     @property
     def state_name(self) -> str:
@@ -110,6 +113,7 @@ class RankRecord:
             "error": self.error, "phase": self.phase or "(between phases)",
             "phase_step": self.phase_step, "phase_start": self.phase_start,
             "done_step": self.done_step, "done_time": self.done_time, "updated": self.updated,
+            **({"detail": self.detail} if self.detail else {}),
         }
 
 
@@ -122,6 +126,7 @@ def decode(buf: bytes) -> RankRecord | None:
     phase, phase_step, phase_start, updated = L.PHASE.unpack_from(buf, L.OFF_PHASE)
     done_step, done_time, max_gap, n_steps, done_updated = L.DONE.unpack_from(buf, L.OFF_DONE)
     state, exit_code, exit_time, error = L.EXIT.unpack_from(buf, L.OFF_EXIT)
+    (detail,) = L.DETAIL.unpack_from(buf, L.OFF_DETAIL)
     stats: dict[str, tuple[float, int]] = {}
     for i in range(N_PHASE_SLOTS):
         name, longest, count = L.SLOT.unpack_from(buf, L.OFF_SLOTS + i * L.SLOT.size)
@@ -133,6 +138,7 @@ def decode(buf: bytes) -> RankRecord | None:
         phase_start=phase_start, updated=max(updated, done_updated), done_step=done_step,
         done_time=done_time, max_step_gap=max_gap, n_steps=n_steps, state=state,
         exit_code=exit_code, exit_time=exit_time, error=_s(error), phase_stats=stats,
+        detail=_s(detail),
     )
 
 

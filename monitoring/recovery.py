@@ -10,7 +10,16 @@ Policy (`decide`, a pure function of the decision history):
 - the same fault kind at the same step as the previous fault requeue means the restart made no
   progress: stop, rather than burn the cluster in a loop (NVRx's "do not restart" rule);
 - a stop writes ``do_not_requeue.json`` and on_exit exits with `EXIT_DO_NOT_REQUEUE` (79), so
-  ``sacct`` shows why the chain ended; a still-running (hung) job is cancelled with scancel.
+  ``sacct`` shows why the chain ended; a still-running (hung) job is cancelled with scancel;
+- a storage fault (ENOSPC, EDQUOT, EROFS, EIO: `monitoring.storage`) is never requeued: the
+  restarted job would hit the same full file system. It stops (or, with
+  ``MonitorConfig.on_storage_fault="hold"``, requeues the job *held*: ``scontrol release`` once
+  space is free) with the path, the bytes and how to resume in the reason, which also goes to
+  the Slurm job's comment (readable when no file can be written).
+
+Nothing here dies of an I/O error: records go through `monitoring.storage.files_for` (the
+monitor dir, else the fallback folder); a decision that could be written nowhere is still acted
+on and kept in memory for the rest of the process.
 
 Requeue with exclusion: Slurm changes ``ExcNodeList`` only while a job is pending, so the
 sequence is ``scontrol requeuehold J`` -> ``scontrol update JobId=J ExcNodeList=...`` ->
@@ -38,10 +47,11 @@ from typing import Iterator
 
 from monitoring import slurm
 from monitoring.config import MonitorConfig
+from monitoring.storage import files_for, say
 
 __all__ = ["EXIT_DO_NOT_REQUEUE", "Decision", "decide", "handle_fault", "requeue",
            "request_requeue", "requeue_requested", "already_requeued", "stop_reason",
-           "read_decisions", "record_decision", "setup_lines"]
+           "read_decisions", "record_decision", "setup_lines", "set_comment"]
 
 EXIT_DO_NOT_REQUEUE = 79
 STOP_MARKER = "do_not_requeue.json"
@@ -50,15 +60,25 @@ NOT_COUNTED = ("requested",)   # requeues that do not spend the fault budget (pr
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str                   # "requeue" | "stop" | "none"
+    action: str                   # "requeue" | "stop" | "hold" | "none"
     reason: str
     exclude_nodes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------- the policy
 def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind: str,
-           step: int, cfg: MonitorConfig) -> Decision:
-    """Requeue or stop after ``fault_kind`` at ``step`` (the highest step any rank finished)."""
+           step: int, cfg: MonitorConfig, storage_line: str = "") -> Decision:
+    """Requeue or stop after ``fault_kind`` at ``step`` (the highest step any rank finished).
+    ``storage_line``: a storage fault's one-line description (kind "storage")."""
+    if fault_kind == "storage":
+        what = storage_line or "the run folder's file system cannot be written"
+        if cfg.on_storage_fault == "hold":
+            return Decision("hold", f"storage: {what}; not requeued into a full file system: the "
+                                    f"job is held. Free space (or raise the quota), then `scontrol "
+                                    f"release {job_id}`: it resumes from its last committed checkpoint")
+        return Decision("stop", f"storage: {what}; not requeued into a full file system. Free "
+                                f"space (or raise the quota), then resubmit the same config (tulu "
+                                f"submit): it resumes from its last committed checkpoint")
     mine = [d for d in history if d.get("job_id") == job_id and d.get("action") == "requeue"
             and d.get("fault_kind") not in NOT_COUNTED]
     if len(mine) >= cfg.restart_budget:
@@ -78,15 +98,23 @@ def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind:
 
 
 # ---------------------------------------------------------------------------- records
-def _dir(monitor_dir) -> Path:
-    d = Path(monitor_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 @contextmanager
 def _locked(monitor_dir) -> Iterator[None]:
-    with open(_dir(monitor_dir) / ".recovery.lock", "a") as f:
+    """An exclusive lock shared by the sidecar and the EXIT trap: in the monitor dir, else in
+    the fallback folder (a lock file holds no data, but a read-only or failing file system
+    refuses even that); without either, go on unlocked rather than not decide."""
+    f = None
+    for path in files_for(monitor_dir).candidates(Path(monitor_dir) / ".recovery.lock"):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")
+            break
+        except OSError:
+            continue
+    if f is None:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -94,37 +122,55 @@ def _locked(monitor_dir) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_unwritten: list[dict] = []   # decisions this process could write nowhere (still honoured)
+
+
 def read_decisions(monitor_dir) -> list[dict]:
-    path = Path(monitor_dir) / "decisions.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
     out = []
-    for line in lines:
+    for line in files_for(monitor_dir).read_lines(Path(monitor_dir) / "decisions.jsonl"):
         try:
             out.append(json.loads(line))
         except ValueError:
             continue  # a line cut by a crash mid-write
-    return out
+    out += [d for d in _unwritten if d not in out]
+    return sorted(out, key=lambda d: d.get("time", 0))
 
 
 def record_decision(monitor_dir, **entry) -> dict:
     entry = {"time": time.time(), **entry}
     line = json.dumps(entry, sort_keys=True) + "\n"
-    fd = os.open(_dir(monitor_dir) / "decisions.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    if files_for(monitor_dir).append_line(Path(monitor_dir) / "decisions.jsonl", line,
+                                          what="decision record") is None:
+        _unwritten.append(entry)
+        say(f"[monitor] decision not written anywhere (file system?): {line.strip()}")
     return entry
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+def _write_json(monitor_dir, path: Path, data: dict) -> Path | None:
+    return files_for(monitor_dir).write_text(path, json.dumps(data, sort_keys=True),
+                                             what=path.name)
+
+
+def _read_json(path: Path, monitor_dir) -> dict | None:
+    text = files_for(monitor_dir).read_text(path)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def set_comment(job_id: str | None, text: str) -> bool:
+    """Put ``text`` (cut to 250 characters) in the Slurm job's comment: readable with
+    ``scontrol show job`` / ``tulu status`` when no file can be written."""
+    if not job_id:
+        return False
+    clean = " ".join(text.split())[:250]
+    try:
+        slurm.run(["scontrol", "update", f"JobId={job_id}", f"Comment={clean}"], timeout=20)
+        return True
+    except slurm.SlurmCommandError as e:
+        say(f"[monitor] could not set the job comment: {e}")
+        return False
 
 
 def _marker(monitor_dir, kind: str, job_id, attempt) -> Path:
@@ -134,9 +180,8 @@ def _marker(monitor_dir, kind: str, job_id, attempt) -> Path:
 def stop_reason(monitor_dir, job_id: str | None = None) -> str | None:
     """Why job ``job_id``'s restart chain was stopped (any job's if None), or None. A new
     submission (another job id) into the same folder is not blocked."""
-    try:
-        data = json.loads((Path(monitor_dir) / STOP_MARKER).read_text())
-    except (OSError, ValueError):
+    data = _read_json(Path(monitor_dir) / STOP_MARKER, monitor_dir)
+    if data is None:
         return None
     if job_id is not None and data.get("job_id") not in (None, job_id):
         return None
@@ -146,11 +191,9 @@ def stop_reason(monitor_dir, job_id: str | None = None) -> str | None:
 def already_requeued(monitor_dir, job_id: str | None, attempt: int) -> str | None:
     """Who already requeued this attempt ("monitor", "slurm: Restarts=N"), or None."""
     m = _marker(monitor_dir, "requeued", job_id, attempt)
-    if m.exists():
-        try:
-            return f"monitor ({json.loads(m.read_text()).get('by', '?')})"
-        except (OSError, ValueError):
-            return "monitor"
+    if files_for(monitor_dir).exists(m):
+        data = _read_json(m, monitor_dir)
+        return f"monitor ({data.get('by', '?')})" if data else "monitor"
     if job_id:
         try:
             info = slurm.show_job(job_id)
@@ -164,16 +207,13 @@ def already_requeued(monitor_dir, job_id: str | None, attempt: int) -> str | Non
 def request_requeue(monitor_dir, job_id: str | None, attempt: int, reason: str) -> None:
     """Graceful-stop path (preemption, time limit): the ranks saved and will exit 0; ask the
     EXIT trap (on_exit) to requeue once srun has returned. Does not spend the fault budget."""
-    _write_json(_marker(monitor_dir, "requeue_requested", job_id, attempt),
+    _write_json(monitor_dir, _marker(monitor_dir, "requeue_requested", job_id, attempt),
                 {"reason": reason, "time": time.time(), "pid": os.getpid()})
 
 
 def requeue_requested(monitor_dir, job_id: str | None, attempt: int) -> str | None:
-    m = _marker(monitor_dir, "requeue_requested", job_id, attempt)
-    try:
-        return json.loads(m.read_text()).get("reason", "requested")
-    except (OSError, ValueError):
-        return None
+    data = _read_json(_marker(monitor_dir, "requeue_requested", job_id, attempt), monitor_dir)
+    return data.get("reason", "requested") if data else None
 
 
 # ---------------------------------------------------------------------------- actions
@@ -196,7 +236,7 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
         except slurm.SlurmCommandError as e:
             note = f"cannot check for spare nodes ({e}); requeueing without exclusion"
     if monitor_dir is not None and attempt is not None:
-        _write_json(_marker(monitor_dir, "requeued", job_id, attempt),
+        _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
                     {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
     if excluded:
         # ExcNodeList only changes on a pending job, so: hold-requeue, update, release. The
@@ -228,10 +268,11 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
 def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: str, step: int,
                  cfg: MonitorConfig, culprit_nodes: list[str] = (), culprit_ranks: list[int] = (),
                  by: str, report: str | None = None, job_running: bool = False,
-                 rc: int | None = None) -> Decision:
+                 rc: int | None = None, storage_line: str = "") -> Decision:
     """Decide and act on one fault, at most once per (job, attempt) across processes.
     ``job_running``: the job is still up (the sidecar's case), so a stop also scancels it;
-    ``rc``: srun's exit status, when the caller is the EXIT trap."""
+    ``rc``: srun's exit status, when the caller is the EXIT trap; ``storage_line``: a storage
+    fault's one-line description (kind "storage")."""
     with _locked(monitor_dir):
         common = dict(job_id=job_id, attempt=attempt, fault_kind=fault_kind, step=step,
                       culprit_ranks=list(culprit_ranks), culprit_nodes=list(culprit_nodes),
@@ -252,13 +293,27 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
             record_decision(monitor_dir, action="none", reason=d.reason, **common)
             return d
         d = decide(read_decisions(monitor_dir), job_id=job_id, attempt=attempt,
-                   fault_kind=fault_kind, step=step, cfg=cfg)
+                   fault_kind=fault_kind, step=step, cfg=cfg, storage_line=storage_line)
+        if fault_kind == "storage":
+            set_comment(job_id, f"tulu monitor: {d.reason}")
+        if d.action == "hold":
+            record_decision(monitor_dir, action="hold", reason=d.reason, **common)
+            _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
+                        {"by": by, "reason": d.reason, "hold": True, "time": time.time()})
+            try:
+                slurm.run(["scontrol", "requeuehold", str(job_id)])
+            except slurm.SlurmCommandError as e:
+                record_decision(monitor_dir, action="hold_failed", reason=str(e), **common)
+                return Decision("none", f"requeuehold failed: {e}")
+            return d
         if d.action == "stop":
-            _write_json(Path(monitor_dir) / STOP_MARKER,
+            _write_json(monitor_dir, Path(monitor_dir) / STOP_MARKER,
                         {"reason": d.reason, "job_id": job_id, "attempt": attempt,
                          "time": time.time(), "report": report})
             record_decision(monitor_dir, action="stop", reason=d.reason, **common)
-            if job_running:
+            # A storage fault is seen on failed ranks: srun is taking the step down already, and
+            # the EXIT trap must see the stop (exit 79, the reason in sacct), not a cancellation.
+            if job_running and fault_kind != "storage":
                 try:
                     slurm.run(["scancel", str(job_id)])
                 except slurm.SlurmCommandError as e:

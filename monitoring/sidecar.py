@@ -10,7 +10,8 @@ hands the decision to `monitoring.recovery.handle_fault` (requeue / stop). Then 
 after a requeue Slurm ends the job anyway, and one report per attempt is enough.
 
 Exit status: 0 when every rank exited cleanly, `EXIT_FAULT` (3) after a fault was handled,
-2 on bad arguments. While it diagnoses it keeps ``sidecar_busy.json`` in the monitor dir so
+2 on bad arguments. An I/O error never ends it: what cannot be written to the monitor dir goes
+to the fallback folder (`monitoring.storage`), log lines that stdout refuses go there too. While it diagnoses it keeps ``sidecar_busy.json`` in the monitor dir so
 the EXIT trap's on_exit waits for its verdict instead of racing it.
 """
 
@@ -30,12 +31,17 @@ from monitoring.detect import Detector, Fault
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_RUNNING, RankRecord, read_all
 from monitoring.recovery import handle_fault
+from monitoring import storage
 
 __all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT"]
 
 EXIT_FAULT = 3
 BUSY = "sidecar_busy.json"
 LEARNED = "learned_timeouts.json"
+
+
+def _no_logs(cfg: MonitorConfig) -> MonitorConfig:
+    return MonitorConfig.from_dict({**cfg.to_dict(), "log_globs": []})
 
 
 def pid_alive(r: RankRecord, host: str) -> bool | None:
@@ -57,9 +63,19 @@ def pid_alive(r: RankRecord, host: str) -> bool | None:
 
 
 def log(msg: str, **fields) -> None:
+    """One line to the monitor log (stdout); to ``monitor.log`` in the fallback folder when
+    stdout's file system refuses it. Never raises."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    extra = (" " + json.dumps(fields, sort_keys=True)) if fields else ""
-    print(f"[monitor {stamp}Z] {msg}{extra}", flush=True)
+    extra = (" " + json.dumps(fields, sort_keys=True, default=str)) if fields else ""
+    line = f"[monitor {stamp}Z] {msg}{extra}"
+    try:
+        print(line, flush=True)
+        return
+    except (OSError, ValueError):
+        pass
+    fb = storage.files.fallback or storage.default_fallback_dir(os.environ.get("SLURM_JOB_ID"))
+    if storage.files.append_line(fb / "monitor.log", line + "\n") is None:
+        storage.say(line)
 
 
 class Sidecar:
@@ -73,25 +89,32 @@ class Sidecar:
         self.detector = Detector(cfg, world_size, attempt, start_time=clock())
         self.detector.observed.update(self._load_learned())
         self._saved_learned: dict = dict(self.detector.observed)
+        self._warned_learned = False
 
     def _load_learned(self) -> dict[str, tuple[float, int]]:
         """Durations observed by earlier attempts (a restart should not forget that a
         checkpoint takes 4 minutes)."""
         try:
-            data = json.loads((self.dir / LEARNED).read_text())
+            data = json.loads(storage.files_for(self.dir).read_text(self.dir / LEARNED) or "{}")
             return {k: (float(v[0]), int(v[1])) for k, v in data.get("observed", {}).items()}
-        except (OSError, ValueError, TypeError, IndexError):
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
             return {}
 
     def _save_learned(self) -> None:
         if self.detector.observed == self._saved_learned:
             return
-        self._saved_learned = dict(self.detector.observed)
         data = {"observed": self.detector.observed,
                 "timeouts": self.detector.learned_timeouts()}
-        tmp = self.dir / f".{LEARNED}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, self.dir / LEARNED)
+        where = storage.files_for(self.dir).write_text(self.dir / LEARNED,
+                                                       json.dumps(data, sort_keys=True),
+                                                       what="learned time-outs")
+        if where is not None:
+            self._saved_learned = dict(self.detector.observed)
+        if where != self.dir / LEARNED and not self._warned_learned:
+            self._warned_learned = True   # kept in memory; retried at the next change
+            log(f"cannot write {self.dir / LEARNED}"
+                + (f"; written to {where}" if where else "; kept in memory"),
+                failure=(storage.files_for(self.dir).failures or [{}])[-1])
 
     def snapshot(self) -> tuple[list[RankRecord | None], dict[int, bool | None]]:
         records = read_all(self.dir, self.world_size)
@@ -105,30 +128,37 @@ class Sidecar:
 
     def handle(self, fault: Fault) -> dict:
         busy = self.dir / BUSY
-        busy.write_text(json.dumps({"pid": os.getpid(), "fault": fault.to_dict()}))
+        io = storage.files_for(self.dir)
+        io.write_text(busy, json.dumps({"pid": os.getpid(), "fault": fault.to_dict()}),
+                      what="sidecar busy marker")
         try:
             log(f"detected {fault.kind}: {fault.detail}")
             records, alive = self.snapshot()
             records = [r if r is not None and r.attempt == self.attempt else None
                        for r in records]
-            report = diagnose(fault, records, monitor_dir=self.dir, cfg=self.cfg,
-                              detector=self.detector, alive=alive, job_id=self.job_id,
-                              attempt=self.attempt, host=self.host)
+            kw = dict(monitor_dir=self.dir, cfg=self.cfg, detector=self.detector, alive=alive,
+                      job_id=self.job_id, attempt=self.attempt, host=self.host)
+            try:
+                report = diagnose(fault, records, **kw)
+            except OSError as e:   # stacks or logs unreadable/unwritable: decide without them
+                log(f"diagnosis without stacks and logs: {e}")
+                report = diagnose(fault, records, collect=False, **{**kw, "cfg": _no_logs(self.cfg)})
             path = write_report(self.dir, report)
-            log(f"report {path}: {report.summary}")
+            log(f"report {path or '(written nowhere: text on stdout/stderr)'}: {report.summary}")
             step = max((r.done_step for r in records if r is not None), default=-1)
             decision = handle_fault(
-                self.dir, job_id=self.job_id, attempt=self.attempt, fault_kind=fault.kind,
+                self.dir, job_id=self.job_id, attempt=self.attempt, fault_kind=report.kind,
                 step=step, cfg=self.cfg, culprit_nodes=report.culprit_nodes,
                 culprit_ranks=[c["rank"] for c in report.culprits], by="sidecar",
-                report=str(path), job_running=True)
+                report=str(path) if path else None, job_running=True,
+                storage_line=report.storage.get("line", ""))
             log(f"decision: {decision.action}: {decision.reason}",
                 exclude=list(decision.exclude_nodes))
             if self.cfg.kill_ranks_on_fault and not self.job_id:
                 self._kill_local_ranks(records)
             return {"report": str(path), "decision": decision.action}
         finally:
-            busy.unlink(missing_ok=True)
+            io.unlink(busy)
 
     def _kill_local_ranks(self, records: list[RankRecord | None]) -> None:
         for r in records:
@@ -143,7 +173,12 @@ class Sidecar:
             job_id=self.job_id, attempt=self.attempt, host=self.host, pid=os.getpid())
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         while deadline is None or time.monotonic() < deadline:
-            faults = self.check_once()
+            try:
+                faults = self.check_once()
+            except OSError as e:   # a record unreadable (EIO): look again next round
+                log(f"cannot read the progress records: {e}")
+                time.sleep(self.cfg.check_interval_s)
+                continue
             self._save_learned()
             if faults:
                 self.handle(faults[0])
@@ -172,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
     attempt = args.attempt if args.attempt is not None else int(
         os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    Path(args.monitor_dir).mkdir(parents=True, exist_ok=True)
+    storage.configure(args.monitor_dir, cfg.fallback_dir, job_id)
+    try:
+        Path(args.monitor_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log(f"cannot create the monitor dir: {e}")
     sidecar = Sidecar(args.monitor_dir, args.world_size, cfg, job_id=job_id, attempt=attempt)
     return sidecar.run(args.max_seconds)
 

@@ -312,6 +312,9 @@ class CheckpointConfig:
     interval: int = 100  # steps
     keep_last: int = 3
     load: bool = True
+    # `tulu submit` refuses a run folder whose file system cannot hold keep_last + 1 checkpoints
+    # (plus logs); false submits anyway (the trainer still refuses a save that does not fit)
+    check_free_space: bool = True
 
     def validate(self) -> None:
         require(self.interval >= 1, "checkpoint.interval", self.interval, "steps >= 1")
@@ -334,6 +337,10 @@ class MonitoringConfig:
     safety_factor: float = 5.0
     min_learned_timeout_s: float = 60.0
     exclude_culprit_node: bool = True
+    # where the monitor writes (reports, decisions) when the run folder cannot be written (full,
+    # over quota, read-only); default: $TMPDIR/tulu-monitor-<uid>/ on the batch host
+    fallback_dir: str | None = None
+    on_storage_fault: Literal["stop", "hold"] = "stop"  # never requeue into a full file system
 
     @property
     def collective_timeout_s(self) -> float:

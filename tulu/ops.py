@@ -168,6 +168,9 @@ def logs(job: str, follow: bool = False, rank: int | None = None, group: str | N
     if rank is not None:
         _check_rank(rec, rank)
     ranks = [rank] if rank is not None else (group_ranks(rec, group) if group else None)
+    storage = storage_line(rec)
+    if storage:
+        print(f"==> storage fault: {storage} <==", file=out)
     files = task_logs(rec, ranks)
     if not files and not follow:
         raise _no_logs(rec, ranks, rank, group)
@@ -224,6 +227,9 @@ def slurm_state(job_id: str) -> dict:
         info.update(state=last[1].split()[0], nodes=last[2], exit_code=last[3], elapsed=last[4],
                     attempts=len(rows))
     sc, scontrol_error = _run(["scontrol", "show", "job", job_id])
+    comment = re.search(r"^\s*Comment=(.*?)\s*$", sc, re.M)
+    if comment and comment.group(1) not in ("", "(null)"):
+        info["comment"] = comment.group(1)
     m = re.search(r"Restarts=(\d+)", sc)
     if m:
         info["restarts"] = int(m.group(1))
@@ -250,18 +256,37 @@ def last_step(rec: dict) -> int | None:
     return None
 
 
+def _last_report(rec: dict) -> dict | None:
+    """The monitor's newest report: in the monitor dir, or in the fallback folder the monitor used
+    when the run folder could not be written (``monitoring.fallback_dir``)."""
+    fallback = ((rec.get("config") or {}).get("monitoring") or {}).get("fallback_dir")
+    try:
+        from monitoring.diagnosis import load_last_report
+
+        return (load_last_report(rec["monitor_dir"], fallback_dir=fallback, job_id=str(rec["job_id"]))
+                or load_last_report(rec["monitor_dir"]))
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def storage_line(rec: dict, report: dict | None = None, comment: str | None = None) -> str | None:
+    """One line naming a storage fault (full / over-quota / read-only / failing file system) that
+    ended this job, from its last report, else from the monitor's Slurm job comment."""
+    report = report if report is not None else _last_report(rec)
+    if report and report.get("kind") == "storage" and str(report.get("job_id")) == str(rec["job_id"]):
+        st = report.get("storage") or {}
+        return f"{st.get('line') or report.get('summary')}; {st.get('advice', 'free space')}, then resubmit"
+    if comment and "storage:" in comment:
+        return comment.split("storage:", 1)[1].strip()
+    return None
+
+
 def status(job: str, out=sys.stdout) -> dict:
     rec = resolve(job)
     info = slurm_state(rec["job_id"]) if rec.get("executor", "slurm") == "slurm" else {"job_id": rec["job_id"]}
     info["run_dir"] = rec["run_dir"]
     info["last_step"] = last_step(rec)
-    report = None
-    try:
-        from monitoring.diagnosis import load_last_report
-
-        report = load_last_report(rec["monitor_dir"])
-    except (ImportError, OSError, ValueError):
-        report = None
+    report = _last_report(rec)
     if "state" not in info:
         info["state"] = (f"unknown: Slurm did not answer ({info['slurm_error']})" if info.get("slurm_error")
                          else "unknown: Slurm has no record of it" if rec.get("executor", "slurm") == "slurm"
@@ -278,10 +303,16 @@ def status(job: str, out=sys.stdout) -> dict:
     if stopped:
         info["requeue_stopped"] = stopped
         print(f"{'requeues':>10}: stopped: {stopped}", file=out)
+    storage = storage_line(rec, report, info.get("comment"))
+    if storage:
+        info["storage"] = storage
+        print(f"{'storage':>10}: {storage}", file=out)
     if report:
         info["last_report"] = report
         summary = report.get("summary") or report.get("kind")
         print(f"{'monitor':>10}: last report: {summary}", file=out)
+    elif info.get("comment", "").startswith("tulu monitor:"):
+        print(f"{'monitor':>10}: {info['comment']}", file=out)
     return info
 
 

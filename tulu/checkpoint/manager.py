@@ -17,11 +17,19 @@ checksum); anything partial or corrupt is skipped with a warning that says why. 
 and broadcasts, so every rank loads the same step; verification reads are split across ranks.
 Retention keeps the newest ``keep_last`` good checkpoints and deletes older ones only after a
 new one has committed. All ranks share one filesystem (as on a Slurm cluster).
+
+Free space: before writing, rank 0 compares the file system's free bytes with the size of the
+newest committed checkpoint (an estimate from the model before the first) and every rank raises
+`StorageFullError` (an ``OSError`` with errno ENOSPC, the path, the bytes needed and free) when
+it does not fit: the run says so before a save, not midway through one. A save that still fails
+for lack of space (another writer filled the disk) removes its ``step_N.tmp/`` and raises the
+same error; after each commit a warning says when the next checkpoint will not fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -42,12 +50,64 @@ from .manifest import (
     list_files, read_manifest, split_by_size, write_manifest,
 )
 
-__all__ = ["CheckpointManager", "LoadedCheckpoint", "current_layout"]
+__all__ = ["CheckpointManager", "LoadedCheckpoint", "StorageFullError", "current_layout"]
 
 log = logging.getLogger("tulu.checkpoint")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+
+
+class StorageFullError(OSError):
+    """A checkpoint does not fit (errno ENOSPC, or the file system's own errno when a write
+    failed). Carries what the health monitor reports: ``filename``, ``needed_bytes``,
+    ``free_bytes``, ``total_bytes``, ``mount``, ``what``."""
+
+    def __init__(self, err: int, message: str, path: str, *, needed_bytes: int | None,
+                 free_bytes: int | None, total_bytes: int | None, mount: str = "", what: str = ""):
+        super().__init__(err, message, path)
+        self.needed_bytes, self.free_bytes, self.total_bytes = needed_bytes, free_bytes, total_bytes
+        self.mount, self.what = mount, what
+
+
+def _space(path: Path) -> tuple[int, int, str] | None:
+    """(free bytes, total bytes, mount point) of the file system holding ``path``."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+        mount, dev = p, os.stat(p).st_dev
+        while mount != mount.parent and os.stat(mount.parent).st_dev == dev:
+            mount = mount.parent
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, str(mount)
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Fault injection inside a save (`monitoring.faults`; rank = this world's rank, restart =
+    ``$TULU_ATTEMPT``); nothing unless ``TULU_FAULT`` is set."""
+    if not os.environ.get("TULU_FAULT"):
+        return
+    try:
+        from monitoring import faults
+    except ImportError:
+        return
+    faults.maybe_inject(point, step=step, rank=collectives.rank(),
+                        restart=int(os.environ.get("TULU_ATTEMPT", "0") or 0))
 
 
 def _rank_file(r: int) -> str:
@@ -109,6 +169,10 @@ class CheckpointManager:
         self.rejected: dict[int, list[str]] = {}  # step -> problems found by load/verify
         self.last_save_stats: dict[str, float] = {}
         self.last_load_stats: dict[str, float] = {}
+        # Bytes one checkpoint takes: the newest committed one's size, else this (the caller's
+        # estimate, e.g. the rank plan's), else an estimate from the model's parameters.
+        self.expected_bytes: int | None = None
+        self.space_margin = 1.05   # a save needs this x the expected bytes free
 
     @property
     def layout(self) -> dict[str, int]:
@@ -132,6 +196,24 @@ class CheckpointManager:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         t0 = time.perf_counter()
+        r = collectives.rank()
+        final = self.path_for(step)
+        tmp = final.with_name(final.name + ".tmp")
+        refusal = collectives.broadcast_object(self._no_room(step, tmp, model) if r == 0 else None)
+        if refusal is not None:   # every rank raises the same error: none waits in a collective
+            raise StorageFullError(**refusal)
+        _fault_point("checkpoint_write", step)
+        try:
+            return self._save(step, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                              data_state=data_state, extra_state=extra_state, t0=t0)
+        except Exception as e:
+            err = self._failed_save(e, step, tmp)
+            if err is e:
+                raise
+            raise err from e
+
+    def _save(self, step: int, model, *, optimizer, lr_scheduler, data_state, extra_state,
+              t0: float) -> Path:
         r = collectives.rank()
         final = self.path_for(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -202,7 +284,70 @@ class CheckpointManager:
         }
         log.info("checkpoint step %d committed at %s (%.1f MB in %.2f s, hashing %.2f s)",
                  step, final, total / 1e6, t_end - t0, t_hashed - t_written)
+        if r == 0:
+            space = _space(self.root)
+            if space is not None and space[0] < total * self.space_margin:
+                log.warning("only %s free on %s (%s): the next checkpoint (~%s) will not fit; "
+                            "free space before the next save", _mb(space[0]), space[2], self.root,
+                            _mb(total))
         return final
+
+    # ---------------------------------------------------------------- free space
+    def needed_bytes(self, model: Any = None) -> int | None:
+        """Bytes the next checkpoint will take: the newest committed one's size, else
+        ``expected_bytes``, else weights + Adam moments (3x the parameters) over TP x PP."""
+        for _, path in self.committed():
+            try:
+                return read_manifest(path).total_bytes
+            except (ManifestError, OSError):
+                continue
+        if self.expected_bytes:
+            return int(self.expected_bytes)
+        params = getattr(model, "parameters", None)
+        if not callable(params):
+            return None
+        local = sum(p.numel() * p.element_size() for p in params())
+        layout = self.layout
+        return int(3 * local * layout.get("tp", 1) * layout.get("pp", 1))
+
+    def _no_room(self, step: int, tmp: Path, model: Any) -> dict | None:
+        """Rank 0: the `StorageFullError` arguments when checkpoint ``step`` will not fit."""
+        needed = self.needed_bytes(model)
+        space = _space(self.root)
+        if not needed or space is None:
+            return None
+        free, total, mount = space
+        if free >= needed * self.space_margin:
+            return None
+        what = f"checkpoint step {step}"
+        return dict(err=errno.ENOSPC, path=str(tmp), needed_bytes=int(needed * self.space_margin),
+                    free_bytes=free, total_bytes=total, mount=mount, what=what,
+                    message=f"{what} needs ~{_mb(needed)} but {mount} has {_mb(free)} free "
+                            f"(not saved, nothing written); free space, then resubmit: the run "
+                            f"resumes from its last committed checkpoint")
+
+    def _failed_save(self, e: Exception, step: int, tmp: Path) -> Exception:
+        """A save failed midway. When the file system is the cause: remove its ``step_N.tmp``
+        (no zero-byte leftovers on a full disk) and say so as a `StorageFullError`."""
+        if isinstance(e, StorageFullError):
+            remove_tree(tmp, ignore_errors=True)
+            return e
+        space = _space(self.root)
+        err = next((x.errno for x in _chain(e) if isinstance(x, OSError)
+                    and x.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)), None)
+        needed = self.needed_bytes()
+        if err is None and space is not None and needed and space[0] < needed:
+            err = errno.ENOSPC   # torch.save's writer reports a full disk without an errno
+        if err is None:
+            return e   # not the disk: leave the folder as a crash would (the next save clears it)
+        remove_tree(tmp, ignore_errors=True)
+        free, total, mount = space if space is not None else (None, None, "")
+        what = f"checkpoint step {step}"
+        return StorageFullError(err, f"{what} failed while writing: {os.strerror(err)} "
+                                     f"({_mb(free)} free on {mount or '?'}, ~{_mb(needed)} needed; "
+                                     f"{type(e).__name__}: {str(e)[:200]})", str(tmp),
+                                needed_bytes=needed, free_bytes=free, total_bytes=total,
+                                mount=mount, what=what)
 
     def _make_room(self, final: Path) -> None:
         """Clear ``final`` for the rename: a same-step leftover from an earlier attempt."""

@@ -96,6 +96,8 @@ def monitor_settings(cfg: JobConfig) -> dict:
         "restart_budget": cfg.cluster.max_restarts,
         "exclude_culprit_nodes": m.exclude_culprit_node,
         "log_globs": [str(run_paths(cfg).logs / "{job_id}" / "*_log.*")],
+        "fallback_dir": str(Path(m.fallback_dir).expanduser().resolve()) if m.fallback_dir else None,
+        "on_storage_fault": m.on_storage_fault,
     }
 
 
