@@ -1,19 +1,37 @@
-"""Trained weights -> inference group, over the bridge, in buckets.
+"""Trained weights -> inference group, over the bridge, in buckets, with bounded memory.
 
 Each pipeline stage's leader streams its stage's tensors (already gathered across TP and named
-as Hugging Face names, `tulu.models.convert.iter_hf_weights`) into flat buckets of at most
-`bucket_bytes`, one dtype per bucket. A bucket's index (names, shapes, dtypes, offsets) goes
-through the bridge's TCPStore; its bytes go by one gloo/NCCL broadcast in the stage's
-sub-group ({leader} + inference ranks). Inference ranks turn buckets back into
-(name, tensor) pairs lazily, so an engine's weight loader consumes them as they arrive and
-never holds more than one bucket beyond its own weights. The bucket buffer is reused
-(allocation dominated the send time in the CPU measurements of DESIGN.md section 7).
+as Hugging Face names, `tulu.models.convert.iter_hf_weights`) into flat byte buckets of at most
+`bucket_bytes` (a tensor larger than that is a bucket of its own, sent from its own memory
+without a copy). Per stage and version, through the bridge's TCPStore:
+
+- ``index``: the stage's whole list of ``[name, shape, dtype]``, published before the first
+  bucket when the sender knows it up front (a list/tuple/dict of tensors, or ``index=``), else
+  ``null`` (a generator such as ``iter_hf_weights``: the list is only known at the end);
+- one key per bucket: its entries ``[name, shape, dtype, byte offset]`` and byte size, published
+  before the bucket's bytes go by one broadcast in the stage's sub-group ({leader} + inference
+  ranks);
+- an end marker with the number of tensors sent.
+
+Inference ranks get a :class:`WeightStream`: ``(name, tensor)`` pairs bucket by bucket, where a
+bucket's names and shapes can be read (:meth:`WeightStream.buckets`) before its tensors are
+used, the announced index (:meth:`WeightStream.announced`) before anything is received, and
+:meth:`WeightStream.drain` to receive the rest without using it (so the sender and the other
+receivers finish their broadcasts after a receiver rejected the stream). Tensors are views of a
+receive buffer; a buffer is reused only once nobody holds a view of it any more (vLLM's layerwise
+reload keeps a layer's tensors until the layer is complete), so a receiver holds the bucket
+being received, the bucket being loaded, and whatever its loader still keeps: about two buckets
+(two of the largest tensor, when one tensor is larger than a bucket) whatever the model size.
+
+The sender packs bucket i+1 while bucket i is on the wire (two reused buffers); receivers post
+the broadcast of bucket i+1 before their loader consumes bucket i.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -22,7 +40,12 @@ import torch
 if TYPE_CHECKING:  # the sender's packing runs without the launch layer (bench/gpu_check.py)
     from tulu.distributed import BridgeGroup
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)}
+__all__ = ["SyncStats", "WeightStream", "receive_weights", "send_weights"]
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
+                               torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)}
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _DTYPES.values()}
+_ALIGN = 64  # byte offsets inside a bucket: any dtype's view of the byte buffer is aligned
 
 
 @dataclass
@@ -32,6 +55,8 @@ class SyncStats:
     bytes: int = 0
     seconds: float = 0.0
     per_stage_seconds: dict[int, float] = field(default_factory=dict)
+    copied_bytes: int = 0          # sender: bytes packed into bucket buffers (the rest went as is)
+    buffers_allocated: int = 0     # receiver: receive buffers allocated (the rest were reused)
 
     @property
     def gb_per_s(self) -> float:
@@ -42,75 +67,236 @@ def _key(version: int, stage: int, what) -> str:
     return f"weights/v{version}/s{stage}/{what}"
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group the stream into buckets of at most ``bucket_bytes`` (aligned offsets; any dtypes).
+    A tensor of ``bucket_bytes`` or more is a bucket of its own."""
     bucket: list[tuple[str, torch.Tensor]] = []
-    size, dtype = 0, None
+    size = 0
     for name, t in named:
-        nbytes = t.numel() * t.element_size()
-        if bucket and (t.dtype != dtype or size + nbytes > bucket_bytes):
+        nbytes = _nbytes(t)
+        if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
         bucket.append((name, t))
-        size += nbytes
-        dtype = t.dtype
+        size = _aligned(size + nbytes)
     if bucket:
         yield bucket
 
 
-def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, torch.Tensor]], *, version: int,
-                 bucket_bytes: int = 256 << 20) -> SyncStats:
-    """Called by the leader of pipeline stage `stage` (bridge rank == stage)."""
-    pg, _ = bridge.stage_group(stage)
+def _index_of(named) -> list | None:
+    """The whole ``[name, shape, dtype]`` list when ``named`` is already in memory, else None."""
+    if isinstance(named, Mapping):
+        named = named.items()
+    if isinstance(named, (list, tuple)) or (hasattr(named, "__len__") and not hasattr(named, "__next__")):
+        return [[n, list(t.shape), str(t.dtype)] for n, t in named]
+    return None
+
+
+def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, torch.Tensor]] | Mapping, *,
+                 version: int, bucket_bytes: int = 256 << 20, index: list | None = None) -> SyncStats:
+    """Called by the leader of pipeline stage `stage` (bridge rank == stage).
+
+    ``index`` (``[name, shape, dtype]`` for every tensor ``named`` will yield) lets receivers check
+    the whole update before loading any of it; without it, it is taken from ``named`` when that is
+    a list/tuple/dict, else receivers can tell a missing tensor only at the end of the stream."""
     stats = SyncStats()
     t0 = time.perf_counter()
-    buffer: torch.Tensor | None = None
+    if isinstance(named, Mapping):
+        named = list(named.items())
+    index = index if index is not None else _index_of(named)
+    # before joining the stage group: receivers may read every stage's index first
+    bridge.store.set(_key(version, stage, "index"), json.dumps(index))
+    pg, _ = bridge.stage_group(stage)
+    buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+    in_flight = None   # the previous bucket's broadcast
+    sent: list[str] = []
     for i, bucket in enumerate(_buckets(named, bucket_bytes)):
-        dtype = bucket[0][1].dtype
-        index, offset = [], 0
+        entries, offset = [], 0
         for name, t in bucket:
-            index.append([name, list(t.shape), offset])
-            offset += t.numel()
-        if buffer is None or buffer.numel() < offset or buffer.dtype != dtype:
-            buffer = torch.empty(max(offset, bucket_bytes // torch.empty((), dtype=dtype).element_size()), dtype=dtype)
-        flat = buffer[:offset]
-        for (name, t), (_, _, off) in zip(bucket, index):
-            flat[off:off + t.numel()].copy_(t.reshape(-1))
-        bridge.store.set(_key(version, stage, i), json.dumps({"dtype": str(dtype), "numel": offset, "index": index}))
-        bridge.broadcast(flat, src=0, pg=pg)
+            entries.append([name, list(t.shape), str(t.dtype), offset])
+            offset = _aligned(offset + _nbytes(t))
+        size = entries[-1][3] + _nbytes(bucket[-1][1])
+        if len(bucket) == 1 and bucket[0][1].is_contiguous():
+            flat = bucket[0][1].reshape(-1).view(torch.uint8)     # as is: no copy
+        else:
+            # buffers[i % 2] last carried bucket i - 2, whose broadcast has completed
+            buf = buffers[i % 2]
+            if buf.numel() < size:
+                buf = buffers[i % 2] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8)
+            flat = buf[:size]
+            for (_, t), (_, _, _, off) in zip(bucket, entries):
+                flat[off:off + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t)
+            stats.copied_bytes += size
+        bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries}))
+        if in_flight is not None:   # packed while the previous bucket was on the wire
+            in_flight.wait()
+        in_flight = _broadcast_async(pg, flat)
         stats.tensors += len(bucket)
         stats.buckets += 1
-        stats.bytes += offset * flat.element_size()
+        stats.bytes += size
+        sent.extend(name for name, _ in bucket)
+    if in_flight is not None:
+        in_flight.wait()
+    # An end marker closes the stream, so receivers need not poll for the count.
+    bridge.store.set(_key(version, stage, stats.buckets), json.dumps({"end": True, "tensors": stats.tensors}))
     bridge.store.set(_key(version, stage, "count"), str(stats.buckets))
-    # An empty bucket closes the stream, so receivers need not poll for the count.
-    bridge.store.set(_key(version, stage, stats.buckets), json.dumps({"end": True}))
     stats.seconds = time.perf_counter() - t0
     stats.per_stage_seconds[stage] = stats.seconds
+    if index is not None and [e[0] for e in index] != sent:
+        raise RuntimeError(f"weight sync stage {stage} v{version}: announced {len(index)} tensors but sent "
+                           f"{len(sent)} (first difference at "
+                           f"{next((a for a, b in zip([e[0] for e in index], sent) if a != b), '<end>')!r})")
     return stats
 
 
-def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Called by every inference rank; yields (hf_name, tensor) stage by stage, bucket by bucket.
-    Tensors of one bucket are views of that bucket's buffer: consume them before the next."""
-    stats = stats if stats is not None else SyncStats()
-    t0 = time.perf_counter()
-    for stage in range(bridge.num_stages):
-        pg, _ = bridge.stage_group(stage)
-        i = 0
-        while True:
-            meta = json.loads(bridge.store.get(_key(version, stage, i)))
-            if meta.get("end"):
-                break
-            flat = torch.empty(meta["numel"], dtype=_DTYPES[meta["dtype"]])
-            bridge.broadcast(flat, src=0, pg=pg)
-            stats.buckets += 1
-            stats.bytes += flat.numel() * flat.element_size()
-            for name, shape, off in meta["index"]:
-                n = 1
-                for d in shape:
-                    n *= d
-                stats.tensors += 1
-                yield name, flat[off:off + n].view(shape)
-            i += 1
-        stats.per_stage_seconds[stage] = time.perf_counter() - t0
-    stats.seconds = time.perf_counter() - t0
+def _broadcast_async(pg, tensor: torch.Tensor):
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    return pg.broadcast([tensor], opts)
+
+
+class _BufferPool:
+    """Receive buffers (bytes), reused only when no view of them is alive outside the pool."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.free: list[tuple[torch.Tensor, int]] = []   # (buffer, use count when only we hold it)
+        self.allocated = 0
+
+    @staticmethod
+    def _uses(buf: torch.Tensor) -> int:
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+    def take(self, nbytes: int, hint: int) -> torch.Tensor:
+        for k, (buf, base) in enumerate(self.free):
+            if buf.numel() >= nbytes and self._uses(buf) == base:
+                self.free.append(self.free.pop(k))     # most recently used last
+                return buf[:nbytes]
+        # Forget the oldest buffers beyond `keep`: a loader still holding views frees them later.
+        buf = torch.empty(max(nbytes, hint), dtype=torch.uint8)
+        self.allocated += 1
+        self.free = self.free[-(self.keep - 1):] if self.keep > 1 else []
+        self.free.append((buf, self._uses(buf)))
+        return buf[:nbytes]
+
+
+class WeightStream:
+    """What :func:`receive_weights` returns: iterate for ``(hf_name, tensor)`` pairs, stage by
+    stage, bucket by bucket. Tensors are views of a receive buffer: a loader may keep them while
+    it needs them (the buffer is not reused while they live), but should not keep all of them."""
+
+    def __init__(self, bridge: BridgeGroup, version: int, stats: SyncStats, bucket_hint: int = 0) -> None:
+        self.bridge, self.version, self.stats = bridge, version, stats
+        self._pool = _BufferPool()
+        self._hint = bucket_hint
+        self._gen: Iterator | None = None
+        self._announced: dict[int, list | None] = {}
+        self.finished = False
+
+    # -- metadata ---------------------------------------------------------------------------
+    def _stage_index(self, stage: int) -> list | None:
+        if stage not in self._announced:
+            self._announced[stage] = json.loads(self.bridge.store.get(_key(self.version, stage, "index")))
+        return self._announced[stage]
+
+    def announced(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """Every (name, shape) this sync will bring, when every stage's sender announced it up
+        front; None when any stage streams a generator (check its names as they come)."""
+        out = []
+        for stage in range(self.bridge.num_stages):
+            index = self._stage_index(stage)
+            if index is None:
+                return None
+            out.extend((name, tuple(shape)) for name, shape, _ in index)
+        return out
+
+    # -- data -------------------------------------------------------------------------------
+    def buckets(self) -> Iterator[tuple[list[tuple[str, tuple[int, ...]]], Iterator[tuple[str, torch.Tensor]]]]:
+        """``(entries, tensors)`` per bucket: its (name, shape) list, read from the store before
+        the tensors are used, then an iterator over its tensors. Every bucket's tensors must be
+        iterated (or the stream drained) before asking for the next bucket."""
+        if self._gen is not None:
+            raise RuntimeError("a WeightStream is read once")
+        self._gen = self._receive()
+        return self._gen
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for _, tensors in self.buckets():
+            yield from tensors
+
+    def drain(self) -> None:
+        """Receive whatever is left without using it, so the senders' broadcasts complete."""
+        gen = self._gen if self._gen is not None else self.buckets()
+        for _, tensors in gen:
+            for _ in tensors:
+                pass
+
+    def _receive(self):
+        stats, store, bridge = self.stats, self.bridge.store, self.bridge
+        t0 = time.perf_counter()
+        for stage in range(bridge.num_stages):
+            pg, _ = bridge.stage_group(stage)
+            self._stage_index(stage)
+            i, arrived = 0, 0
+            meta = json.loads(store.get(_key(self.version, stage, 0)))
+            pending = None if meta.get("end") else self._post(pg, meta)
+            while pending is not None:
+                meta, work, flat = pending
+                nxt = json.loads(store.get(_key(self.version, stage, i + 1)))
+                posted: list = []
+
+                def post_next(nxt=nxt, posted=posted, pg=pg):
+                    if not posted:
+                        posted.append(None if nxt.get("end") else self._post(pg, nxt))
+
+                entries = [(name, tuple(shape)) for name, shape, _, _ in meta["entries"]]
+                yield entries, self._views(work, flat, meta["entries"], post_next)
+                work.wait()          # (a loader that left the bucket unread: the bytes still land)
+                post_next()
+                pending, work, flat = posted[0], None, None
+                stats.buckets += 1
+                stats.bytes += meta["bytes"]
+                arrived += len(entries)
+                i += 1
+                meta = nxt
+            if meta.get("tensors") is not None and meta["tensors"] != arrived:
+                raise RuntimeError(f"weight sync v{self.version} stage {stage}: the sender sent "
+                                   f"{meta['tensors']} tensors, {arrived} arrived")
+            stats.per_stage_seconds[stage] = time.perf_counter() - t0
+        stats.seconds = time.perf_counter() - t0
+        stats.buffers_allocated = self._pool.allocated
+        self.finished = True
+
+    def _post(self, pg, meta):
+        flat = self._pool.take(meta["bytes"], self._hint)
+        return meta, _broadcast_async(pg, flat), flat
+
+    def _views(self, work, flat: torch.Tensor, entries: list, post_next) -> Iterator[tuple[str, torch.Tensor]]:
+        """The bucket's tensors. The next bucket's broadcast is posted once the loader asks for
+        the second tensor (or leaves the bucket): by then it holds no view of the bucket before."""
+        work.wait()
+        for k, (name, shape, dtype, off) in enumerate(entries):
+            if k == 1:
+                post_next()
+            dt = _DTYPES[dtype]
+            n = 1
+            for d in shape:
+                n *= d
+            self.stats.tensors += 1
+            yield name, flat[off:off + n * _ITEMSIZE[dt]].view(dt).view(shape)
+
+
+def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None,
+                    bucket_bytes: int = 0) -> WeightStream:
+    """Called by every inference rank: the :class:`WeightStream` of weights version ``version``.
+    Nothing is received until it is iterated. ``bucket_bytes`` (the sender's) sizes receive buffers
+    so that one buffer fits every bucket."""
+    return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes)

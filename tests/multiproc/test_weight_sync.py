@@ -1,4 +1,4 @@
-"""Bucketed weight sync over a real bridge: 2 pipeline-stage leaders + 2 inference ranks."""
+"""Bucketed weight sync over a real bridge: pipeline-stage leaders + inference ranks."""
 
 import torch
 
@@ -13,21 +13,27 @@ def _stage_tensors(stage: int) -> list[tuple[str, torch.Tensor]]:
     out.append((f"model.layers.{stage * 2}.input_layernorm.weight", torch.randn(64, generator=g).to(torch.bfloat16)))
     if stage == 1:
         out.append(("lm_head.weight", torch.randn(300, 64, generator=g)))
+        out.append(("model.norm.weight", torch.randn(64, 48, generator=g)[:, 0]))   # not contiguous
     return out
 
 
 def _sync(rank, world_size, port, bucket_bytes):
     bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=2, timeout_s=60)
     if rank < 2:
-        st = send_weights(bridge, rank, _stage_tensors(rank), version=1, bucket_bytes=bucket_bytes)
-        return {"buckets": st.buckets}
+        # stage 0 sends a list (its index is announced up front), stage 1 a generator (it is not)
+        named = _stage_tensors(rank) if rank == 0 else iter(_stage_tensors(rank))
+        st = send_weights(bridge, rank, named, version=1, bucket_bytes=bucket_bytes)
+        return {"buckets": st.buckets, "copied": st.copied_bytes}
     stats = SyncStats()
     expected = dict(_stage_tensors(0) + _stage_tensors(1))
     names, exact = [], []
-    for name, t in receive_weights(bridge, version=1, stats=stats):
+    stream = receive_weights(bridge, version=1, stats=stats, bucket_bytes=bucket_bytes)
+    announced = [stream._stage_index(s) is not None for s in range(2)]
+    for name, t in stream:
         names.append(name)
         exact.append(t.dtype == expected[name].dtype and torch.equal(t, expected[name]))
-    return {"names": names, "exact": exact, "buckets": stats.buckets}
+    return {"names": names, "exact": exact, "buckets": stats.buckets, "announced": announced,
+            "tensors": stats.tensors}
 
 
 def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
@@ -36,6 +42,10 @@ def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
     for r in (2, 3):
         assert res[r]["names"] == [n for n, _ in _stage_tensors(0) + _stage_tensors(1)]
         assert all(res[r]["exact"])
-    # 20 kB buckets: each 12 kB fp32 matrix is its own bucket, the bf16 vector another (dtype change).
-    assert res[0]["buckets"] == 3 and res[1]["buckets"] == 4
-    assert res[2]["buckets"] == 7
+        assert res[r]["announced"] == [True, False]
+        assert res[r]["tensors"] == 8
+    # 20 kB buckets of any dtypes: stage 0 = [12 kB] + [12 kB + bf16 vector]; stage 1 the same,
+    # then lm_head (77 kB) alone, sent from its own memory, and the strided norm packed.
+    assert res[0]["buckets"] == 2 and res[1]["buckets"] == 4
+    assert res[1]["copied"] < sum(t.numel() * t.element_size() for _, t in _stage_tensors(1)) - 76_800 + 1024
+    assert res[2]["buckets"] == 6

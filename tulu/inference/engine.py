@@ -23,17 +23,22 @@ construction asks which one it is. Both backends promise the same things:
 - the same ``seed`` gives the same completions on the same engine and weights;
 - ``update_weights`` takes the whole model under Hugging Face parameter names
   (``model.layers.0.self_attn.q_proj.weight``), full (unsharded) tensors, in one call (an
-  iterator is fine: the trainer streams buckets). It checks every name and shape against the
-  checkpoint the engine was built from before loading any of it (:class:`WeightUpdateError`
-  names the first mismatch, and the old weights stay), and takes effect for the next
-  ``generate`` (cached prefixes are dropped). It holds one copy of the stream in memory while
-  checking: fine up to ~8B on a node; a 405B inference rank should get a streaming variant.
+  iterator is fine: the trainer streams buckets), and takes effect for the next ``generate``
+  (cached prefixes are dropped). It streams: tensors go to the model as they arrive, so the
+  extra memory of an update is about two bridge buckets whatever the model size. Every name and
+  shape is checked against the checkpoint the engine was built from (:class:`CheckedWeights`):
+  when the whole update is known up front (a list or dict, or a bridge stream whose senders
+  announced their index) before loading any of it, so :class:`WeightUpdateError` names the first
+  mismatch and the old weights stay; otherwise each bucket's names and shapes before its
+  tensors, and the missing names at the end. A problem found after part of the update was
+  loaded still raises, and the engine then holds a mix of old and new weights: it sets
+  ``weights_incomplete`` and its ``generate`` refuses until a complete update succeeds.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,6 +50,7 @@ __all__ = [
     "Completion",
     "InferenceEngine",
     "SamplingSettings",
+    "CheckedWeights",
     "WeightUpdateError",
     "check_weights",
     "make_engine",
@@ -109,6 +115,35 @@ class InferenceEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load new weights (HF names, full tensors); returns how many tensors were loaded."""
 
+    #: Why the engine's weights are a mix of two versions (an update that failed after loading
+    #: part of itself), or None. ``generate`` refuses while it is set; a complete update clears it.
+    weights_incomplete: str | None = None
+
+    def _require_complete_weights(self) -> None:
+        if self.weights_incomplete is not None:
+            raise WeightUpdateError(
+                f"{type(self).__name__}: refusing to generate with partially updated weights; "
+                f"update_weights with the whole model first. The failed update: {self.weights_incomplete}")
+
+    def _load_streamed(self, checked: CheckedWeights, load: Callable[[Iterable], object]) -> int:
+        """Run ``load`` over the checked stream; record or clear :attr:`weights_incomplete`."""
+        checked.precheck()                 # a whole-update problem: raised, old weights intact
+        try:
+            load(checked)
+        except BaseException as err:
+            if checked.loaded:
+                self.weights_incomplete = (f"loading failed after {checked.loaded} tensors of an "
+                                           f"update: {type(err).__name__}: {err}")
+            raise
+        try:
+            loaded = checked.finish()
+        except WeightUpdateError as err:
+            if checked.loaded:
+                self.weights_incomplete = str(err)
+            raise
+        self.weights_incomplete = None
+        return loaded
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the model (and, for vLLM, its process group state). Idempotent."""
@@ -140,40 +175,136 @@ def read_weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class CheckedWeights:
+    """A weight update checked against the model's names and shapes as it streams.
+
+    Iterate it to get the ``(name, tensor)`` pairs to load; nothing is kept, so loading tensor by
+    tensor (or bucket by bucket, for a :class:`tulu.weight_sync.WeightStream`) holds one bucket at
+    a time whatever the model size. Checks, each before the tensors concerned are handed out:
+
+    - :meth:`precheck`, before anything is loaded: the whole update when it is known up front (a
+      list/tuple/dict already in memory, or a stream whose senders announced their index):
+      unknown names, wrong shapes, duplicates and missing names;
+    - per bucket, from its names and shapes, before any of its tensors: unknown names, wrong
+      shapes, duplicates (a plain iterator: per tensor);
+    - at the end: every expected name came (except ``optional`` ones, e.g. a tied
+      ``lm_head.weight``).
+
+    A problem found while streaming ends the iteration early (the rest of a bridge stream is
+    received and dropped, so the senders finish) and is kept in :attr:`error`; :attr:`loaded`
+    says how many tensors were handed out before it. The engine then raises it (``finish``).
+    """
+
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping,
+                 expected: Mapping[str, tuple[int, ...]], *, where: str, optional: Iterable[str] = ()):
+        self.source = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        self.expected, self.where, self.optional = expected, where, set(optional)
+        self.seen: set[str] = set()
+        self.loaded = 0
+        self.error: WeightUpdateError | None = None
+        self._prechecked = False
+
+    # -- the checks -------------------------------------------------------------------------
+    def _check_entries(self, entries: Iterable[tuple[str, tuple[int, ...]]], seen: set[str]) -> None:
+        expected = self.expected
+        for name, shape in entries:
+            if name not in expected and name not in self.optional:
+                close = [n for n in expected if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
+                hint = f"; names with the same ending: {close}" if close else ""
+                raise WeightUpdateError(
+                    f"{self.where}: update_weights got unknown parameter {name!r} (expected Hugging "
+                    f"Face names such as {next(iter(expected))!r}; the model has {len(expected)}){hint}")
+            if name in expected and tuple(shape) != tuple(expected[name]):
+                raise WeightUpdateError(
+                    f"{self.where}: update_weights got {name!r} with shape {tuple(shape)}, but the "
+                    f"model's is {tuple(expected[name])} (send full, unsharded tensors)")
+            if name in seen:
+                raise WeightUpdateError(f"{self.where}: update_weights got {name!r} twice")
+            seen.add(name)
+
+    def _check_complete(self, seen: set[str]) -> None:
+        missing = [n for n in self.expected if n not in seen]
+        if missing:
+            raise WeightUpdateError(
+                f"{self.where}: update_weights got {len(seen)} tensors but not {missing[0]!r} "
+                f"({len(missing)} of the model's {len(self.expected)} missing); send the whole model "
+                "in one call (a partially updated fused layer would hold garbage in vLLM)")
+
+    def _announced(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        src = self.source
+        if hasattr(src, "announced"):                      # a bridge WeightStream
+            return src.announced()
+        if hasattr(src, "__len__") and not hasattr(src, "__next__"):   # already in memory
+            return [(name, tuple(t.shape)) for name, t in src]
+        return None
+
+    def precheck(self) -> None:
+        """Check the whole update before anything is loaded, when it is known up front; raises
+        :class:`WeightUpdateError` (after draining a bridge stream), the old weights intact."""
+        self._prechecked = True
+        index = self._announced()
+        if index is None:
+            return
+        try:
+            seen: set[str] = set()
+            self._check_entries(index, seen)
+            self._check_complete(seen)
+        except WeightUpdateError:
+            self._drain()
+            raise
+
+    # -- the stream -------------------------------------------------------------------------
+    def _buckets(self):
+        src = self.source
+        if hasattr(src, "buckets"):
+            yield from src.buckets()
+        else:
+            for name, t in src:
+                yield [(name, tuple(t.shape))], iter(((name, t),))
+
+    def _drain(self) -> None:
+        if hasattr(self.source, "drain"):
+            self.source.drain()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if not self._prechecked:
+            self.precheck()
+        try:
+            for entries, tensors in self._buckets():
+                self._check_entries(entries, self.seen)
+                for name, tensor in tensors:
+                    self.loaded += 1
+                    yield name, tensor
+            self._check_complete(self.seen)
+        except WeightUpdateError as err:
+            self.error = err
+            self._drain()
+
+    def finish(self) -> int:
+        """Raise the problem the stream had, if any (saying what the engine now holds); else
+        return how many tensors were loaded."""
+        if self.error is not None:
+            if self.loaded:
+                raise WeightUpdateError(
+                    f"{self.error} -- found after {self.loaded} tensors of this update were loaded: "
+                    "the engine now holds a mix of old and new weights and refuses to generate "
+                    "until a complete update_weights succeeds") from None
+            raise self.error
+        return self.loaded
+
+
 def check_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],
                   expected: Mapping[str, tuple[int, ...]], *, where: str,
                   optional: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
-    """Read the whole stream and check it is exactly the model's weights; return it as a list.
+    """Read the whole stream, check it is exactly the model's weights, return it as a list.
 
-    Every name must be one of ``expected`` with the same shape, no name may come twice, and every
-    expected name must come (except ``optional`` ones, e.g. a tied ``lm_head.weight``). The
-    first problem raises :class:`WeightUpdateError` naming the tensor; nothing has been loaded
-    by then, so the engine keeps its old weights.
+    Holds every tensor: for small models and tests. Engines stream with :class:`CheckedWeights`.
+    The first problem raises :class:`WeightUpdateError` naming the tensor.
     """
-    optional = set(optional)
-    seen: set[str] = set()
-    weights: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in named_tensors:
-        if name not in expected and name not in optional:
-            close = [n for n in expected if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
-            hint = f"; names with the same ending: {close}" if close else ""
-            raise WeightUpdateError(
-                f"{where}: update_weights got unknown parameter {name!r} (expected Hugging Face "
-                f"names such as {next(iter(expected))!r}; the model has {len(expected)}){hint}")
-        if name in expected and tuple(tensor.shape) != tuple(expected[name]):
-            raise WeightUpdateError(
-                f"{where}: update_weights got {name!r} with shape {tuple(tensor.shape)}, but the "
-                f"model's is {tuple(expected[name])} (send full, unsharded tensors)")
-        if name in seen:
-            raise WeightUpdateError(f"{where}: update_weights got {name!r} twice")
-        seen.add(name)
-        weights.append((name, tensor))
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        raise WeightUpdateError(
-            f"{where}: update_weights got {len(seen)} tensors but not {missing[0]!r} "
-            f"({len(missing)} of the model's {len(expected)} missing); send the whole model in "
-            "one call (a partially updated fused layer would hold garbage in vLLM)")
+    checked = CheckedWeights(named_tensors, expected, where=where, optional=optional)
+    weights = list(checked)
+    if checked.error is not None:
+        raise checked.error
     return weights
 
 

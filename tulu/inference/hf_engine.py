@@ -25,7 +25,7 @@ from tulu.inference.engine import (
     Completion,
     InferenceEngine,
     SamplingSettings,
-    check_weights,
+    CheckedWeights,
     read_weight_shapes,
 )
 
@@ -122,6 +122,7 @@ class TransformersEngine(InferenceEngine):
     # -- generate ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int = 1,
                  sampling: SamplingSettings | None = None) -> list[Completion]:
+        self._require_complete_weights()
         sampling = sampling or SamplingSettings()
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -199,13 +200,18 @@ class TransformersEngine(InferenceEngine):
     # -- weights ----------------------------------------------------------------------------
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        # Check everything before changing anything: a bad stream leaves the old weights intact.
-        weights = check_weights(named_tensors, self._shapes, optional=self._optional,
-                                where=f"transformers engine ({self.model_dir})")
-        for name, tensor in weights:
-            self._params[name].copy_(tensor)
-        self.decoder.refresh()
-        return len(weights)
+        # Tensor by tensor, as they arrive (see the engine contract for what a bad stream leaves).
+        checked = CheckedWeights(named_tensors, self._shapes, optional=self._optional,
+                                 where=f"transformers engine ({self.model_dir})")
+
+        def load(weights) -> None:
+            try:
+                for name, tensor in weights:
+                    self._params[name].copy_(tensor)
+            finally:
+                self.decoder.refresh()
+
+        return self._load_streamed(checked, load)
 
     # -- reference log-probs ----------------------------------------------------------------
     @torch.no_grad()
@@ -219,14 +225,16 @@ class TransformersEngine(InferenceEngine):
         if not LlamaDecoder.supports(self.model.config):
             raise ValueError(f"reference log-probs in the engine need a plain Llama model; {self.model_dir} is "
                              f"{self.model.config.model_type}")
-        weights = check_weights(named_tensors, self._shapes, optional=self._optional,
-                                where=f"transformers engine reference ({self.model_dir})")
-        model = copy.deepcopy(self.model)
+        checked = CheckedWeights(named_tensors, self._shapes, optional=self._optional,
+                                 where=f"transformers engine reference ({self.model_dir})")
+        checked.precheck()
+        model = copy.deepcopy(self.model)    # a failed load leaves self.reference as it was
         params = model.state_dict(keep_vars=True)
-        for name, tensor in weights:
+        for name, tensor in checked:
             params[name].copy_(tensor)
+        loaded = checked.finish()
         self.reference = LlamaDecoder(model)
-        return len(weights)
+        return loaded
 
     @torch.inference_mode()
     def reference_logprobs(self, prompts: list[list[int]], completions: list[Completion],

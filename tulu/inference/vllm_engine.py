@@ -7,8 +7,8 @@ only, never shared with the training role) builds the same engine with
 settings, and gets the same completions. vLLM then owns the process's default process group;
 talk to the trainer through the bridge group, not through ``torch.distributed``'s world.
 
-Weights are reloaded in place, without a restart: the checked stream goes to every worker's
-``reload_weights`` (vLLM's layerwise reload, which re-runs the CPU linear repacking; a plain
+Weights are reloaded in place, without a restart: the checked stream (streamed, never held
+whole: ``tulu.inference.engine.CheckedWeights``) goes to every worker's ``reload_weights`` (vLLM's layerwise reload, which re-runs the CPU linear repacking; a plain
 ``model.load_weights`` after start corrupts repacked layers on CPU), then the prefix cache is
 reset so no prompt reuses KV computed with the old weights.
 
@@ -39,7 +39,7 @@ from tulu.inference.engine import (
     Completion,
     InferenceEngine,
     SamplingSettings,
-    check_weights,
+    CheckedWeights,
     read_weight_shapes,
 )
 
@@ -133,6 +133,7 @@ class VllmEngine(InferenceEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_complete_weights()
         sampling = sampling or SamplingSettings()
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
@@ -168,15 +169,23 @@ class VllmEngine(InferenceEngine):
         return completions
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        weights = check_weights(named_tensors, self._shapes, optional=self._optional,
-                                where=f"vLLM engine ({self.model_dir})")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
-                               "(requests still running?); completions could reuse stale KV")
-        self.prefix_cache_resets += 1
+        # The checked stream is vLLM's weights iterator: each worker loads it layer by layer as
+        # buckets arrive. A problem found mid-stream ends the iterator early (vLLM finalises the
+        # layers it got; a partly loaded fused layer holds garbage) and is raised after the
+        # reload, with weights_incomplete set: generate refuses until a complete update.
+        checked = CheckedWeights(named_tensors, self._shapes, optional=self._optional,
+                                 where=f"vLLM engine ({self.model_dir})")
+
+        def load(weights) -> None:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
+                                   "(requests still running?); completions could reuse stale KV")
+            self.prefix_cache_resets += 1
+
+        loaded = self._load_streamed(checked, load)
         self.weight_updates += 1
-        return len(weights)
+        return loaded
 
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
