@@ -60,3 +60,21 @@ def test_weird_run_folder_survives_shell_quoting(weird_run_dir):
     # #SBATCH lines are read by sbatch, not bash: check the log path is one quoted word.
     output_line = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
     assert shlex.split(output_line.split("=", 1)[1]) == [str(weird_run_dir.resolve() / "logs" / "%j" / "%j_0_log.out")]
+
+
+def test_a_monitor_that_cannot_be_imported_stops_the_submission(monkeypatch, tmp_path):
+    """Never a silent job without hang detection or the crash-requeue EXIT trap."""
+    import sys
+
+    from tulu.config import ConfigError, load_config
+    from tulu.launch import executor
+    from tulu.plan import build_plan
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-rehearse.yaml",
+                      [f"run.dir={tmp_path}/run"])
+    monkeypatch.setitem(sys.modules, "monitoring.recovery", None)   # import fails
+    with pytest.raises(ConfigError) as err:
+        executor.sbatch_script(cfg, build_plan(cfg))
+    assert err.value.key == "monitoring.enabled"
+    cfg.monitoring.enabled = False                                   # the explicit opt-out
+    assert "monitoring.sidecar" not in executor.sbatch_script(cfg, build_plan(cfg))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import submitit
 
-from tulu.config import JobConfig
+from tulu.config import ConfigError, JobConfig
 from tulu.launch.task import JobTask
 from tulu.plan import RankPlan
 
@@ -70,15 +70,17 @@ def setup_lines(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> list[str]:
     lines = [f"export {k}={shlex.quote(v)}" for k, v in task_environment(cfg, paths).items()]
     lines.append(f"mkdir -p {shlex.quote(str(paths.monitor))}")
     if cfg.monitoring.enabled:
+        # A job without its monitor runs without hang detection and without the EXIT trap that
+        # requeues a crash: never submit one by accident (monitoring.enabled: false says so).
         try:
-            from monitoring.recovery import setup_lines as monitor_setup_lines
-        except ImportError:
-            monitor_setup_lines = None
-        if monitor_setup_lines is not None:
             from monitoring.config import MonitorConfig
-
-            lines += monitor_setup_lines(str(paths.monitor), plan.world_size,
-                                         MonitorConfig.from_dict(monitor_settings(cfg)))
+            from monitoring.recovery import setup_lines as monitor_setup_lines
+        except ImportError as e:
+            raise ConfigError("monitoring.enabled", f"the health monitor cannot be imported ({e}); the job would "
+                              "run without hang detection or crash requeues. Fix the install (monitoring/ "
+                              "next to tulu/), or set monitoring.enabled: false to run without it") from e
+        lines += monitor_setup_lines(str(paths.monitor), plan.world_size,
+                                     MonitorConfig.from_dict(monitor_settings(cfg)))
     return lines
 
 
