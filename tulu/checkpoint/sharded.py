@@ -13,6 +13,9 @@ What a caller may hand over as "the model":
 
 An optimizer with ``sharded_state_dict(model_sd, is_loading=...)`` (Megatron's) is saved the same
 way and reshards too; a plain ``torch.optim`` optimizer is saved per rank (see the manager).
+Megatron's distributed optimizer is saved "fully_reshardable" (loads under another TP/PP/DP);
+loading it into a freshly built one over torch's Adam needs the three repairs described at
+``load_optimizer``'s helpers below (megatron-core 0.16.1, any device).
 
 On CPU, ``dist_checkpointing`` calls ``torch.cuda.synchronize``/``current_device``: the run must
 have applied the CPU redirects (``tulu.models.megatron_cpu``) first.
@@ -20,8 +23,9 @@ have applied the CPU redirects (``tulu.models.megatron_cpu``) first.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 
@@ -129,6 +133,91 @@ def save_optimizer(optimizer: Any, model: ModelLike, folder: Path) -> None:
 
 def load_optimizer(optimizer: Any, model: ModelLike, folder: Path) -> None:
     model_sd, _ = model_sharded_state(model)
+    adams = _torch_adam_distributed_optimizers(optimizer)
+    for opt in adams:
+        _init_adam_state_at_step_zero(opt)
     with collectives.single_process_group():
         template = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA))
-        optimizer.load_state_dict(_dc().load(template, str(folder)))
+        loaded = _dc().load(template, str(folder))
+        with contextlib.ExitStack() as stack:
+            for opt in adams:
+                stack.enter_context(_step_kept_when_loading_moments(opt))
+            optimizer.load_state_dict(loaded)
+    for opt in adams:
+        _unshare_adam_steps(opt)
+
+
+# --- Megatron's distributed optimizer over torch's Adam ------------------------------------------
+# Without Apex or Transformer Engine (our GPU image has neither, and CPU never does), Megatron's
+# DistributedOptimizer wraps torch.optim.Adam/AdamW, which keeps Adam's step per parameter in its
+# state; megatron-core 0.16.1 handles that case in two places badly, on any device:
+# - ``sharded_state_dict(is_loading=True)`` starts with ``state_dict()``, which asserts that all
+#   parameters share one step: a freshly built optimizer has no state at all, so the assert fails
+#   (``assert len(steps) == 1``) before anything is read;
+# - ``load_state_dict`` sets the step from the checkpoint, then copies each parameter's
+#   moments from the "fully_reshardable" state with ``_set_main_param_and_optimizer_states``,
+#   which expects a value for every key of the parameter's state, "step" included, while the
+#   checkpoint (rightly) carries the step once, not per parameter: ``KeyError: 'step'``;
+# - ``load_state_dict`` gives every parameter the *same* step tensor, and torch's Adam adds 1 to
+#   each parameter's step in place: the shared step then advances by the number of parameters per
+#   iteration and every later bias correction is wrong.
+# Fixed around Megatron, not inside it: an Adam state at step 0 (zero moments: what a first step
+# starts from; parameters untouched, unlike a dummy optimizer step with weight decay) before the
+# template is built, every loaded value then overwrites it; while the moments are copied the
+# step already loaded is kept; after loading each parameter gets its own step tensor.
+
+
+def _megatron_parts(optimizer: Any) -> list[Any]:
+    """The optimizers inside ``optimizer``: Megatron's ``ChainedOptimizer`` (and anything else
+    made of several, e.g. the RLVR policy + value pair) lists them in ``chained_optimizers``."""
+    parts = getattr(optimizer, "chained_optimizers", None)
+    if parts is None:
+        return [optimizer]
+    return [leaf for part in parts for leaf in _megatron_parts(part)]
+
+
+def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
+    try:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    except ImportError:
+        return []
+    return [opt for opt in _megatron_parts(optimizer)
+            if isinstance(opt, DistributedOptimizer)
+            and isinstance(getattr(opt, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _init_adam_state_at_step_zero(opt: Any) -> None:
+    inner = opt.optimizer
+    if len(inner.state):
+        return
+    opt.init_state_fn(inner, opt.config)  # Megatron's own: zero exp_avg / exp_avg_sq
+    for group in inner.param_groups:
+        for p in group["params"]:
+            inner.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _step_kept_when_loading_moments(opt: Any) -> Iterator[None]:
+    """While active, ``opt._set_main_param_and_optimizer_states`` leaves Adam's step as loaded
+    (it is handed the parameter's own step, a copy onto itself) instead of raising KeyError."""
+    set_states = opt._set_main_param_and_optimizer_states
+
+    def set_states_keeping_step(model_param, tensors):
+        if "step" not in tensors:
+            group, order = opt.model_param_group_index_map[model_param]
+            step = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        set_states(model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states_keeping_step
+    try:
+        yield
+    finally:
+        del opt._set_main_param_and_optimizer_states  # the class's method again
+
+
+def _unshare_adam_steps(opt: Any) -> None:
+    for state in opt.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()

@@ -8,7 +8,13 @@ local unfused attention is ~2x slower on a GPU and is kept as ``attention="unfus
 The model is built for the calling process's place in Megatron's ``parallel_state``: its
 tensor-parallel shard and its pipeline stage (``pre_process`` on the first stage, the layers of
 this stage, ``post_process`` on the last). Call ``parallel_state.initialize_model_parallel``
-first. On a CPU-only torch the CUDA redirects of :mod:`tulu.models.megatron_cpu` are applied and
+first. Layers are split over the stages as ``tulu.plan.layers_per_stage`` says (the one source
+of the split: the memory plan reads it too); an uneven split (126 layers in 10 stages: 11,
+13 x 8, 11) reaches Megatron as ``num_layers_in_{first,last}_pipeline_stage``, and Megatron
+numbers each layer globally from it (``layer_number``), which the HF name mapping, weight sync
+and checkpoints use. The norms are ``tulu.models.norm.RMSNorm`` (torch's, usable under
+sequence parallelism) wherever Megatron's local spec would pick its torch norm.
+On a CPU-only torch the CUDA redirects of :mod:`tulu.models.megatron_cpu` are applied and
 parameters are fp32; on a GPU they are bf16.
 
 ``LLAMA_PRESETS`` holds the shapes of the real Llama 3.1 models (no weights): the memory planner
@@ -29,6 +35,7 @@ from tulu.models.presets import LLAMA_PRESETS
 __all__ = [
     "LLAMA_PRESETS",
     "build_gpt_model",
+    "pipeline_split_settings",
     "llama_config_from_preset",
     "padded_vocab_size",
     "rope_settings",
@@ -104,8 +111,25 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
+def pipeline_split_settings(num_layers: int, pp: int) -> dict[str, int]:
+    """``TransformerConfig`` settings that make Megatron build ``tulu.plan.layers_per_stage``'s
+    split: none when it is even, else the first and last stages' layer counts (Megatron spreads
+    the rest evenly over the middle stages, which is how the plan splits too)."""
+    from tulu.plan import layers_per_stage
+
+    split = layers_per_stage(num_layers, pp)
+    if len(set(split)) == 1:
+        return {}
+    first, *middle, last = split
+    if len(set(middle)) > 1:  # Megatron's uneven mode cannot express it: refuse, never guess
+        raise ValueError(f"pipeline split {split} of {num_layers} layers over PP={pp} has uneven middle "
+                         "stages; Megatron's num_layers_in_{first,last}_pipeline_stage cannot build it")
+    return {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+
+
 def transformer_config_from_hf(hf_config, *, dtype: torch.dtype | None = None, **overrides):
-    """A Megatron ``TransformerConfig`` for ``hf_config`` at the current TP/PP sizes."""
+    """A Megatron ``TransformerConfig`` for ``hf_config`` at the current TP/PP sizes, with the
+    plan's pipeline split (:func:`pipeline_split_settings`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
@@ -153,6 +177,8 @@ def transformer_config_from_hf(hf_config, *, dtype: torch.dtype | None = None, *
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    kwargs.update(pipeline_split_settings(hf_config.num_hidden_layers,
+                                          ps.get_pipeline_model_parallel_world_size()))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -180,7 +206,6 @@ def build_gpt_model(
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     megatron_cpu.apply()
     if not ps.model_parallel_is_initialized():
@@ -193,18 +218,11 @@ def build_gpt_model(
     if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = transformer_config_from_hf(hf_config, dtype=dtype, **config_overrides)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if attention == "sdpa":
-        from tulu.models.attention import SDPAttention
-
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    elif attention != "unfused":
-        raise ValueError(f"attention must be 'sdpa' or 'unfused', got {attention!r}")
     theta, scaling = rope_settings(hf_config)
     tp = ps.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=_block_spec(config, attention),
         vocab_size=padded_vocab_size(hf_config.vocab_size, tp, vocab_multiple),
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
@@ -228,3 +246,30 @@ def build_gpt_model(
             "original_max_position_embeddings": scaling["original_max_position_embeddings"],
         })
     return model
+
+
+def _block_spec(config, attention: str):
+    """The decoder's spec: Megatron's local layer spec with our core attention and, where that
+    spec would use Megatron's torch norm (``WrappedTorchNorm``: no Apex; it refuses sequence
+    parallelism), :class:`tulu.models.norm.RMSNorm` for the layers' and the final norm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from tulu.models.norm import RMSNorm
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        from tulu.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "unfused":
+        raise ValueError(f"attention must be 'sdpa' or 'unfused', got {attention!r}")
+    layer = spec.submodules
+    if layer.input_layernorm is not WrappedTorchNorm:  # Apex's fused norm: handles SP itself
+        return spec
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    # Megatron picks the final norm by itself (``LayerNormImpl``) for a layer spec; a block spec
+    # names it, with this stage's layer count (the plan's split, via the config).
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)

@@ -30,8 +30,22 @@ a model (``tulu.models.llama.build_gpt_model`` does). The patches:
    ``optimizer.optimizer``, which imported it by name) by the same scaling with the assert
    relaxed to "fp32 gradient on any device".
 
-Known not to work on CPU (not patched): sequence parallelism with torch norms, the distributed
-optimizer (not tried), DDP ``overlap_grad_reduce`` (CUDA streams), CUDA graphs, ``.cuda()`` calls in
+6. The distributed optimizer's constructor sorts parameters by ``param.type()`` against the CUDA
+   type names ("torch.cuda.FloatTensor", ...) and raises on a CPU tensor:
+   ``DistributedOptimizer.__init__`` runs with ``nn.Parameter.type()`` answering the CUDA twin's
+   name for a CPU parameter (only while it runs; plain tensors untouched).
+7. Its checkpoint gather (``DistributedOptimizer.get_parameter_state_dp_zero``, used by the
+   "fully_reshardable" save) copies buffers with ``.cuda()`` unless asked for its gloo route; on
+   CPU the data-parallel group is gloo already, so it takes the gloo route over that group.
+   The optimizer's step itself needs nothing: gloo in torch 2.13 has ``reduce_scatter_tensor``
+   and ``all_gather_into_tensor``.
+
+Sequence parallelism needs no patch: its torch-norm refusal is a spec choice, answered by
+``tulu.models.norm.RMSNorm`` in ``tulu.models.llama``'s spec.
+
+Known not to work on CPU (not patched): DDP ``overlap_grad_reduce`` and ``overlap_param_gather``
+(CUDA streams), CUDA graphs, the bf16 *replicated* optimizer (``Float16OptimizerWithFloat16Params``
+has the same CUDA type check as 6; CPU runs are fp32), ``.cuda()`` calls in
 ``dist_checkpointing.exchange_utils`` (fully parallel load) and ``utils.check_param_hashes``.
 
 ``PATCH_TARGETS`` names every attribute patched, with the parameters the patch relies on; the
@@ -79,6 +93,9 @@ PATCH_TARGETS = (
      ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
      ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__", ("self",)),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
+     ("self", "use_gloo_comm", "empty_data", "return_on_all_ranks")),
 ) + tuple((m, "torch", None) for m in LITERAL_CUDA_MODULES)
 
 _MARK = "_tulu_cpu_patch"
@@ -128,6 +145,7 @@ def apply() -> bool:
     _patch_literal_cuda_devices()
     _patch_rng_tracker()
     _patch_grad_clipping()
+    _patch_distributed_optimizer()
     _STATE["applied"] = True
     return True
 
@@ -265,3 +283,68 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 def _patch_grad_clipping() -> None:
     for m in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         _replace(m, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+
+
+# --- 6 and 7: the distributed optimizer's parameter type checks and checkpoint gather ---------
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``Tensor.type()`` naming a CPU tensor as its CUDA twin ("torch.cuda.FloatTensor"); with
+    arguments (a conversion) it is the original."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+@contextlib.contextmanager
+def _parameters_named_as_cuda():
+    """While active, ``nn.Parameter.type()`` of a CPU parameter answers with the CUDA type name
+    (plain tensors are untouched). The class attribute is restored on exit."""
+    had = "type" in torch.nn.Parameter.__dict__
+    previous = torch.nn.Parameter.__dict__.get("type")
+    torch.nn.Parameter.type = _cuda_type_name
+    try:
+        yield
+    finally:
+        if had:
+            torch.nn.Parameter.type = previous
+        else:
+            del torch.nn.Parameter.type
+
+
+def _patch_distributed_optimizer() -> None:
+    """``DistributedOptimizer.__init__`` sorts parameters into fp32 / fp16-bf16 groups by
+    ``param.type()`` against the CUDA type names and raises on anything else (a CPU
+    ``torch.FloatTensor``). Its constructor runs with CPU parameters named as their CUDA twins;
+    nothing else changes: the sharding, the reduce-scatter of gradients and the all-gather of
+    parameters are plain torch.distributed calls that gloo supports (torch 2.13)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init = DistributedOptimizer.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with _parameters_named_as_cuda():
+            init(self, *args, **kwargs)
+
+    _replace("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__", __init__)
+
+    gather = DistributedOptimizer.get_parameter_state_dp_zero
+
+    @functools.wraps(gather)
+    def get_parameter_state_dp_zero(self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False):
+        # The checkpoint gather has two routes: "gloo" (CPU buffers, the DP gloo group) and the
+        # default one (``.cuda()`` copies, the DP group). On CPU the DP group is a gloo group
+        # already, so the default route is the gloo route over that same group.
+        gloo_group = self.data_parallel_group_gloo
+        self.data_parallel_group_gloo = self.data_parallel_group
+        try:
+            return gather(self, use_gloo_comm=True, empty_data=empty_data,
+                          return_on_all_ranks=return_on_all_ranks)
+        finally:
+            self.data_parallel_group_gloo = gloo_group
+
+    _replace("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
+             get_parameter_state_dp_zero)

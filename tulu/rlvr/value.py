@@ -18,10 +18,12 @@ the same values and the same head gradients, and the gradient it sends into the 
 already the full one (the vocabulary layer's ``copy_to_tensor_model_parallel_region`` all-reduce
 exists because each TP rank holds only part of the vocabulary; a replicated head has nothing to
 sum). Megatron counts such a parameter once in the gradient norm, as it does the norms. With
-sequence parallelism the final hidden states are split along the sequence across TP ranks: the
-head would need a sequence all-gather of the values and its gradients marked
-``sequence_parallel`` (all-reduced by ``finalize_model_grads``); that is not built, so the value
-model always runs without sequence parallelism (a warning says so when the policy uses it).
+sequence parallelism (the value model follows ``groups.training.sequence_parallel`` like the
+policy) the final hidden states arrive split along the sequence across the TP ranks: the head
+first gathers the whole sequence, so it stays replicated as above, and its backward hands each
+rank the gradient of its own slice (``tensor_parallel_output_grad=False``: every rank computed
+the same values, there is nothing to sum). The final norm's weight gradient is a per-slice
+partial sum, summed over TP by ``finalize_model_grads`` (``tulu.models.norm``).
 
 Checkpoint: :class:`PolicyAndValueState` hands the checkpoint manager one model (the policy's
 sharded state dict, keys unchanged, plus the value model's under ``value.``) and one optimizer
@@ -33,7 +35,6 @@ commits both or neither, and a policy-only reader (``tulu export``, a later stag
 from __future__ import annotations
 
 import dataclasses
-import logging
 import zlib
 from typing import Any
 
@@ -44,8 +45,6 @@ from tulu.checkpoint.sharded import OPTIMIZER_METADATA
 from tulu.config import ConfigError
 from tulu.train.model import Policy
 
-log = logging.getLogger("tulu.rlvr")
-
 VALUE_PREFIX = "value."
 
 
@@ -54,13 +53,19 @@ class ValueHead(nn.Module):
     GPTModel calls its output layer (``weight=`` and ``runtime_gather_output=`` are the vocabulary
     layer's arguments and are ignored); computed in fp32 whatever the parameter dtype."""
 
-    def __init__(self, hidden_size: int, *, dtype: torch.dtype, std: float, seed: int):
+    def __init__(self, hidden_size: int, *, dtype: torch.dtype, std: float, seed: int,
+                 gather_sequence: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(b"value_head"))
         self.weight = nn.Parameter((torch.randn(1, hidden_size, generator=g) * std).to(dtype))
-        self.sequence_parallel = False  # read by GPTModel's inference path only
+        self.gather_sequence = gather_sequence  # sequence parallel: hidden is this rank's slice
+        self.sequence_parallel = False  # read by GPTModel's inference path only: we gather ourselves
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.gather_sequence:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         values = torch.nn.functional.linear(hidden.float(), self.weight.float())
         return values, None
 
@@ -71,7 +76,8 @@ def attach_value_head(model, hf_config, seed: int) -> None:
         return
     dtype = model.config.params_dtype  # the linear layers' dtype (the norms' may differ)
     device = next(model.parameters()).device
-    head = ValueHead(hf_config.hidden_size, dtype=dtype, std=hf_config.initializer_range, seed=seed)
+    head = ValueHead(hf_config.hidden_size, dtype=dtype, std=hf_config.initializer_range, seed=seed,
+                     gather_sequence=model.config.sequence_parallel)
     model.output_layer = head.to(device)
 
 
@@ -110,13 +116,9 @@ def build_value_model(cfg, policy_source) -> ValueModel:
     from tulu.train import model as tmodel
 
     source = value_source(cfg, policy_source)
-    tr, rl = cfg.groups.training, cfg.stage_config
-    if tr.sequence_parallel and tr.tp > 1:
-        log.warning("the PPO value model runs without sequence parallelism (its replicated head does "
-                    "not support it yet); only the policy uses groups.training.sequence_parallel")
-    module = tmodel.build_gpt(source, cfg.model, dataclasses.replace(tr, sequence_parallel=False), cfg.run.seed)
+    module = tmodel.build_gpt(source, cfg.model, cfg.groups.training, cfg.run.seed)
     attach_value_head(module, source.hf_config, cfg.run.seed)
-    return tmodel.wrap_for_training(cfg, module, source.hf_config, lr=value_lr(rl), min_lr=0.0)
+    return tmodel.wrap_for_training(cfg, module, source.hf_config, lr=value_lr(cfg.stage_config), min_lr=0.0)
 
 
 # --- one checkpoint for both ---------------------------------------------------------------------
@@ -131,6 +133,9 @@ class _JointOptimizer:
 
     def __init__(self, policy_opt, value_opt):
         self.parts = {"policy": policy_opt, "value": value_opt}
+        # Megatron's name for "the optimizers this one is made of": tulu.checkpoint.sharded looks
+        # inside for distributed optimizers whose Adam state must be prepared before a load.
+        self.chained_optimizers = [policy_opt, value_opt]
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
         from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding

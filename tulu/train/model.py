@@ -11,16 +11,18 @@ Initial weights, chosen once from ``model``:
   matrices, ones for norms), so every TP/PP layout starts from the same full weights;
 - ``arch``: Megatron's own seeded init (differs between layouts; for shape tests only).
 
-Backend choices made here, once: parameter dtype (``model.dtype``); the distributed optimizer
-and sequence parallelism only where CUDA is available (neither works on CPU: DESIGN.md §7);
-gradient clipping by Megatron's optimizer (on CPU through ``tulu.models.megatron_cpu``'s patch).
+Settings made here, once, the same on CPU and GPU: parameter dtype (``model.dtype``);
+sequence parallelism (``groups.training.sequence_parallel``, with TP > 1; its norms are
+``tulu.models.norm.RMSNorm``); Megatron's distributed optimizer
+(``groups.training.distributed_optimizer``; on CPU through ``tulu.models.megatron_cpu``'s
+redirects, its checkpoints through ``tulu.checkpoint.sharded``); the dtype gradients are reduced
+in (``groups.training.grad_dtype``); gradient clipping by Megatron's optimizer.
 Losses are summed per micro-batch and Megatron divides the gradients by the number of loss
 units (tokens for SFT, pairs for DPO) of the whole global batch (``calculate_per_token_loss``).
 """
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger("tulu.train")
 
 
 # --- where the model comes from ------------------------------------------------------------------
@@ -232,11 +232,8 @@ def _transformer_overrides(training_cfg) -> dict:
         out["recompute_granularity"] = "selective"
     elif training_cfg.recompute == "full":
         out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if training_cfg.sequence_parallel and training_cfg.tp > 1:
-        if torch.cuda.is_available():
-            out["sequence_parallel"] = True
-        else:
-            log.warning("groups.training.sequence_parallel ignored on CPU (torch norms do not support it)")
+    if training_cfg.sequence_parallel and training_cfg.tp > 1:  # Megatron refuses it at TP1
+        out["sequence_parallel"] = True
     return out
 
 
@@ -251,15 +248,16 @@ def build_gpt(source: ModelSource, model_cfg, training_cfg, seed: int):
     return model
 
 
-def use_distributed_optimizer(training_cfg) -> bool:
-    """Megatron's distributed optimizer where it works (CUDA); the replicated one on CPU."""
-    if not training_cfg.distributed_optimizer:
-        return False
-    if not torch.cuda.is_available():
-        log.warning("groups.training.distributed_optimizer: not available on CPU (DESIGN.md §7); "
-                    "using Megatron's replicated optimizer")
-        return False
-    return True
+def ddp_config(training_cfg):
+    """Megatron's DDP settings from ``groups.training``: gradients reduced (and kept) in fp32 or
+    in the parameters' dtype (``grad_dtype: bf16``, half the gradient memory the plan counts), the
+    distributed optimizer's reduce-scatter or the replicated optimizer's all-reduce. No overlap
+    of the reduction with the backward pass: it needs CUDA streams."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=training_cfg.grad_dtype == "fp32",
+                                         use_distributed_optimizer=training_cfg.distributed_optimizer,
+                                         overlap_grad_reduce=False)
 
 
 @dataclass
@@ -284,20 +282,17 @@ def build_policy(cfg, source: ModelSource) -> Policy:
 
 
 def wrap_for_training(cfg, module, hf_config, *, lr: float, min_lr: float) -> Policy:
-    """``module`` in Megatron's DDP wrapper with Megatron's Adam (clipping from the stage's optim);
-    the distributed optimizer where it works. Used for the policy and for PPO's value model."""
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
+    """``module`` in Megatron's DDP wrapper (:func:`ddp_config`) with Megatron's Adam (clipping
+    from the stage's optim), distributed over DP or replicated as ``groups.training`` says. Used
+    for the policy and for PPO's value model."""
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     optim = cfg.stage_config.optim
     dtype = torch_dtype(cfg.model)
-    dist_opt = use_distributed_optimizer(cfg.groups.training)
-    ddp = DistributedDataParallel(
-        module.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
-                                      overlap_grad_reduce=False),
-        module)
+    ddp_cfg = ddp_config(cfg.groups.training)
+    dist_opt = ddp_cfg.use_distributed_optimizer
+    ddp = DistributedDataParallel(module.config, ddp_cfg, module)
     module.config.finalize_model_grads_func = finalize_model_grads
     module.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
