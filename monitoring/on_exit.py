@@ -35,7 +35,7 @@ from monitoring import slurm
 from monitoring.config import MonitorConfig
 from monitoring.detect import Fault
 from monitoring.diagnosis import diagnose, write_report
-from monitoring.record import STATE_FAILED, read_all
+from monitoring.record import STATE_FAILED, monitor_start, read_all
 from monitoring.recovery import (
     EXIT_DO_NOT_REQUEUE, already_requeued, handle_fault, record_decision, requeue,
     requeue_requested, stop_reason,
@@ -62,8 +62,11 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
     _wait_for_sidecar(d, sidecar_pid, cfg.sidecar_wait_s)
     base = dict(job_id=job_id, attempt=attempt, by="on_exit", rc=rc)
 
-    if stop_reason(d, job_id):
-        log(f"srun exited {rc}; restart chain already stopped: {stop_reason(d, job_id)}")
+    stopped = stop_reason(d, job_id)
+    if stopped:
+        log(f"srun exited {rc}; restart chain already stopped: {stopped}")
+        if stopped.startswith("storage:"):
+            _clean_after_storage_fault(cfg, job_id)
         return EXIT_DO_NOT_REQUEUE
 
     asked = requeue_requested(d, job_id, attempt)
@@ -99,7 +102,7 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         log(f"srun exited {rc}; already requeued by {who}")
         return rc
 
-    records = read_all(d, world_size)
+    records = read_all(d, world_size, since=monitor_start())
     records = [r if r is not None and r.attempt == attempt else None for r in records]
     failed = tuple(r.rank for r in records if r is not None and r.state == STATE_FAILED)
     why = f"srun exited with status {rc}" + (
@@ -117,6 +120,7 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
     step = max((r.done_step for r in records if r is not None), default=-1)
     if report.kind == "storage":
         kind = "storage"
+        _clean_after_storage_fault(cfg, job_id)
     decision = handle_fault(
         d, job_id=job_id, attempt=attempt, fault_kind=kind, step=step, cfg=cfg,
         culprit_nodes=report.culprit_nodes, culprit_ranks=[c["rank"] for c in report.culprits],
@@ -124,6 +128,35 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         storage_line=report.storage.get("line", ""))
     log(f"decision: {decision.action}: {decision.reason}", exclude=list(decision.exclude_nodes))
     return EXIT_DO_NOT_REQUEUE if decision.action == "stop" else rc
+
+
+def _remove_empty_temp_files(cfg: MonitorConfig, job_id: str | None) -> list[str]:
+    """After a storage fault, once srun returned (no rank writes any more): delete the zero-byte
+    temp files the failed writes left in the job's log folders (submitit's
+    ``*_result.pkl.save_tmp``, ``.*.tmp``); they hold nothing and only confuse."""
+    removed = []
+    folders = {Path(g.replace("{job_id}", str(job_id))).parent for g in cfg.log_globs if job_id or
+               "{job_id}" not in g}
+    for folder in folders:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            try:
+                if p.name.endswith((".save_tmp", ".tmp")) and p.is_file() and p.stat().st_size == 0:
+                    p.unlink()
+                    removed.append(str(p))
+            except OSError:
+                continue
+    return removed
+
+
+def _clean_after_storage_fault(cfg: MonitorConfig, job_id: str | None) -> None:
+    removed = _remove_empty_temp_files(cfg, job_id)
+    if removed:
+        log(f"removed {len(removed)} zero-byte temp file(s) of writes the full disk cut off",
+            files=removed[:10])
 
 
 def _decide_safely(rc: int, monitor_dir, world_size: int, cfg: MonitorConfig, **kw) -> int:

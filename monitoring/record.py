@@ -165,6 +165,22 @@ def read_record(path: str | os.PathLike, retries: int = 50) -> RankRecord | None
         os.close(fd)
 
 
-def read_all(monitor_dir: str | os.PathLike, world_size: int) -> list[RankRecord | None]:
-    """Records of ranks 0..world_size-1 (None where a rank has not reported yet)."""
-    return [read_record(record_path(monitor_dir, r)) for r in range(world_size)]
+def read_all(monitor_dir: str | os.PathLike, world_size: int,
+             since: float | None = None) -> list[RankRecord | None]:
+    """Records of ranks 0..world_size-1 (None where a rank has not reported yet). With ``since``
+    (when this job's monitor started, ``$TULU_MONITOR_START``), a record last updated before it
+    is None too: it was left by an earlier job in the same run folder (a resubmission starts at
+    attempt 0 again), and its failure is not this job's. 2 s of slack cover clock skew."""
+    out = [read_record(record_path(monitor_dir, r)) for r in range(world_size)]
+    if since is not None:
+        out = [r if r is not None and r.updated >= since - 2.0 else None for r in out]
+    return out
+
+
+def monitor_start() -> float | None:
+    """``$TULU_MONITOR_START``: when the batch script started the monitor (seconds since the
+    epoch), or None."""
+    try:
+        return float(os.environ["TULU_MONITOR_START"])
+    except (KeyError, ValueError):
+        return None

@@ -337,7 +337,8 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
     host, before ``srun``):
 
     1. export ``TULU_MONITOR_DIR`` and ``TULU_ATTEMPT`` (srun passes them to every task, so
-       ``ProgressTracker.from_env`` finds the monitor);
+       ``ProgressTracker.from_env`` finds the monitor) and ``TULU_MONITOR_START`` (records older
+       than it were left by an earlier job in the same run folder);
     2. start the sidecar in the background, its log in the monitor dir;
     3. ``trap 'exit 143' TERM`` (without it, bash killed by Slurm's SIGTERM runs the EXIT trap
        with ``$?`` = 0, the last command's status) and an EXIT trap that passes srun's status
@@ -359,6 +360,7 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
         "# tulu-hpc health monitor (monitoring.recovery.setup_lines)",
         f"export TULU_MONITOR_DIR={d}",
         "export TULU_ATTEMPT=\"${SLURM_RESTART_COUNT:-0}\"",
+        "export TULU_MONITOR_START=\"$(date +%s)\"",
         f"mkdir -p {d}",
         f"{env} {py} -m monitoring.sidecar {common} >> {log} 2>&1 &",
         "TULU_SIDECAR_PID=$!",

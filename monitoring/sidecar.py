@@ -29,7 +29,7 @@ from pathlib import Path
 from monitoring.config import MonitorConfig
 from monitoring.detect import Detector, Fault
 from monitoring.diagnosis import diagnose, write_report
-from monitoring.record import STATE_RUNNING, RankRecord, read_all
+from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
 from monitoring.recovery import handle_fault
 from monitoring import storage
 
@@ -86,6 +86,7 @@ class Sidecar:
         self.world_size, self.cfg, self.job_id, self.attempt = world_size, cfg, job_id, attempt
         self.host = host or socket.gethostname()
         self.clock = clock
+        self.since = monitor_start()   # records older than this job's start are not its own
         self.detector = Detector(cfg, world_size, attempt, start_time=clock())
         self.detector.observed.update(self._load_learned())
         self._saved_learned: dict = dict(self.detector.observed)
@@ -117,7 +118,7 @@ class Sidecar:
                 failure=(storage.files_for(self.dir).failures or [{}])[-1])
 
     def snapshot(self) -> tuple[list[RankRecord | None], dict[int, bool | None]]:
-        records = read_all(self.dir, self.world_size)
+        records = read_all(self.dir, self.world_size, since=self.since)
         alive = {r.rank: pid_alive(r, self.host) for r in records
                  if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING}
         return records, alive

@@ -226,3 +226,31 @@ def test_the_enospc_fault_fills_the_run_folders_file_system_until_it_refuses(sma
     with pytest.raises(OSError) as e:
         (small_fs / f"x{uuid.uuid4().hex}").write_bytes(b"x" * 8192)
     assert e.value.errno == errno.ENOSPC
+
+
+def test_records_left_by_an_earlier_job_in_the_same_run_folder_are_not_this_jobs(tmp_path, monkeypatch):
+    # A resubmission starts at attempt 0 again: the failed records of the job before it must not
+    # read as a crash of the new one.
+    mon = tmp_path / "mon"
+    t = ProgressTracker(mon, 0, 1, install_hooks=False, flight_recorder=False)
+    t.exit(1, error="StorageFullError: [Errno 28] ...")
+    t.close()
+    assert read_all(mon, 1)[0] is not None
+    import time as _time
+
+    monkeypatch.setenv("TULU_MONITOR_START", str(_time.time() + 10))
+    side = Sidecar(mon, 1, MonitorConfig(), job_id="6")
+    assert side.check_once() == [] and read_all(mon, 1, since=_time.time() + 10) == [None]
+
+
+def test_the_exit_trap_removes_zero_byte_temp_files_a_full_disk_left_in_the_log_folder(tmp_path):
+    from monitoring.on_exit import _remove_empty_temp_files
+
+    logs = tmp_path / "logs" / "77"
+    logs.mkdir(parents=True)
+    (logs / "77_0_result.pkl.save_tmp").write_bytes(b"")
+    (logs / "77_0_log.err").write_bytes(b"")                 # an empty log is kept
+    (logs / "77_1_result.pkl.save_tmp").write_bytes(b"data")  # not empty: kept
+    cfg = MonitorConfig(log_globs=[str(tmp_path / "logs" / "{job_id}" / "*_log.*")])
+    assert _remove_empty_temp_files(cfg, "77") == [str(logs / "77_0_result.pkl.save_tmp")]
+    assert sorted(p.name for p in logs.iterdir()) == ["77_0_log.err", "77_1_result.pkl.save_tmp"]
