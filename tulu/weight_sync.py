@@ -23,14 +23,18 @@ reload keeps a layer's tensors until the layer is complete), so a receiver holds
 being received, the bucket being loaded, and whatever its loader still keeps: about two buckets
 (two of the largest tensor, when one tensor is larger than a bucket) whatever the model size.
 
-The sender packs bucket i+1 while bucket i is on the wire (two reused buffers); receivers post
-the broadcast of bucket i+1 before their loader consumes bucket i.
+Contiguous tensors of a quarter bucket or more are sent as is, from their own memory; smaller
+ones are packed, into one of two reused buffers, while the previous bucket is on the wire (two
+broadcasts in flight at most). Receivers post the broadcast of bucket i+1 before their loader
+consumes bucket i.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import weakref
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -75,13 +79,22 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+             alone_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group the stream into buckets of at most ``bucket_bytes`` (aligned offsets; any dtypes).
-    A tensor of ``bucket_bytes`` or more is a bucket of its own."""
+    A tensor of ``bucket_bytes`` or more is a bucket of its own, and so is a contiguous tensor
+    of ``alone_bytes`` or more (it is sent from its own memory: packing it would only copy it)."""
+    alone = bucket_bytes if alone_bytes is None else min(alone_bytes, bucket_bytes)
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, t in named:
         nbytes = _nbytes(t)
+        if nbytes >= bucket_bytes or (nbytes >= alone and t.is_contiguous()):
+            if bucket:
+                yield bucket
+                bucket, size = [], 0
+            yield [(name, t)]
+            continue
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
@@ -115,36 +128,45 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     # before joining the stage group: receivers may read every stage's index first
     bridge.store.set(_key(version, stage, "index"), json.dumps(index))
     pg, _ = bridge.stage_group(stage)
-    buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
-    in_flight = None   # the previous bucket's broadcast
+    # Two pack buffers; at most two broadcasts in flight, so bucket i is packed (or, sent as is,
+    # posted) while i - 1 is on the wire; a pack buffer is refilled once its broadcast is done.
+    buffers = _SEND_BUFFERS.setdefault(bridge, [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)])
+    buffer_work: list = [None, None]
+    in_flight: deque = deque()
+    packed = 0
     sent: list[str] = []
-    for i, bucket in enumerate(_buckets(named, bucket_bytes)):
+    for i, bucket in enumerate(_buckets(named, bucket_bytes, bucket_bytes // 4)):
         entries, offset = [], 0
         for name, t in bucket:
             entries.append([name, list(t.shape), str(t.dtype), offset])
             offset = _aligned(offset + _nbytes(t))
         size = entries[-1][3] + _nbytes(bucket[-1][1])
+        slot = None
         if len(bucket) == 1 and bucket[0][1].is_contiguous():
             flat = bucket[0][1].reshape(-1).view(torch.uint8)     # as is: no copy
         else:
-            # buffers[i % 2] last carried bucket i - 2, whose broadcast has completed
-            buf = buffers[i % 2]
-            if buf.numel() < size:
-                buf = buffers[i % 2] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8)
-            flat = buf[:size]
+            slot, packed = packed % 2, packed + 1
+            if buffer_work[slot] is not None:
+                buffer_work[slot].wait()
+            if buffers[slot].numel() < size:
+                buffers[slot] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8)
+            flat = buffers[slot][:size]
             for (_, t), (_, _, _, off) in zip(bucket, entries):
                 flat[off:off + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t)
             stats.copied_bytes += size
         bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries}))
-        if in_flight is not None:   # packed while the previous bucket was on the wire
-            in_flight.wait()
-        in_flight = _broadcast_async(pg, flat)
+        while len(in_flight) >= 2:
+            in_flight.popleft().wait()
+        work = _broadcast_async(pg, flat)
+        in_flight.append(work)
+        if slot is not None:
+            buffer_work[slot] = work
         stats.tensors += len(bucket)
         stats.buckets += 1
         stats.bytes += size
         sent.extend(name for name, _ in bucket)
-    if in_flight is not None:
-        in_flight.wait()
+    while in_flight:
+        in_flight.popleft().wait()
     # An end marker closes the stream, so receivers need not poll for the count.
     bridge.store.set(_key(version, stage, stats.buckets), json.dumps({"end": True, "tensors": stats.tensors}))
     bridge.store.set(_key(version, stage, "count"), str(stats.buckets))
@@ -163,10 +185,16 @@ def _broadcast_async(pg, tensor: torch.Tensor):
     return pg.broadcast([tensor], opts)
 
 
+# Kept from one sync to the next (fresh buffers cost a page fault per 4 kB on every sync): the
+# sender's two pack buffers and a receiver's pool, per bridge.
+_SEND_BUFFERS: "weakref.WeakKeyDictionary[object, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
+_RECEIVE_POOLS: "weakref.WeakKeyDictionary[object, _BufferPool]" = weakref.WeakKeyDictionary()
+
+
 class _BufferPool:
     """Receive buffers (bytes), reused only when no view of them is alive outside the pool."""
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 3) -> None:
         self.keep = keep
         self.free: list[tuple[torch.Tensor, int]] = []   # (buffer, use count when only we hold it)
         self.allocated = 0
@@ -175,11 +203,23 @@ class _BufferPool:
     def _uses(buf: torch.Tensor) -> int:
         return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
 
-    def take(self, nbytes: int, hint: int) -> torch.Tensor:
+    def _reuse(self, nbytes: int) -> torch.Tensor | None:
         for k, (buf, base) in enumerate(self.free):
             if buf.numel() >= nbytes and self._uses(buf) == base:
                 self.free.append(self.free.pop(k))     # most recently used last
                 return buf[:nbytes]
+        return None
+
+    def take(self, nbytes: int, hint: int) -> torch.Tensor:
+        view = self._reuse(nbytes)
+        # gloo's worker thread drops its reference to a finished broadcast's tensor a moment after
+        # wait() returns: give it that moment before allocating another buffer
+        deadline = time.perf_counter() + 0.005
+        while view is None and len(self.free) >= self.keep and time.perf_counter() < deadline:
+            time.sleep(0.0002)
+            view = self._reuse(nbytes)
+        if view is not None:
+            return view
         # Forget the oldest buffers beyond `keep`: a loader still holding views frees them later.
         buf = torch.empty(max(nbytes, hint), dtype=torch.uint8)
         self.allocated += 1
@@ -195,7 +235,8 @@ class WeightStream:
 
     def __init__(self, bridge: BridgeGroup, version: int, stats: SyncStats, bucket_hint: int = 0) -> None:
         self.bridge, self.version, self.stats = bridge, version, stats
-        self._pool = _BufferPool()
+        self._pool = _RECEIVE_POOLS.setdefault(bridge, _BufferPool())
+        self._allocated_before = self._pool.allocated
         self._hint = bucket_hint
         self._gen: Iterator | None = None
         self._announced: dict[int, list | None] = {}
@@ -272,7 +313,7 @@ class WeightStream:
                                    f"{meta['tensors']} tensors, {arrived} arrived")
             stats.per_stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t0
-        stats.buffers_allocated = self._pool.allocated
+        stats.buffers_allocated = self._pool.allocated - self._allocated_before
         self.finished = True
 
     def _post(self, pg, meta):

@@ -44,8 +44,9 @@ def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
         assert all(res[r]["exact"])
         assert res[r]["announced"] == [True, False]
         assert res[r]["tensors"] == 8
-    # 20 kB buckets of any dtypes: stage 0 = [12 kB] + [12 kB + bf16 vector]; stage 1 the same,
-    # then lm_head (77 kB) alone, sent from its own memory, and the strided norm packed.
-    assert res[0]["buckets"] == 2 and res[1]["buckets"] == 4
-    assert res[1]["copied"] < sum(t.numel() * t.element_size() for _, t in _stage_tensors(1)) - 76_800 + 1024
-    assert res[2]["buckets"] == 6
+    # 20 kB buckets: contiguous tensors of a quarter bucket or more (the 12 kB matrices, the 77 kB
+    # lm_head) go alone, from their own memory; the tiny bf16 vector too (nothing to pack it with);
+    # only the strided norm (64 floats) is copied into a bucket buffer.
+    assert res[0]["buckets"] == 3 and res[1]["buckets"] == 5
+    assert res[0]["copied"] == 0 and res[1]["copied"] == 64 * 4
+    assert res[2]["buckets"] == 8
