@@ -5,9 +5,9 @@ as Hugging Face names, `tulu.models.convert.iter_hf_weights`) into flat byte buc
 `bucket_bytes` (a tensor larger than that is a bucket of its own, sent from its own memory
 without a copy). Per stage and version, through the bridge's TCPStore:
 
-- ``index``: the stage's whole list of ``[name, shape, dtype]``, published before the first
-  bucket when the sender knows it up front (a list/tuple/dict of tensors, or ``index=``), else
-  ``null`` (a generator such as ``iter_hf_weights``: the list is only known at the end);
+- ``index``: the bucket size and the stage's whole list of ``[name, shape, dtype]``, published
+  before the first bucket when the sender knows it up front (a list/tuple/dict of tensors, or
+  ``index=``), else ``null`` (a generator such as ``iter_hf_weights``: known only at the end);
 - one key per bucket: its entries ``[name, shape, dtype, byte offset]`` and byte size, published
   before the bucket's bytes go by one broadcast in the stage's sub-group ({leader} + inference
   ranks);
@@ -126,7 +126,7 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
         named = list(named.items())
     index = index if index is not None else _index_of(named)
     # before joining the stage group: receivers may read every stage's index first
-    bridge.store.set(_key(version, stage, "index"), json.dumps(index))
+    bridge.store.set(_key(version, stage, "index"), json.dumps({"bucket_bytes": bucket_bytes, "tensors": index}))
     pg, _ = bridge.stage_group(stage)
     # Two pack buffers; at most two broadcasts in flight, so bucket i is packed (or, sent as is,
     # posted) while i - 1 is on the wire; a pack buffer is refilled once its broadcast is done.
@@ -203,6 +203,10 @@ class _BufferPool:
     def _uses(buf: torch.Tensor) -> int:
         return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
 
+    def trim(self, nbytes: int) -> None:
+        """Forget buffers larger than ``nbytes`` (made for one large tensor) between syncs."""
+        self.free = [(b, base) for b, base in self.free if b.numel() <= nbytes]
+
     def _reuse(self, nbytes: int) -> torch.Tensor | None:
         for k, (buf, base) in enumerate(self.free):
             if buf.numel() >= nbytes and self._uses(buf) == base:
@@ -245,7 +249,9 @@ class WeightStream:
     # -- metadata ---------------------------------------------------------------------------
     def _stage_index(self, stage: int) -> list | None:
         if stage not in self._announced:
-            self._announced[stage] = json.loads(self.bridge.store.get(_key(self.version, stage, "index")))
+            head = json.loads(self.bridge.store.get(_key(self.version, stage, "index")))
+            self._hint = max(self._hint, head["bucket_bytes"])   # one buffer size fits every bucket
+            self._announced[stage] = head["tensors"]
         return self._announced[stage]
 
     def announced(self) -> list[tuple[str, tuple[int, ...]]] | None:
@@ -314,6 +320,8 @@ class WeightStream:
             stats.per_stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t0
         stats.buffers_allocated = self._pool.allocated - self._allocated_before
+        if self._hint:
+            self._pool.trim(self._hint)
         self.finished = True
 
     def _post(self, pg, meta):
@@ -338,6 +346,6 @@ class WeightStream:
 def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None,
                     bucket_bytes: int = 0) -> WeightStream:
     """Called by every inference rank: the :class:`WeightStream` of weights version ``version``.
-    Nothing is received until it is iterated. ``bucket_bytes`` (the sender's) sizes receive buffers
-    so that one buffer fits every bucket."""
+    Nothing is received until it is iterated. Receive buffers are sized to the sender's bucket size
+    (announced per stage) or ``bucket_bytes`` if larger."""
     return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes)

@@ -71,7 +71,7 @@ def _receiver(bridge, model_dir):
     from tulu.weight_sync import SyncStats, receive_weights
 
     greedy = SamplingSettings(temperature=0, max_new_tokens=6)
-    engine = make_engine("transformers", model_dir, load_tokenizer=False)
+    engine = make_engine("transformers", model_dir, load_tokenizer=False, fast_llama=False)
     out = {"model_bytes": sum(p.numel() * p.element_size() for p in engine.model.parameters())}
 
     def outputs():
@@ -126,9 +126,10 @@ def test_a_streamed_sync_loads_exactly_with_about_two_buckets_of_extra_memory(sy
     assert s["error"] is None and s["exact"] and s["changed"]
     assert s["buckets"] >= 30 and syncs["model_bytes"] >= 30 * BUCKET
     assert s["buffers"] <= 3, "receive buffers should be reused, not allocated per bucket"
-    # receive buffers (3 at most, above) + the fast decoder's fused copies of one layer being
-    # rebuilt + allocator slack; measured 4.5-6.3 MB here, against 32 MB for the model
-    assert s["peak_kb"] * 1024 < 4 * BUCKET + 4 * MB, s
+    # receive buffers (3 at most, above) + allocator slack: measured 3.1-4.1 MB, against 32 MB
+    # for the model (the plain transformers forward: the fast decoder's refresh would add its own
+    # fused copies, which are the engine's, not the sync's)
+    assert s["peak_kb"] * 1024 < 4 * BUCKET + 2 * MB, s
 
 
 def test_the_rss_measure_sees_a_receiver_that_holds_the_whole_stream(syncs):
