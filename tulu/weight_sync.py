@@ -36,7 +36,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
@@ -44,7 +44,7 @@ import torch
 if TYPE_CHECKING:  # the sender's packing runs without the launch layer (bench/gpu_check.py)
     from tulu.distributed import BridgeGroup
 
-__all__ = ["SyncStats", "WeightStream", "receive_weights", "send_weights"]
+__all__ = ["HeldWeights", "SyncStats", "WeightStream", "receive_weights", "send_weights"]
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
                                torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)}
@@ -80,10 +80,11 @@ def _aligned(n: int) -> int:
 
 
 def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-             alone_bytes: int | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+             alone_bytes: int | None = None, key=None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group the stream into buckets of at most ``bucket_bytes`` (aligned offsets; any dtypes).
     A tensor of ``bucket_bytes`` or more is a bucket of its own, and so is a contiguous tensor
-    of ``alone_bytes`` or more (it is sent from its own memory: packing it would only copy it)."""
+    of ``alone_bytes`` or more (it is sent from its own memory: packing it would only copy it).
+    Tensors of different ``key(name)`` (their receivers) never share a bucket."""
     alone = bucket_bytes if alone_bytes is None else min(alone_bytes, bucket_bytes)
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
@@ -95,7 +96,7 @@ def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                 bucket, size = [], 0
             yield [(name, t)]
             continue
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and (size + nbytes > bucket_bytes or (key is not None and key(name) != key(bucket[0][0]))):
             yield bucket
             bucket, size = [], 0
         bucket.append((name, t))
@@ -113,6 +114,40 @@ def _index_of(named) -> list | None:
     return None
 
 
+@dataclass(frozen=True)
+class HeldWeights:
+    """The Hugging Face tensors one inference rank holds, for routing: a pipeline stage of a vLLM
+    engine holds layers ``[first_layer, end_layer)``, the embedding on its first stage and the final
+    norm and ``lm_head`` on its last (a tied model's last stage needs ``embedding=True`` too).
+    Names of no layer, embedding or head go to every rank. ``None`` instead of one: everything."""
+
+    first_layer: int
+    end_layer: int
+    embedding: bool
+    head: bool
+
+    def holds(self, name: str) -> bool:
+        if name.startswith("model.layers."):
+            return self.first_layer <= int(name.split(".", 3)[2]) < self.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.embedding
+        if name.startswith(("lm_head.", "model.norm.")):
+            return self.head
+        return True
+
+
+def _route_group(bridge: BridgeGroup, stage: int, to: tuple[int, ...]):
+    """(group, my rank) for {leader of `stage`} + the inference ranks `to` (bridge ranks)."""
+    groups = _ROUTE_GROUPS.setdefault(bridge, {})
+    if (stage, to) not in groups:
+        import torch.distributed as dist
+
+        my = 0 if bridge.rank == stage else 1 + to.index(bridge.rank)
+        store = dist.PrefixStore(f"bridge/stage{stage}/to{'.'.join(map(str, to))}", bridge.store)
+        groups[(stage, to)] = dist.ProcessGroupGloo(store, my, 1 + len(to), bridge.timeout)
+    return groups[(stage, to)]
+
+
 def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, torch.Tensor]] | Mapping, *,
                  version: int, bucket_bytes: int = 256 << 20, index: list | None = None) -> SyncStats:
     """Called by the leader of pipeline stage `stage` (bridge rank == stage).
@@ -128,6 +163,16 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     # before joining the stage group: receivers may read every stage's index first
     bridge.store.set(_key(version, stage, "index"), json.dumps({"bucket_bytes": bucket_bytes, "tensors": index}))
     pg, _ = bridge.stage_group(stage)
+    # Routing: each receiver said what it holds (receive_weights); a tensor goes only to those
+    # that hold it, in a group of the leader and them (the stage group when that is everyone).
+    receivers = tuple(range(bridge.num_stages, bridge.size))
+    holds = {r: json.loads(bridge.store.get(_key(version, "holds", r))) for r in receivers}
+    holds = {r: None if h is None else HeldWeights(**h) for r, h in holds.items()}
+
+    def route(name: str) -> tuple[int, ...]:
+        return tuple(r for r in receivers if holds[r] is None or holds[r].holds(name))
+
+    to_counts = dict.fromkeys(receivers, 0)
     # Two pack buffers; at most two broadcasts in flight, so bucket i is packed (or, sent as is,
     # posted) while i - 1 is on the wire; a pack buffer is refilled once its broadcast is done.
     buffers = _SEND_BUFFERS.setdefault(bridge, [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)])
@@ -135,7 +180,15 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     in_flight: deque = deque()
     packed = 0
     sent: list[str] = []
-    for i, bucket in enumerate(_buckets(named, bucket_bytes, bucket_bytes // 4)):
+    def held_somewhere():
+        for name, t in named:
+            if route(name):
+                yield name, t
+            else:
+                sent.append(name)           # no receiver holds it: not sent
+
+    for i, bucket in enumerate(_buckets(held_somewhere(), bucket_bytes, bucket_bytes // 4, key=route)):
+        to = route(bucket[0][0])
         entries, offset = [], 0
         for name, t in bucket:
             entries.append([name, list(t.shape), str(t.dtype), offset])
@@ -154,10 +207,12 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
             for (_, t), (_, _, _, off) in zip(bucket, entries):
                 flat[off:off + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t)
             stats.copied_bytes += size
-        bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries}))
+        bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries, "to": to}))
         while len(in_flight) >= 2:
             in_flight.popleft().wait()
-        work = _broadcast_async(pg, flat)
+        work = _broadcast_async(pg if to == receivers else _route_group(bridge, stage, to), flat)
+        for r in to:
+            to_counts[r] += len(bucket)
         in_flight.append(work)
         if slot is not None:
             buffer_work[slot] = work
@@ -168,11 +223,11 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     while in_flight:
         in_flight.popleft().wait()
     # An end marker closes the stream, so receivers need not poll for the count.
-    bridge.store.set(_key(version, stage, stats.buckets), json.dumps({"end": True, "tensors": stats.tensors}))
+    bridge.store.set(_key(version, stage, stats.buckets), json.dumps({"end": True, "tensors": to_counts}))
     bridge.store.set(_key(version, stage, "count"), str(stats.buckets))
     stats.seconds = time.perf_counter() - t0
     stats.per_stage_seconds[stage] = stats.seconds
-    if index is not None and [e[0] for e in index] != sent:
+    if index is not None and sorted(e[0] for e in index) != sorted(sent):
         raise RuntimeError(f"weight sync stage {stage} v{version}: announced {len(index)} tensors but sent "
                            f"{len(sent)} (first difference at "
                            f"{next((a for a, b in zip([e[0] for e in index], sent) if a != b), '<end>')!r})")
@@ -189,6 +244,7 @@ def _broadcast_async(pg, tensor: torch.Tensor):
 # sender's two pack buffers and a receiver's pool, per bridge.
 _SEND_BUFFERS: "weakref.WeakKeyDictionary[object, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 _RECEIVE_POOLS: "weakref.WeakKeyDictionary[object, _BufferPool]" = weakref.WeakKeyDictionary()
+_ROUTE_GROUPS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 class _BufferPool:
@@ -237,8 +293,12 @@ class WeightStream:
     stage, bucket by bucket. Tensors are views of a receive buffer: a loader may keep them while
     it needs them (the buffer is not reused while they live), but should not keep all of them."""
 
-    def __init__(self, bridge: BridgeGroup, version: int, stats: SyncStats, bucket_hint: int = 0) -> None:
+    def __init__(self, bridge: BridgeGroup, version: int, stats: SyncStats, bucket_hint: int = 0,
+                 holds: HeldWeights | None = None) -> None:
         self.bridge, self.version, self.stats = bridge, version, stats
+        self.holds = holds
+        # the senders route by it; they wait for every receiver's answer
+        bridge.store.set(_key(version, "holds", bridge.rank), json.dumps(None if holds is None else asdict(holds)))
         self._pool = _RECEIVE_POOLS.setdefault(bridge, _BufferPool())
         self._allocated_before = self._pool.allocated
         self._hint = bucket_hint
@@ -262,7 +322,8 @@ class WeightStream:
             index = self._stage_index(stage)
             if index is None:
                 return None
-            out.extend((name, tuple(shape)) for name, shape, _ in index)
+            out.extend((name, tuple(shape)) for name, shape, _ in index
+                       if self.holds is None or self.holds.holds(name))
         return out
 
     # -- data -------------------------------------------------------------------------------
@@ -286,37 +347,51 @@ class WeightStream:
             for _ in tensors:
                 pass
 
+    def _mine(self, stage: int):
+        """This rank's bucket metadata of `stage`, in order; then the end marker."""
+        i = 0
+        while True:
+            meta = json.loads(self.bridge.store.get(_key(self.version, stage, i)))
+            if meta.get("end") or self.bridge.rank in meta["to"]:
+                yield meta
+                if meta.get("end"):
+                    return
+            i += 1
+
     def _receive(self):
-        stats, store, bridge = self.stats, self.bridge.store, self.bridge
+        stats, bridge = self.stats, self.bridge
         t0 = time.perf_counter()
         for stage in range(bridge.num_stages):
-            pg, _ = bridge.stage_group(stage)
+            bridge.stage_group(stage)                    # every receiver joins it (the sender waits)
             self._stage_index(stage)
-            i, arrived = 0, 0
-            meta = json.loads(store.get(_key(self.version, stage, 0)))
-            pending = None if meta.get("end") else self._post(pg, meta)
+            receivers = tuple(range(bridge.num_stages, bridge.size))
+            mine = self._mine(stage)
+            arrived = 0
+            meta = next(mine)
+            pending = None if meta.get("end") else self._post(stage, receivers, meta)
             while pending is not None:
                 meta, work, flat = pending
-                nxt = json.loads(store.get(_key(self.version, stage, i + 1)))
                 posted: list = []
 
-                def post_next(nxt=nxt, posted=posted, pg=pg):
+                def post_next(posted=posted, stage=stage, receivers=receivers, mine=mine):
                     if not posted:
-                        posted.append(None if nxt.get("end") else self._post(pg, nxt))
+                        nxt = next(mine)
+                        posted.append(nxt if nxt.get("end") else self._post(stage, receivers, nxt))
 
                 entries = [(name, tuple(shape)) for name, shape, _, _ in meta["entries"]]
                 yield entries, self._views(work, flat, meta["entries"], post_next)
                 work.wait()          # (a loader that left the bucket unread: the bytes still land)
                 post_next()
-                pending, work, flat = posted[0], None, None
                 stats.buckets += 1
                 stats.bytes += meta["bytes"]
                 arrived += len(entries)
-                i += 1
-                meta = nxt
-            if meta.get("tensors") is not None and meta["tensors"] != arrived:
-                raise RuntimeError(f"weight sync v{self.version} stage {stage}: the sender sent "
-                                   f"{meta['tensors']} tensors, {arrived} arrived")
+                pending, work, flat = posted[0], None, None
+                if isinstance(pending, dict):            # the end marker
+                    meta, pending = pending, None
+            sent = meta["tensors"].get(str(bridge.rank))
+            if sent != arrived:
+                raise RuntimeError(f"weight sync v{self.version} stage {stage}: the sender sent this rank "
+                                   f"{sent} tensors, {arrived} arrived")
             stats.per_stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t0
         stats.buffers_allocated = self._pool.allocated - self._allocated_before
@@ -324,7 +399,9 @@ class WeightStream:
             self._pool.trim(self._hint)
         self.finished = True
 
-    def _post(self, pg, meta):
+    def _post(self, stage: int, receivers: tuple[int, ...], meta: dict):
+        to = tuple(meta["to"])
+        pg = self.bridge.stage_group(stage)[0] if to == receivers else _route_group(self.bridge, stage, to)
         flat = self._pool.take(meta["bytes"], self._hint)
         return meta, _broadcast_async(pg, flat), flat
 
@@ -344,8 +421,8 @@ class WeightStream:
 
 
 def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None,
-                    bucket_bytes: int = 0) -> WeightStream:
+                    bucket_bytes: int = 0, holds: HeldWeights | None = None) -> WeightStream:
     """Called by every inference rank: the :class:`WeightStream` of weights version ``version``.
     Nothing is received until it is iterated. Receive buffers are sized to the sender's bucket size
     (announced per stage) or ``bucket_bytes`` if larger."""
-    return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes)
+    return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes, holds)

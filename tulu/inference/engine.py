@@ -198,6 +198,10 @@ class CheckedWeights:
     def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping,
                  expected: Mapping[str, tuple[int, ...]], *, where: str, optional: Iterable[str] = ()):
         self.source = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        held = getattr(self.source, "holds", None)     # a routed bridge stream brings only these
+        if held is not None:
+            expected = {n: s for n, s in expected.items() if held.holds(n)}
+            optional = [n for n in optional if held.holds(n)]
         self.expected, self.where, self.optional = expected, where, set(optional)
         self.seen: set[str] = set()
         self.loaded = 0
