@@ -353,17 +353,16 @@ def write_report(monitor_dir: str | os.PathLike, report: HangReport) -> Path | N
     d = Path(monitor_dir) / "reports"
     stem = f"{_utc(report.detected_at)}_{report.kind}"
     jpath, tpath = d / f"{stem}.json", d / f"{stem}.txt"
-    report.files = {"json": str(jpath), "text": str(tpath)}
-    where = io.write_text(jpath, "{}", what="monitor report")   # where the report will land
-    if where is not None and where != jpath:
-        report.files = {"json": str(where), "text": str(where.with_suffix(".txt")),
+    text = report.to_text()
+    where = io.write_text(tpath, text, what="monitor report")   # the text first: where it
+    report.files = {"json": str(jpath), "text": str(tpath)}     # lands, the JSON will too
+    if where is not None and where != tpath:
+        report.files = {"json": str(where.with_suffix(".json")), "text": str(where),
                         "monitor_dir_unwritable": str(jpath)}
     if io.failures:
         report.storage.setdefault("monitor_write_failures", list(io.failures))
     data = json.dumps(report.to_dict(), indent=1, sort_keys=True)
-    text = report.to_text()
     landed = io.write_text(jpath, data, what="monitor report")
-    io.write_text(tpath, text, what="monitor report")
     io.write_text(Path(monitor_dir) / "last_report.json", data, what="monitor report")
     io.write_text(Path(monitor_dir) / "last_report.txt", text, what="monitor report")
     if landed is None:

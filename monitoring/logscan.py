@@ -39,6 +39,8 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
                                   r"Segmentation fault|Aborted)")),
     ("step_cancelled", re.compile(r"\*\*\* (STEP|JOB) [\d.]+ ON (?P<node>\S+) CANCELLED AT "
                                   r"(?P<at>\S+)(?P<why>[^*]*)\*\*\*")),
+    # written by the monitor's setup lines into the batch log when an attempt starts
+    ("attempt_start", re.compile(r"tulu-hpc monitor: attempt (?P<attempt>\d+) of job \S+ starts")),
     # a full / over-quota / read-only / failing file system (monitoring.storage)
     ("storage_error", re.compile(r"\[Errno (28|122|30|5)\]|No space left on device|Disk quota "
                                  r"exceeded|Read-only file system")),
@@ -104,10 +106,13 @@ def srun_failed_tasks(findings: list[LogFinding]) -> list[tuple[int, str, str]]:
     srun reports tasks as they end, so the first is the culprit, and a rank that was SIGKILLed
     (OOM killer, injected) is reported as "Killed" before its peers' "Exited with exit code 1"
     (their communication errors). The batch log is appended across requeues: lines before
-    the last "*** JOB ... CANCELLED ... DUE TO JOB REQUEUE ***" belong to earlier attempts."""
+    the last "*** JOB ... CANCELLED ... DUE TO JOB REQUEUE ***", or before the monitor's own
+    "attempt N ... starts" line (slurmstepd writes the former only when it still finds the batch
+    script running), belong to earlier attempts."""
     out: list[tuple[int, str, str]] = []
     for f in findings:
-        if f.kind == "step_cancelled" and "REQUEUE" in f.fields.get("why", ""):
+        if (f.kind == "step_cancelled" and "REQUEUE" in f.fields.get("why", "")) or \
+                f.kind == "attempt_start":
             out = []
             continue
         if f.kind != "srun_task_exit":

@@ -361,6 +361,8 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
         f"export TULU_MONITOR_DIR={d}",
         "export TULU_ATTEMPT=\"${SLURM_RESTART_COUNT:-0}\"",
         "export TULU_MONITOR_START=\"$(date +%s)\"",
+        # srun's verdicts accumulate in this log across requeues: mark where an attempt starts
+        "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
         f"mkdir -p {d}",
         f"{env} {py} -m monitoring.sidecar {common} >> {log} 2>&1 &",
         "TULU_SIDECAR_PID=$!",

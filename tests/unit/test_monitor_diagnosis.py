@@ -143,3 +143,16 @@ def test_exit_trap_blames_srun_first_failed_task_of_the_current_attempt():
            "slurmstepd-n1: error: *** JOB 9 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO JOB REQUEUE ***\n"
            "srun: error: n3: task 5: Killed\nsrun: error: n4: task 6: Exited with exit code 1\n")
     assert srun_failed_tasks(scan_text(log, "9_0_log.err"))[:1] == [(5, "n3", "Killed")]
+
+
+def test_exit_trap_ignores_an_earlier_attempts_srun_lines_when_slurm_wrote_no_requeue_line():
+    """slurmstepd writes "CANCELLED ... DUE TO JOB REQUEUE" only if it still finds the batch script
+    running; under load the EXIT trap may have ended first. The monitor's own start line of each
+    attempt separates the attempts then."""
+    from monitoring.logscan import scan_text, srun_failed_tasks
+
+    log = ("tulu-hpc monitor: attempt 0 of job 9 starts\n"
+           "srun: error: n3: task 5: Killed\nsrun: error: n1: task 0: Exited with exit code 1\n"
+           "tulu-hpc monitor: attempt 1 of job 9 starts\n"
+           "srun: error: n4: task 7: Killed\nsrun: error: n3: task 4: Exited with exit code 1\n")
+    assert srun_failed_tasks(scan_text(log, "9_0_log.err"))[:1] == [(7, "n4", "Killed")]
