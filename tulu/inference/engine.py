@@ -115,6 +115,11 @@ class InferenceEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load new weights (HF names, full tensors); returns how many tensors were loaded."""
 
+    def held_weights(self):
+        """The :class:`tulu.weight_sync.HeldWeights` this rank holds, for a routed weight sync
+        (``receive_weights(..., holds=engine.held_weights())``); None: the whole model."""
+        return None
+
     #: Why the engine's weights are a mix of two versions (an update that failed after loading
     #: part of itself), or None. ``generate`` refuses while it is set; a complete update clears it.
     weights_incomplete: str | None = None

@@ -123,6 +123,9 @@ class VllmEngine(InferenceEngine):
         )
         self._shapes = read_weight_shapes(self.model_dir)
         config = json.loads((Path(self.model_dir) / "config.json").read_text())
+        self.pp = pp
+        self._num_layers = int(config.get("num_hidden_layers", 0))
+        self._tied = bool(config.get("tie_word_embeddings"))
         self._optional = (("lm_head.weight",) if config.get("tie_word_embeddings")
                           and "lm_head.weight" not in self._shapes else ())
         self.prefix_cache_resets = 0
@@ -167,6 +170,23 @@ class VllmEngine(InferenceEngine):
                     prompt_index=i, sample_index=j, token_ids=token_ids, logprobs=logprobs,
                     finish_reason=c.finish_reason, text=c.text))
         return completions
+
+    def held_weights(self):
+        """This rank's pipeline stage (vLLM's own layer split, ``get_pp_indices``): its layers,
+        the embedding on the first stage (and on the last when tied) and the head on the last.
+        None without pipeline parallelism: every TP rank takes full tensors and slices them."""
+        if self.pp == 1:
+            return None
+        from vllm.distributed.parallel_state import get_pp_group
+        from vllm.distributed.utils import get_pp_indices
+
+        from tulu.weight_sync import HeldWeights
+
+        group = get_pp_group()
+        first, end = get_pp_indices(self._num_layers, group.rank_in_group, self.pp)
+        return HeldWeights(first_layer=first, end_layer=end,
+                           embedding=group.is_first_rank or (self._tied and group.is_last_rank),
+                           head=group.is_last_rank)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         # The checked stream is vLLM's weights iterator: each worker loads it layer by layer as
