@@ -55,7 +55,7 @@ def main() -> None:
         cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
         seq, mb, gen_batch, gen_tokens = 128, 2, 4, 16
-    else:  # ~1.1B: DESIGN.md section 7's 852M config with a Llama-2-size vocabulary
+    else:  # ~1.1B: docs/design.md section 7's 852M config with a Llama-2-size vocabulary
         cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
         seq, mb, gen_batch, gen_tokens = 2048, 4, 64, 256

@@ -3,7 +3,7 @@
 Megatron's `parallel_state` and vLLM both assume they own the default world, so each role
 forms its own default world on its own rendezvous port. The bridge joins the training
 group's pipeline-stage leaders with the inference ranks through a TCPStore-backed gloo group
-that lives outside both worlds (DESIGN.md section 3). Call `pg.broadcast(...)` on it directly:
+that lives outside both worlds (docs/design.md section 3). Call `pg.broadcast(...)` on it directly:
 `dist.broadcast(group=...)` rejects a group that is not registered in the default world.
 """
 

@@ -1,6 +1,6 @@
 """Miniature twins: a preset shrunk to run on the local Slurm with every structural feature kept.
 
-A preset is a promise (DESIGN.md section 10): ``derive_twin`` shrinks only widths, lengths, counts
+A preset is a promise (docs/design.md section 10): ``derive_twin`` shrinks only widths, lengths, counts
 and step numbers, and keeps each structural feature at the smallest degree that exercises it:
 
 - TP, PP, DP and the inference engine's TP x PP: 2 where the preset's is > 1, else 1; the number

@@ -1,5 +1,5 @@
 # Shared by start.sh, stop.sh and status.sh (sourced, not run).
-# A real Slurm cluster on one host, no systemd: see DESIGN.md section 7.
+# A real Slurm cluster on one host, no systemd: see docs/design.md section 7.
 
 export PATH="$PATH:/usr/sbin:/sbin" # daemons live in sbin
 H="${TULU_SLURM_HOME:-/tmp/tulu-slurm}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a real Slurm cluster on this one host, without systemd (DESIGN.md section 7).
+# Start a real Slurm cluster on this one host, without systemd (docs/design.md section 7).
 #
 #   slurm/local/start.sh [--nodes N] [--cpus C] [--gpus G] [--mem MB]
 #   source ${TULU_SLURM_HOME:-/tmp/tulu-slurm}/env.sh && sinfo

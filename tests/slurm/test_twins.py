@@ -61,6 +61,9 @@ def test_preset_twin_trains_checkpoints_survives_a_crash_and_continues_as_the_un
     timeout = 900 if twin.config["stage"] == "rlvr" else 420
 
     crashed = _submit(runner, config, "run.name=crashed", f"run.dir={runner.cwd}/runs/crashed", crash)
+    straight = None
+    if twin.config["stage"] != "rlvr":   # the unkilled run, side by side
+        straight = _submit(runner, config, "run.name=straight", f"run.dir={runner.cwd}/runs/straight")
     st = _done(runner, crashed, timeout)
     assert int(st["restarts"]) == 1, st
     logs = runner.logs(crashed)
@@ -76,7 +79,6 @@ def test_preset_twin_trains_checkpoints_survives_a_crash_and_continues_as_the_un
             assert abs(r["sampler_kl"]) < 1e-2, r
             assert r["weight_sync_bytes"] > 0
     else:
-        straight = _submit(runner, config, "run.name=straight", f"run.dir={runner.cwd}/runs/straight")
         _done(runner, straight, timeout)
         expected = {r["step"]: r["loss"] for r in _train_rows(runner.cwd / "runs" / "straight")}
         got = {r["step"]: r["loss"] for r in rows}   # the resumed run's last record of each step

@@ -8,7 +8,7 @@ from tulu.inference.vllm_engine import cpu_threads_bind, prompt_seed
 
 
 @pytest.mark.parametrize("ranks,cpus,expected", [
-    (2, [0, 1], "0|1"),                     # DESIGN.md: TP=2 on 2 cores
+    (2, [0, 1], "0|1"),                     # docs/design.md: TP=2 on 2 cores
     (2, [0, 1, 2, 3], "0,1|2,3"),
     (1, [4, 5, 6], "4,5,6"),
     (4, [0, 1], "0|1|0|1"),                 # more ranks than cores: share round-robin

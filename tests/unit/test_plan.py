@@ -31,7 +31,7 @@ def test_405b_rlvr_plan_is_16_inference_plus_tp8_pp10_dp3_and_fits():
     assert (plan.training_tp, plan.training_pp, plan.training_dp) == (8, 10, 3)
     assert plan.training_mem.fits
     rows = {r.name.split(" (")[0]: r.gb for r in plan.training_mem.rows}
-    # DESIGN.md section 4: at PP10 weights+grads 20.3 GB, optimizer 20.3 GB, reference 10.1 GB,
+    # docs/design.md section 4: at PP10 weights+grads 20.3 GB, optimizer 20.3 GB, reference 10.1 GB,
     # for an even 12.6 layers per stage; the fullest stage has 13 layers (3% more).
     assert rows["policy weights"] + rows["gradients"] == pytest.approx(20.3 * 13 / 12.6, rel=0.02)
     assert rows["optimizer state"] == pytest.approx(20.3 * 13 / 12.6, rel=0.02)
@@ -55,7 +55,7 @@ def test_405b_pp6_dp5_is_refused_as_too_tight_with_a_suggestion():
 
 
 def test_without_reference_model_pp6_would_have_fit_before_activations():
-    # The reference model is what tips PP6 over (DESIGN.md section 4).
+    # The reference model is what tips PP6 over (docs/design.md section 4).
     cfg = load_config("configs/tulu3-405b-rlvr.yaml", ["groups.training.pp=6", "groups.training.dp=5",
                                                         "rlvr.kl_beta=0.0", "rlvr.prompts_per_step=1860"])
     assert build_plan(cfg).training_mem.fits

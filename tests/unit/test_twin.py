@@ -1,5 +1,5 @@
 """Every preset has a miniature twin derived by code that keeps its structural features
-(DESIGN.md section 10); the twin plans against the tiny model its offline hub mirror serves."""
+(docs/design.md section 10); the twin plans against the tiny model its offline hub mirror serves."""
 
 from __future__ import annotations
 

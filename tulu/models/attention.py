@@ -3,7 +3,7 @@
 Megatron-core's local spec (no Transformer Engine) computes attention unfused: a [b*h, s, s]
 score matrix, a softmax, a second matmul. On an H200 that ran at 35k tokens/s and 49 GiB for an
 852M Llama where SDPA (flash / memory-efficient kernels) ran at 66k tokens/s and 24 GiB
-(DESIGN.md section 7). ``tulu.models.llama.build_gpt_model`` puts ``SDPAttention`` in the spec.
+(docs/design.md section 7). ``tulu.models.llama.build_gpt_model`` puts ``SDPAttention`` in the spec.
 """
 
 from __future__ import annotations
