@@ -88,11 +88,12 @@ def model_plan_lines(config: str, *, ib_gbit: float, nics_per_node: int, nvlink_
                      tcp_gbyte: float, efficiency: float) -> list[dict]:
     """One weight sync of ``config``'s model over its rank plan: bytes per link, predicted seconds.
 
-    Pure arithmetic from the config (tulu.plan / tulu.model_shapes), no torch. Two designs:
-    ``this_code`` (what tulu.weight_sync does: every inference rank receives every tensor over a
-    gloo/TCP bridge with CPU buffers, streamed) and ``routed`` (not implemented: each inference
-    node gets only its pipeline stage's tensors once over InfiniBand, split over its NICs, and
-    fans them out to its GPUs over NVLink; NCCL on GPU buffers)."""
+    Pure arithmetic from the config (tulu.plan / tulu.model_shapes), no torch. Designs:
+    ``this_code`` (tulu.weight_sync as the RLVR loop calls it: every inference rank receives every
+    tensor over a gloo/TCP bridge with CPU buffers, streamed), ``this_code_routed_by_pp_stage``
+    (the same with ``holds=engine.held_weights()``: each rank gets its pipeline stage) and
+    ``routed_node_fanout`` (not implemented: each inference node gets its stage once over
+    InfiniBand, split over its NICs, and fans it out to its GPUs over NVLink; NCCL, GPU buffers)."""
     from tulu.config import load_config
     from tulu.model_shapes import resolve_shape
     from tulu.plan import build_plan, layers_per_stage
@@ -151,6 +152,16 @@ def model_plan_lines(config: str, *, ib_gbit: float, nics_per_node: int, nvlink_
     inf_layers = layers_per_stage(shape.num_layers, inf.pp)
     inf_bytes = [n * layer_bytes + (embed if p == 0 else 0) + (head if p == inf.pp - 1 else 0)
                  for p, n in enumerate(inf_layers)]
+    # this code with holds=engine.held_weights() (tulu.weight_sync routing; the RLVR worker does
+    # not pass it yet): each rank gets its PP stage, still over gloo/TCP with CPU buffers
+    t_rank_r = max(inf_bytes) / 1e9 / tcp
+    t_leader_r = max(stage_bytes) * (receivers // inf.pp) / 1e9 / min(tcp * receivers // inf.pp, ib * nics_per_node)
+    pred_cr = max(t_rank_r, t_leader_r, max(inf_bytes) * min(gpn, receivers) / 1e9 / (ib * nics_per_node))
+    out.append({"bench": "weight_sync_model", "design": "this_code_routed_by_pp_stage",
+                "what": "as this_code, receive_weights(holds=engine.held_weights()): each rank gets its PP stage only",
+                "bytes_into_each_inference_rank": max(inf_bytes),
+                "seconds": {"one_rank_tcp_ingress": round(t_rank_r, 1), "stage_leader_egress": round(t_leader_r, 1)},
+                "predicted_s": round(pred_cr, 1), "fits_timeout": timeout is None or pred_cr < timeout})
     nodes_per_inf_stage = max(1, inf.tp // gpn)
     # each inference node receives its stage once (split across its NICs); the TP ranks of the node
     # all-gather it over NVLink (each GPU takes in the stage's bytes minus its own share)
@@ -164,7 +175,7 @@ def model_plan_lines(config: str, *, ib_gbit: float, nics_per_node: int, nvlink_
     egress = max(stage_bytes) * engines
     t_egress = egress / 1e9 / (ib * nics_per_node)
     pred_r = t_tp_gather + max(t_egress, t_node_ib) + t_nvl
-    out.append({"bench": "weight_sync_model", "design": "routed (not implemented)",
+    out.append({"bench": "weight_sync_model", "design": "routed_node_fanout (not implemented)",
                 "what": "per inference PP stage, once per node over IB (all NICs), NVLink fan-out, NCCL, GPU buffers",
                 "inference_stage_gb": [round(b / 1e9, 2) for b in inf_bytes],
                 "bytes_into_each_inference_node_ib": int(node_ib), "bytes_into_each_gpu_nvlink": int(gpu_nvl),

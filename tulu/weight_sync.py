@@ -20,8 +20,16 @@ used, the announced index (:meth:`WeightStream.announced`) before anything is re
 receivers finish their broadcasts after a receiver rejected the stream). Tensors are views of a
 receive buffer; a buffer is reused only once nobody holds a view of it any more (vLLM's layerwise
 reload keeps a layer's tensors until the layer is complete), so a receiver holds the bucket
-being received, the bucket being loaded, and whatever its loader still keeps: about two buckets
-(two of the largest tensor, when one tensor is larger than a bucket) whatever the model size.
+being received, the bucket being loaded, and whatever its loader still keeps: two or three
+buffers of a bucket's size (or of the largest tensor, when one is larger; those are dropped after
+the sync) whatever the model size. The bucket-sized buffers stay allocated between syncs.
+
+Routing: each receiver says what it holds (``receive_weights(..., holds=engine.held_weights())``,
+a :class:`HeldWeights`: a vLLM pipeline stage's layers, embedding, head; None = everything). A
+tensor is then broadcast only to the receivers that hold it, in a gloo group of the stage leader
+and them; buckets never mix destinations. Still sent to every receiver of an engine: a PP stage's
+tensors go to all of its TP ranks as full tensors (vLLM's loader slices them), and an unrouted
+receiver (``holds=None``, the default) gets the whole model.
 
 Contiguous tensors of a quarter bucket or more are sent as is, from their own memory; smaller
 ones are packed, into one of two reused buffers, while the previous bucket is on the wire (two

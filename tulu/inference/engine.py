@@ -25,7 +25,7 @@ construction asks which one it is. Both backends promise the same things:
   (``model.layers.0.self_attn.q_proj.weight``), full (unsharded) tensors, in one call (an
   iterator is fine: the trainer streams buckets), and takes effect for the next ``generate``
   (cached prefixes are dropped). It streams: tensors go to the model as they arrive, so the
-  extra memory of an update is about two bridge buckets whatever the model size. Every name and
+  extra memory of an update is two or three bridge buckets whatever the model size. Every name and
   shape is checked against the checkpoint the engine was built from (:class:`CheckedWeights`):
   when the whole update is known up front (a list or dict, or a bridge stream whose senders
   announced their index) before loading any of it, so :class:`WeightUpdateError` names the first
