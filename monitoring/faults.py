@@ -27,7 +27,11 @@ Kinds:
   (ENOSPC, or EDQUOT under a quota); then the rank goes on and meets the full disk at its next
   write. Delete the file to free the space. Use a small file system (a tmpfs), not a shared
   one. Point ``checkpoint_write`` (inside `CheckpointManager.save`, after its free-space check)
-  makes a save fail midway; point ``checkpoint`` (before the save) meets that check.
+  makes a save fail midway; point ``checkpoint`` (before the save) meets that check;
+- ``eio``: the device under the run folder starts failing (EIO): the folder must be on a
+  loop-mounted file system (``mount -o loop img DIR``; root), whose backing file is cut to 8 MiB
+  (the first block group's metadata stays readable) and the loop device told so: data written
+  beyond it fails with EIO when it is flushed (fsync).
 
 Loops call ``maybe_inject(point, step, rank, restart=...)`` at named points; the restart count
 is passed in (the rank plan knows it), never read from Slurm here. Without ``TULU_FAULT`` the
@@ -46,7 +50,7 @@ __all__ = ["FaultSpec", "InjectedFault", "parse_faults", "maybe_inject", "KINDS"
 
 ENV = "TULU_FAULT"
 KINDS = ("sigstop", "skip_collective", "sigkill", "exception", "straggler",
-         "hang_weight_sync", "hang_checkpoint", "gil_hang", "enospc")
+         "hang_weight_sync", "hang_checkpoint", "gil_hang", "enospc", "eio")
 _DEFAULT_POINT = {"hang_weight_sync": "weight_sync", "hang_checkpoint": "checkpoint"}
 
 
@@ -144,6 +148,9 @@ def _fire(spec: FaultSpec, point: str, step: int, rank: int) -> None:
         folder = os.environ.get("TULU_RUN_DIR") or os.getcwd()
         filled = fill_file_system(folder)
         print(f"[tulu fault injection] filled {folder}'s file system with {filled} bytes", flush=True)
+    elif spec.kind == "eio":
+        folder = os.environ.get("TULU_RUN_DIR") or os.getcwd()
+        print(f"[tulu fault injection] {break_loop_device(folder)}", flush=True)
     else:  # skip_collective, hang_weight_sync, hang_checkpoint
         _sleep_forever()
 
@@ -177,6 +184,42 @@ def fill_file_system(folder: str | os.PathLike, chunk: int = 1 << 20) -> int:
         except OSError:
             pass
     return written
+
+
+def _mount_source(folder: str | os.PathLike) -> tuple[str, str]:
+    """(device, mount point) of the file system holding ``folder`` (/proc/self/mountinfo)."""
+    path = os.path.realpath(folder)
+    best = ("", "")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mount = left.split()[4].replace("\\040", " ")
+            source = right.split()[1] if len(right.split()) > 1 else ""
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[1]):
+                best = (source, mount)
+    return best
+
+
+def break_loop_device(folder: str | os.PathLike, keep_bytes: int = 8 << 20) -> str:
+    """Make the loop device under ``folder`` fail: cut its backing file to ``keep_bytes`` and tell
+    the loop driver (LOOP_SET_CAPACITY). Returns what it did; raises ValueError when ``folder``
+    is not on a loop device."""
+    import fcntl
+
+    device, mount = _mount_source(folder)
+    name = os.path.basename(device)
+    if not name.startswith("loop"):
+        raise ValueError(f"the eio fault needs {folder} on a loop-mounted file system; it is on "
+                         f"{device or '?'} ({mount})")
+    with open(f"/sys/block/{name}/loop/backing_file") as f:
+        backing = f.read().strip()
+    os.truncate(backing, keep_bytes)
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x4C07)   # LOOP_SET_CAPACITY: the device now ends at keep_bytes
+    finally:
+        os.close(fd)
+    return f"{device} under {mount} now fails past {keep_bytes} bytes (backing file {backing})"
 
 
 def _sleep_forever() -> None:

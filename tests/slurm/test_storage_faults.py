@@ -75,10 +75,10 @@ def test_a_run_folder_that_fills_during_a_save_is_reported_as_enospc_not_requeue
     assert report["culprit_nodes"] == []
     decisions = [json.loads(line) for line in files_for(run_dir / "monitor", fallback_dir=str(fallback), job_id=job)
                  .read_lines(run_dir / "monitor" / "decisions.jsonl")]
-    acts = [d["action"] for d in decisions if d["action"] not in ("none",)]
-    assert acts == ["stop"], decisions
-    assert "not requeued" in decisions[-1]["reason"] or "not requeued" in [d for d in decisions
-                                                                           if d["action"] == "stop"][0]["reason"]
+    stops = [d for d in decisions if d["action"] != "none"]
+    assert [d["action"] for d in stops] == ["stop"], decisions
+    assert stops[0]["fault_kind"] == "storage" and "not requeued" in stops[0]["reason"]
+    assert "resubmit" in stops[0]["reason"]
 
     # `tulu status` and `tulu logs` say it in one line; so does the Slurm job's comment.
     status = runner.tulu("status", job).stdout

@@ -5,6 +5,7 @@ disk midway leaves every committed checkpoint intact and no temp files behind.""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +128,58 @@ def test_a_folder_with_room_passes_and_counts_checkpoints_already_there(tmp_path
     space = check_run_folder_space(cfg, build_plan(cfg))
     assert space.fits and space.existing_bytes == 10_000 and space.keep_last == 2
     assert space.needed_bytes == 3 * space.checkpoint_bytes + space.log_bytes
+
+
+@pytest.fixture
+def loop_fs(tmp_path):
+    """A 64 MB ext4 on a loop device (root); the `eio` fault makes its device fail."""
+    img, mnt = tmp_path / "disk.img", tmp_path / "loop_fs"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    for cmd in (["mkfs.ext4", "-q", "-F", str(img)], ["mount", "-o", "loop,errors=continue", str(img), str(mnt)]):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except FileNotFoundError as e:
+            pytest.skip(f"{cmd[0]} is not installed: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"cannot make a loop-mounted ext4 here ({' '.join(cmd[:2])}): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["losetup", "-j", str(img)], check=False, capture_output=True)
+        for line in subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+
+
+def test_a_device_that_fails_during_a_save_is_named_eio_with_its_path(loop_fs, monkeypatch, tmp_path):
+    from monitoring import storage
+    from monitoring.config import MonitorConfig
+    from monitoring.on_exit import decide_on_exit
+    from monitoring.progress import ProgressTracker
+    from tulu.checkpoint import CheckpointManager
+    from tulu.checkpoint.manager import StorageFullError
+
+    model, opt = _trained()
+    ck = CheckpointManager(loop_fs / "ck", keep_last=2)
+    ck.save(10, model, optimizer=opt)
+    monkeypatch.setenv("TULU_RUN_DIR", str(loop_fs))
+    monkeypatch.setenv("TULU_FAULT", "kind=eio,point=checkpoint_write,step=20")
+    with pytest.raises(StorageFullError) as e:
+        ck.save(20, model, optimizer=opt)
+    err = e.value
+    assert err.errno == errno.EIO and err.filename == str(loop_fs / "ck" / "step_20.tmp"), err
+    assert "Input/output error" in str(err)
+
+    # The rank records it; the EXIT trap names it and does not requeue (no Slurm job: report only).
+    mon = tmp_path / "mon"
+    t = ProgressTracker(mon, 0, 1, install_hooks=False, flight_recorder=False)
+    t.exit(1, error=f"StorageFullError: {err}", detail=storage_detail(err))
+    t.close()
+    monkeypatch.setattr(storage, "files", storage.MonitorFiles(mon, tmp_path / "fallback"))
+    decide_on_exit(1, mon, 1, MonitorConfig(), job_id=None, attempt=0)
+    report = json.loads((mon / "last_report.json").read_text())
+    assert report["kind"] == "storage" and report["storage"]["fault"]["name"] == "EIO"
+    assert report["storage"]["fault"]["path"] == err.filename
+    assert "I/O errors" in report["summary"]

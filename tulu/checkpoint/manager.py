@@ -97,6 +97,30 @@ def _chain(e: BaseException | None):
         e = e.__cause__ or e.__context__
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+_ERRNO_TEXT = re.compile(r"\[Errno (%s)\]" % "|".join(str(n) for n in _STORAGE_ERRNOS))
+
+
+def _probe(folder: Path) -> int | None:
+    """Write and fsync 4 KiB in ``folder``: the storage errno it fails with, or None."""
+    path = folder / f".tulu-write-probe.{os.getpid()}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+    except OSError as e:
+        return e.errno if e.errno in _STORAGE_ERRNOS else None
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def _fault_point(point: str, step: int) -> None:
     """Fault injection inside a save (`monitoring.faults`; rank = this world's rank, restart =
     ``$TULU_ATTEMPT``); nothing unless ``TULU_FAULT`` is set."""
@@ -206,7 +230,9 @@ class CheckpointManager:
         try:
             return self._save(step, model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                               data_state=data_state, extra_state=extra_state, t0=t0)
-        except Exception as e:
+        except BaseException as e:   # torch's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
             err = self._failed_save(e, step, tmp)
             if err is e:
                 raise
@@ -326,7 +352,7 @@ class CheckpointManager:
                             f"(not saved, nothing written); free space, then resubmit: the run "
                             f"resumes from its last committed checkpoint")
 
-    def _failed_save(self, e: Exception, step: int, tmp: Path) -> Exception:
+    def _failed_save(self, e: BaseException, step: int, tmp: Path) -> BaseException:
         """A save failed midway. When the file system is the cause: remove its ``step_N.tmp``
         (no zero-byte leftovers on a full disk) and say so as a `StorageFullError`."""
         if isinstance(e, StorageFullError):
@@ -334,10 +360,15 @@ class CheckpointManager:
             return e
         space = _space(self.root)
         err = next((x.errno for x in _chain(e) if isinstance(x, OSError)
-                    and x.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)), None)
+                    and x.errno in _STORAGE_ERRNOS), None)
+        if err is None:   # dist_checkpointing's writer threads report theirs as text
+            m = _ERRNO_TEXT.search(" ".join(str(x) for x in _chain(e)))
+            err = int(m.group(1)) if m else None
         needed = self.needed_bytes()
         if err is None and space is not None and needed and space[0] < needed:
             err = errno.ENOSPC   # torch.save's writer reports a full disk without an errno
+        if err is None:
+            err = _probe(self.root)   # a failing device shows itself as other errors too
         if err is None:
             return e   # not the disk: leave the folder as a crash would (the next save clears it)
         remove_tree(tmp, ignore_errors=True)
