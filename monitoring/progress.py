@@ -262,8 +262,11 @@ class ProgressTracker:
             self._write(L.DETAIL, L.OFF_DETAIL, _b(detail, L.DETAIL.size))
         self._write(L.EXIT, L.OFF_EXIT, state, int(rc) if rc or not error else 1, time.time(),
                     _b(error, 160))
-        self._mm.flush()
         self._closed = True
+        try:
+            self._mm.flush()   # msync: on a failing device it raises EIO; the page is written
+        except OSError:        # and other processes see it through the page cache anyway
+            pass
 
     def _install_hooks(self) -> None:
         path = stack_file(self.monitor_dir, self.rank)

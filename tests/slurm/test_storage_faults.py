@@ -114,3 +114,40 @@ def test_a_run_folder_that_fills_during_a_save_is_reported_as_enospc_not_requeue
     committed = _committed(run_dir / "checkpoints")
     assert max(committed) == STEPS and all(v == [] for v in committed.values()), committed
     print(f"\nfailed job ended after {t_failed:.1f} s; resumed job done after {time.time() - t0:.1f} s in total")
+
+
+@pytest.fixture
+def loop_fs(tmp_path):
+    """A 64 MB ext4 on a loop device (the `eio` fault makes the device fail)."""
+    img, mnt = tmp_path / "disk.img", tmp_path / "loop_fs"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    for cmd in (["mkfs.ext4", "-q", "-F", str(img)], ["mount", "-o", "loop,errors=continue", str(img), str(mnt)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            pytest.fail(f"cannot make a loop-mounted ext4 ({' '.join(cmd[:2])}): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if os.environ.get("TULU_KEEP_TEST_FS"):
+            return
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        for line in subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+
+
+def test_a_device_that_fails_during_the_first_save_is_reported_as_eio_and_not_requeued(runner, loop_fs, tmp_path):
+    run_dir, fallback = loop_fs / "run", tmp_path / "fallback"
+    job = runner.submit("tiny-cpu-sft.yaml", "run.name=eio", f"run.dir={run_dir}", f"sft.max_steps={STEPS}",
+                        f"checkpoint.interval={INTERVAL}", f"monitoring.fallback_dir={fallback}",
+                        f"cluster.env.TULU_FAULT=kind=eio,rank=0,step={INTERVAL},point=checkpoint_write")
+    st = runner.wait_done(job, timeout=240)
+    assert st["state"] == "FAILED" and st.get("exit_code", "").startswith("79") and int(st.get("restarts", 0)) == 0, st
+    report = load_last_report(run_dir / "monitor", fallback_dir=str(fallback), job_id=job)
+    assert report is not None and report["kind"] == "storage", report and report["summary"]
+    fault = report["storage"]["fault"]
+    assert fault["name"] == "EIO" and fault["path"] == str(run_dir / "checkpoints" / f"step_{INTERVAL}.tmp")
+    assert "I/O errors" in report["summary"]
+    line = next(ln for ln in runner.tulu("status", job).stdout.splitlines() if ln.strip().startswith("storage:"))
+    assert "EIO" in line and f"step_{INTERVAL}.tmp" in line
