@@ -6,7 +6,7 @@ Processes: 1 pipeline-stage leader + N inference ranks (default 2). The "model" 
 Llama-shaped fp32 tensors (default ~64 MB). One JSON line per figure. Repeats alternate bucketed
 and raw so both see the same machine load; the best of each is reported.
 
-    python bench/bench_weight_sync.py [--quick] [--mb 64] [--receivers 2] [--bucket-mb 16]
+    python bench/bench_weight_sync.py [--quick] [--mb 64] [--receivers 2] [--bucket-mb 16] [--tensor-mb 4] [--norms]
 
 ``--model-plan CONFIG`` measures nothing: it models one sync of the config's model over the
 config's rank plan (bytes per link, predicted seconds from the stated link bandwidths) for the
@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _tensors(total_mb: float, norms: bool = False):
-    """4 MB matrices; with ``norms`` each is followed by a 2 kB norm vector (a Llama's mix of
+def _tensors(total_mb: float, norms: bool = False, tensor_mb: float = 4.0):
+    """``tensor_mb`` (4) MB matrices; with ``norms`` each is followed by a 2 kB norm vector (a Llama's mix of
     large and tiny tensors: the tiny ones are packed, the large ones sent as is)."""
     import torch
 
@@ -37,7 +37,7 @@ def _tensors(total_mb: float, norms: bool = False):
     hidden = 512
     out, size, i = [], 0, 0
     while size < total_mb * 2**20:
-        t = torch.randn(hidden * 4, hidden, generator=g)
+        t = torch.randn(int(tensor_mb * 2**20) // 4 // hidden, hidden, generator=g)
         out.append((f"model.layers.{i}.mlp.up_proj.weight", t))
         size += t.numel() * 4
         if norms:
@@ -47,7 +47,7 @@ def _tensors(total_mb: float, norms: bool = False):
     return out
 
 
-def _rank(rank, world, port, total_mb, bucket_mb, repeats, norms, q):
+def _rank(rank, world, port, total_mb, bucket_mb, repeats, norms, tensor_mb, q):
     import torch
 
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def _rank(rank, world, port, total_mb, bucket_mb, repeats, norms, q):
     from tulu.weight_sync import SyncStats, receive_weights, send_weights
 
     bridge = BridgeGroup("127.0.0.1", port, rank, world, num_stages=1, timeout_s=300)
-    named = _tensors(total_mb, norms)
+    named = _tensors(total_mb, norms, tensor_mb)
     nbytes = sum(t.numel() * 4 for _, t in named)
     results = {"bucketed": [], "raw": []}
     pg, _ = bridge.stage_group(0)
@@ -200,7 +200,8 @@ def main() -> None:
     ap.add_argument("--receivers", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--norms", action="store_true", help="a 2 kB vector after each 4 MB matrix")
+    ap.add_argument("--norms", action="store_true", help="a 2 kB vector after each matrix")
+    ap.add_argument("--tensor-mb", type=float, default=4.0, help="size of each matrix (smaller ones are packed)")
     ap.add_argument("--model-plan", metavar="CONFIG", help="model a sync of CONFIG's model; measure nothing")
     ap.add_argument("--out", help="with --model-plan: the .jsonl to write (default bench/results/...)")
     ap.add_argument("--ib-gbit", type=float, default=400.0, help="one InfiniBand NIC, Gb/s")
@@ -224,7 +225,7 @@ def main() -> None:
     world, port = 1 + a.receivers, free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, mb, a.bucket_mb, repeats, a.norms, q)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, mb, a.bucket_mb, repeats, a.norms, a.tensor_mb, q)) for r in range(world)]
     for p in procs:
         p.start()
     res = dict((r, (n, x)) for r, n, x in (q.get(timeout=600) for _ in procs))
@@ -234,7 +235,7 @@ def main() -> None:
     best = {k: min(times[k]) for k in ("bucketed", "raw")}
     for k in ("bucketed", "raw"):
         print(json.dumps({"bench": "weight_sync", "method": k, "bytes": nbytes, "receivers": a.receivers,
-                          "bucket_mb": a.bucket_mb if k == "bucketed" else None, "norms": a.norms, "seconds": round(best[k], 4),
+                          "bucket_mb": a.bucket_mb if k == "bucketed" else None, "norms": a.norms, "tensor_mb": a.tensor_mb, "seconds": round(best[k], 4),
                           "gb_per_s": round(nbytes / best[k] / 1e9, 3),
                           "all_seconds": [round(x, 4) for x in times[k]]}))
     med = {k: sorted(times[k])[len(times[k]) // 2] for k in ("bucketed", "raw")}
