@@ -5,7 +5,7 @@ ENOSPC (full), EDQUOT (quota), EROFS (remounted read-only) and EIO (device error
 commonest ways it dies. This module gives them one shape, `StorageFault` (path, errno, bytes
 needed and free), and keeps the monitor itself alive when its own folder cannot be written:
 
-- `storage_errno(exc)` / `fault_from_exception`: is this exception (or its cause) one of them;
+- `fault_from_exception`: is this exception (or its cause) one of them;
 - `fault_from_text`: the same from a rank's recorded error or a log line (``[Errno 28] ...``);
 - `disk_usage(path)`: free and total bytes of the file system holding ``path``;
 - `MonitorFiles`: the monitor's writes (reports, decisions, markers, learned time-outs) go to
@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["STORAGE_ERRNOS", "StorageFault", "storage_errno", "fault_from_exception",
+__all__ = ["STORAGE_ERRNOS", "StorageFault", "fault_from_exception",
            "fault_from_text", "disk_usage", "human_bytes", "MonitorFiles", "files", "configure",
-           "default_fallback_dir"]
+           "files_for", "say", "default_fallback_dir"]
 
 STORAGE_ERRNOS: dict[int, str] = {
     _errno.ENOSPC: "ENOSPC", _errno.EDQUOT: "EDQUOT", _errno.EROFS: "EROFS", _errno.EIO: "EIO",
@@ -149,14 +149,6 @@ def _chain(exc: BaseException | None):
         exc = exc.__cause__ or exc.__context__
 
 
-def storage_errno(exc: BaseException | None) -> int | None:
-    """The storage errno of ``exc`` or of an exception in its cause/context chain, else None."""
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-            return e.errno
-    return None
-
-
 def fault_from_exception(exc: BaseException | None, *, path: str | os.PathLike = "",
                          needed_bytes: int | None = None, what: str = "") -> StorageFault | None:
     """A `StorageFault` for ``exc`` when it (or its cause) is a storage error. Attributes
@@ -164,11 +156,11 @@ def fault_from_exception(exc: BaseException | None, *, path: str | os.PathLike =
     training side's checkpoint errors carry them) are used when present."""
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            carried = _int(getattr(e, "needed_bytes", None))
             return StorageFault(
                 errno=e.errno, name=STORAGE_ERRNOS[e.errno],
                 path=str(e.filename or path or ""),
-                needed_bytes=_int(getattr(e, "needed_bytes", None)) if getattr(e, "needed_bytes", None)
-                is not None else needed_bytes,
+                needed_bytes=carried if carried is not None else needed_bytes,
                 free_bytes=_int(getattr(e, "free_bytes", None)),
                 total_bytes=_int(getattr(e, "total_bytes", None)),
                 mount=str(getattr(e, "mount", "") or ""),
