@@ -91,6 +91,12 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _sendable_as_is(t: torch.Tensor) -> bool:
+    """Broadcast from its own memory: contiguous and in host memory (the bridge's buffers are; a
+    GPU tensor is copied into a host bucket buffer)."""
+    return t.is_contiguous() and t.device.type == "cpu"
+
+
 def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
              alone_bytes: int | None = None, key=None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group the stream into buckets of at most ``bucket_bytes`` (aligned offsets; any dtypes).
@@ -102,7 +108,7 @@ def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     size = 0
     for name, t in named:
         nbytes = _nbytes(t)
-        if nbytes >= bucket_bytes or (nbytes >= alone and t.is_contiguous()):
+        if nbytes >= bucket_bytes or (nbytes >= alone and _sendable_as_is(t)):
             if bucket:
                 yield bucket
                 bucket, size = [], 0
@@ -149,7 +155,7 @@ class HeldWeights:
 
 
 def _route_group(bridge: BridgeGroup, stage: int, to: tuple[int, ...]):
-    """(group, my rank) for {leader of `stage`} + the inference ranks `to` (bridge ranks)."""
+    """The gloo group of {leader of `stage`} + the inference ranks `to` (bridge ranks), made once."""
     groups = _ROUTE_GROUPS.setdefault(bridge, {})
     if (stage, to) not in groups:
         import torch.distributed as dist
@@ -192,6 +198,7 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     in_flight: deque = deque()
     packed = 0
     sent: list[str] = []
+
     def held_somewhere():
         for name, t in named:
             if route(name):
@@ -208,7 +215,7 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
             offset = _aligned(offset + _nbytes(t))
         size = entries[-1][3] + _nbytes(bucket[-1][1])
         slot = None
-        if len(bucket) == 1 and bucket[0][1].is_contiguous():
+        if len(bucket) == 1 and _sendable_as_is(bucket[0][1]):
             flat = bucket[0][1].reshape(-1).view(torch.uint8)     # as is: no copy
         else:
             slot, packed = packed % 2, packed + 1
@@ -270,7 +277,10 @@ class _BufferPool:
 
     @staticmethod
     def _uses(buf: torch.Tensor) -> int:
-        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+        """Tensors sharing the buffer's storage (views included). Without torch's counter (a
+        private API), -1: never equal to the recorded count, so buffers are never reused."""
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        return count(buf.untyped_storage()._cdata) if count is not None else -1
 
     def trim(self, nbytes: int) -> None:
         """Forget buffers larger than ``nbytes`` (made for one large tensor) between syncs."""
