@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tulu.rewards import RewardConfig, RewardScorer
+from tulu.rewards.hendrycks_math import MATH_RULE
 from tulu.rewards.score_cli import main as score_main
 
 DATA = Path(__file__).parent / "data"
@@ -221,6 +222,7 @@ def test_score_cli_writes_rewards_per_line_and_reports_bad_rows_by_line_number(t
     assert summary["per_verifier"]["gsm8k"] == {"rows": 2, "verified": 1, "accuracy": 0.5}
     assert (summary["errors"], summary["timeouts"]) == (0, 0)
     assert "verifier" in cap.out and "accuracy" in cap.out  # the table
+    assert MATH_RULE in cap.out  # a MATH row was scored: the rule it was scored by is stated
 
 
 def test_score_cli_missing_input_is_a_usage_error(tmp_path, capsys):

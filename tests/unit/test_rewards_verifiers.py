@@ -11,7 +11,7 @@ import pytest
 
 from tulu.rewards import RewardConfig, UnknownVerifierError, get_verifier, known_verifiers
 from tulu.rewards.gsm8k import last_number, normalize_number
-from tulu.rewards.hendrycks_math import extract_answers, last_boxed, minerva_answer, symbolic_safe
+from tulu.rewards.hendrycks_math import final_answer, last_boxed, minerva_answer, symbolic_safe
 from tulu.rewards.ifeval import parse_constraint
 from tulu.rewards.ifeval_checks import IF_FUNCTIONS, ConstraintError
 from tulu.rewards.sentences import count_sentences, split_sentences
@@ -104,7 +104,7 @@ def test_math_last_boxed_handles_nested_and_escaped_braces():
 def test_math_minerva_answer_takes_the_last_final_answer():
     text = "Final Answer: The final answer is 3. I hope it is correct.\nFinal Answer: The final answer is $4$. I hope it is correct."
     assert minerva_answer(text) == "4"
-    assert extract_answers("no answer here") == []
+    assert final_answer("no answer here") is None
 
 
 def test_math_exponent_towers_and_huge_inputs_skip_sympy():

@@ -5,10 +5,10 @@
         results = scorer.score(rows)   # rows: dicts with completion, dataset, ground_truth
         rewards = [r.reward for r in results]
 
-Modules: ``verifier`` (the `Verifier` interface and registry), ``gsm8k``, ``hendrycks_math``,
-``ifeval`` + ``ifeval_checks`` + ``sentences`` (the verifiers), ``config`` (`RewardConfig`),
-``scorer`` (`RewardScorer`, the process pool), ``worker`` (one worker process), ``score_cli``
-(``tulu score``).
+Modules: ``verifier`` (the `Verifier` interface and registry), ``gsm8k``, ``hendrycks_math`` +
+``sympy_guard`` (its blow-up guard), ``ifeval`` + ``ifeval_checks`` + ``sentences`` (the
+verifiers), ``config`` (`RewardConfig`), ``scorer`` (`RewardScorer`, the process pool), ``worker``
+(one worker process), ``score_cli`` (``tulu score``).
 """
 
 from tulu.rewards.config import RewardConfig

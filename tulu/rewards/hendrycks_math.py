@@ -1,24 +1,37 @@
-"""MATH (Hendrycks et al.): extract the final answer, then test equivalence with ``math-verify``.
+"""MATH (Hendrycks et al.): extract the one final answer, then test it against the ground truth.
 
-Extraction, in the order open-instruct's ``verify_math_sample`` tries it:
+The rule (:data:`MATH_RULE`): **an answer earns the reward only if the whole extracted answer
+parses as one expression equivalent to the ground truth** (or equals it as a normalised string).
+An answer that lists several candidates (``3 \\text{ or } 5``, ``3, 5``, ``\\pm 5`` when the gold
+is 5) or does not parse as a whole (``3 ? 5``, ``3 \\\\ 5``, ``(3, 5``, code) earns nothing: no
+number is ever fished out of an answer that failed to parse, which is what math-verify's
+fallback does (its ``parse`` retries with its expression regexes and takes a number inside).
 
-1. the content of the last ``\\boxed{…}`` (or ``\\fbox{…}``; nested braces, escaped ``\\{``/``\\}``
-   ignored), or ``\\boxed 5``;
-2. Minerva's ``Final Answer: The final answer is X. I hope it is correct.`` (the last one; the
-   ``I hope…`` tail is optional);
+Extraction: one final answer per completion, the first of
+
+1. the content of the last top-level ``\\boxed{…}`` (or ``\\fbox{…}``; nested braces, escaped
+   ``\\{``/``\\}`` ignored; a box inside a box belongs to it), or ``\\boxed 5``; an unclosed last
+   box is a malformed answer (nothing);
+2. only if there is no box: Minerva's ``Final Answer: The final answer is X. I hope it is
+   correct.`` (the last one; the ``I hope…`` tail is optional);
 3. only if neither is present: the last ``$…$`` span.
 
-Deviation: open-instruct finally falls back to the whole completion; here a completion with no
-answer in one of these forms is unverified.
+Deviations from open-instruct's ``verify_math_sample``: it credits *any* of these candidates (a
+box saying 3 and a Minerva line saying 5 earned the reward for both) and finally the whole
+completion; here one answer is judged, and a completion with no answer in one of these forms is
+unverified.
 
-Each candidate is first compared as a normalised string, then (if that fails) through
-``math_verify.parse``/``math_verify.verify`` with their ``signal.alarm`` time-outs switched off
-(``parsing_timeout=None, timeout_seconds=None``): the scorer enforces time-outs by killing the
-worker process instead, which also works off the main thread. Candidates that would make sympy
-build astronomically large numbers (numeric exponent towers such as ``10^{10^{10}}``, ``e^{e^{e}}`` or
-``9**9**9``, exponents of six digits or more, factorials of four digits or more), answers longer
-than :data:`MAX_ANSWER_CHARS`, and answers nested deeper than :data:`MAX_BRACE_DEPTH` get the
-string comparison only.
+Equivalence: a normalised string comparison first, then the answer and the gold are each parsed
+whole (math-verify's LaTeX normalisation, then ``latex2sympy``) and compared with
+``math_verify.verify`` (its ``signal.alarm`` time-out off: the scorer enforces time-outs by
+killing the worker process, which also works off the main thread). Repeating decimals
+(``0.1\\overline{6}``) are read as fractions. One trailing unit is dropped (``2\\text{ cm}``,
+``5 cm``): a ``\\text{…}`` of words only, since math-verify's own unit regex would cut
+``5 \\text{ (or } 6\\text{)}`` down to ``5``. An equation is credited against a gold that is not
+one only when every side equals the gold, apart from a leading name: ``x = 5`` and
+``x = 2 + 3 = 5`` earn the reward for 5, ``3 = -3`` earns nothing for -3. Answers that could make
+sympy build astronomically large numbers or expansions get the string comparison only (see
+:mod:`tulu.rewards.sympy_guard`).
 """
 
 from __future__ import annotations
@@ -27,56 +40,70 @@ import functools
 import logging
 import re
 
+from tulu.rewards.sympy_guard import symbolic_safe
 from tulu.rewards.verifier import Verifier
 
-MAX_ANSWER_CHARS = 1000
-"""Longer extracted answers (or ground truths) are compared as strings only."""
-MAX_BRACE_DEPTH = 50
-"""Answers nested deeper than this are compared as strings only."""
+MATH_RULE = (
+    "MATH: one final answer counts (the last \\boxed{}, else 'The final answer is X', else the "
+    "last $...$); it earns the reward only if the whole answer parses as one expression "
+    "equivalent to the ground truth - an answer that lists several candidates or does not parse "
+    "as a whole earns nothing"
+)
+"""The MATH reward rule in one line, as ``tulu score`` prints it."""
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_TOKEN = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])|\\.|[{}]", re.DOTALL)
+_BOXED_WORD = re.compile(r"[^\s$]+")
 
 
-_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+def _last_box(text: str) -> tuple[int, int, str | None] | None:
+    """(start, end, content) of the last top-level box; content None when it is never closed.
 
-
-def _match_brace(text: str, open_at: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_at`` (escaped braces skipped), or None."""
-    depth = 0
-    for m in _BRACE_TOKEN.finditer(text, open_at):
+    One pass over the braces: a box that opens inside another box belongs to the outer one.
+    """
+    last = None
+    stack: list[int | None] = []  # per open brace: the start of the box it opens, else None
+    open_boxes = 0
+    box_at = None  # a box command waiting for its "{"
+    for m in _BOX_TOKEN.finditer(text):
         tok = m.group(0)
+        if tok in ("\\boxed", "\\fbox"):
+            j = m.end()
+            while j < len(text) and text[j] in " \t":
+                j += 1
+            if j < len(text) and text[j] == "{":
+                box_at = m.start()
+            elif j > m.end() and open_boxes == 0:  # "\boxed 5": up to the next space or dollar
+                word = _BOXED_WORD.match(text, j)
+                if word:
+                    last = (m.start(), word.end(), word.group(0))
+            continue
         if tok == "{":
-            depth += 1
-        elif tok == "}":
-            depth -= 1
-            if depth == 0:
-                return m.start()
-    return None
+            stack.append(box_at)
+            open_boxes += box_at is not None
+        elif tok == "}" and stack:
+            start = stack.pop()
+            if start is not None:
+                open_boxes -= 1
+                if open_boxes == 0:
+                    content_at = text.index("{", start)
+                    last = (start, m.end(), text[content_at + 1 : m.start()])
+        box_at = None
+    if open_boxes:  # the last top-level box is never closed: a malformed answer
+        start = next(s for s in stack if s is not None)
+        return (start, len(text), None)
+    return last
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{…}``/``\\fbox{…}``/``\\boxed X`` in ``text``, or None."""
-    at, cmd = max((text.rfind(c), c) for c in _BOX_COMMANDS)
-    if at < 0:
-        return None
-    rest = at + len(cmd)
-    j = rest
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        close = _match_brace(text, j)
-        return None if close is None else text[j + 1 : close]
-    if j > rest:  # "\boxed 5": up to the next space or dollar
-        m = re.match(r"[^\s$]+", text[j:])
-        return m.group(0) if m else None
-    return None
+    """Content of the last top-level ``\\boxed{…}``/``\\fbox{…}``/``\\boxed X``, or None."""
+    box = _last_box(text)
+    return box[2] if box else None
 
 
 _MINERVA = re.compile(r"final answer is", re.IGNORECASE)
 
 
-def minerva_answer(text: str) -> str | None:
-    """X in the last ``The final answer is X. I hope it is correct.``, or None."""
+def _minerva(text: str) -> tuple[int, str | None] | None:
     last = None
     for last in _MINERVA.finditer(text):
         pass
@@ -86,7 +113,13 @@ def minerva_answer(text: str) -> str | None:
     hope = tail.find("I hope it is correct")
     line = tail[:hope] if hope >= 0 else tail.split("\n", 1)[0]
     answer = line.strip().rstrip(".").strip().strip("$").strip()
-    return answer or None
+    return last.start(), answer or None
+
+
+def minerva_answer(text: str) -> str | None:
+    """X in the last ``The final answer is X. I hope it is correct.``, or None."""
+    found = _minerva(text)
+    return found[1] if found else None
 
 
 def last_dollar_span(text: str) -> str | None:
@@ -101,14 +134,15 @@ def last_dollar_span(text: str) -> str | None:
     return answer or None
 
 
-def extract_answers(completion: str) -> list[str]:
-    """Candidate final answers of a completion, in the order they are tried."""
-    found = [a for a in (last_boxed(completion), minerva_answer(completion)) if a]
-    if not found:
-        span = last_dollar_span(completion)
-        if span:
-            found.append(span)
-    return found
+def final_answer(completion: str) -> str | None:
+    """The completion's one final answer (see the module docstring), or None."""
+    box = _last_box(completion)
+    if box:
+        return box[2]
+    minerva = _minerva(completion)
+    if minerva:
+        return minerva[1]
+    return last_dollar_span(completion)
 
 
 _STRIP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+|\\displaystyle")
@@ -122,35 +156,6 @@ def normalize_answer(answer: str) -> str:
     return s.rstrip(".")
 
 
-_EXPLOSIVE = re.compile(
-    r"\^\s*\{?\s*\(?\s*(?:[0-9.]+|e|\\pi)\s*\}?\s*\^"  # numeric tower: 10^{10^…}, e^{e^…}
-    r"|\*\*\s*\(?\s*[0-9.]+\s*\)?\s*\*\*"  # 9**9**9
-    r"|(?:\^|\*\*)\s*\{?\s*\(?\s*[0-9]{6,}"  # an exponent of six or more digits
-    r"|[0-9]{4,}\s*!"  # a huge factorial
-    r"|\\uparrow"
-)
-
-
-def _brace_depth(text: str) -> int:
-    depth = best = 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-            best = max(best, depth)
-        elif ch == "}":
-            depth -= 1
-    return best
-
-
-def symbolic_safe(answer: str) -> bool:
-    """Whether ``answer`` may be handed to sympy (see the module docstring)."""
-    return (
-        len(answer) <= MAX_ANSWER_CHARS
-        and _brace_depth(answer) <= MAX_BRACE_DEPTH
-        and not _EXPLOSIVE.search(answer)
-    )
-
-
 @functools.lru_cache(maxsize=1)
 def _math_verify():
     import math_verify
@@ -160,26 +165,109 @@ def _math_verify():
     return math_verify
 
 
+# A unit is words: no digit (but a power, "m^2"), no bracket or comma that could hide a candidate.
+_TRAILING_UNIT = re.compile(r"\\(?:text|mbox)\s*\{(?:[A-Za-z\s.'/]|\^\d)*\}(?:\^\d|\{\^\d\})?\s*$")
+
+
+@functools.lru_cache(maxsize=1)
+def _latex():
+    """math-verify's LaTeX normaliser (its own unit stripping off) and parser, imported once."""
+    from latex2sympy2_extended.latex2sympy2 import latex2sympy
+    from latex2sympy2_extended.math_normalization import NormalizationConfig, normalize_latex, units_regex
+    from math_verify.grader import should_treat_as_complex
+
+    _math_verify()  # quiets its logger
+    config = NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="none", equations=False
+    )
+    normalize = functools.partial(normalize_latex, config=config)
+    return latex2sympy, normalize, units_regex, should_treat_as_complex
+
+
+def _unbox(text: str) -> str:
+    """``\\boxed{\\boxed{5}}`` is ``5``: a box that is the whole answer is its content."""
+    box = _last_box(text)
+    while box and box[0] == 0 and box[1] == len(text) and box[2]:
+        text = box[2].strip()
+        box = _last_box(text)
+    return text
+
+
+def _strip_unit(text: str, units_regex) -> str:
+    """Drop one trailing ``\\text{…}`` unit and one trailing unit word (``2\\text{ cm}``, ``5 cm``)."""
+    for unit, keep in ((_TRAILING_UNIT, ""), (units_regex, r"\1")):
+        stripped = unit.sub(keep, text).strip()
+        if stripped:
+            text = stripped
+    return text
+
+
+_REPEATING = re.compile(r"(\d*)\.(\d*)\\overline\{(\d{1,50})\}")
+
+
+def _repeating_to_fraction(m: re.Match) -> str:
+    """``0.1\\overline{6}`` as ``\\frac{1}{6}`` (the parser has no repeating decimals)."""
+    whole, fixed, repeat = m.group(1) or "0", m.group(2), m.group(3)
+    numerator = int(whole + fixed + repeat) - int(whole + fixed or "0")
+    denominator = 10 ** len(fixed) * (10 ** len(repeat) - 1)
+    return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(answer: str):
+    """The whole of ``answer`` as one sympy object, or None when it does not parse as a whole."""
+    latex2sympy, normalize, units_regex, treat_as_complex = _latex()
+    text = _REPEATING.sub(_repeating_to_fraction, _unbox(answer.strip().rstrip(".").rstrip()))
+    text = _strip_unit(normalize(text), units_regex)
+    if not text:
+        return None
+    try:
+        return latex2sympy(text, is_real=not treat_as_complex(text), convert_degrees=False,
+                           normalization_config=None)
+    except Exception:  # the parser raises bare Exceptions for syntax errors
+        return None
+
+
+def _equation_sides(expr) -> list | None:
+    """All sides of an equation or an equation chain ``a = b = c``; None for anything else."""
+    from sympy import And, Eq
+
+    relations = list(getattr(expr, "_unsorted_args", expr.args)) if isinstance(expr, And) else [expr]
+    if not relations or not all(isinstance(r, Eq) for r in relations):
+        return None
+    return [side for r in relations for side in (r.lhs, r.rhs)]
+
+
+def _equivalent(gold, candidate) -> bool:
     mv = _math_verify()
-    return mv.parse(f"${answer}$", parsing_timeout=None)
+    if _equation_sides(gold) is None:
+        sides = _equation_sides(candidate)
+        if sides is not None:  # x = 5, x = 2 + 3 = 5: each side but a leading name must be the gold
+            from latex2sympy2_extended.latex2sympy2 import is_expr_of_only_symbols
+
+            if is_expr_of_only_symbols(sides[0]):
+                sides = sides[1:]
+            return bool(sides) and all(_equivalent(gold, side) for side in sides)
+    return bool(mv.verify(gold, candidate, timeout_seconds=None))
 
 
 def answers_equivalent(candidate: str, gold: str) -> bool:
-    """Whether ``candidate`` is the same answer as ``gold`` (string, then math-verify)."""
+    """Whether the whole of ``candidate`` is the same answer as ``gold`` (string, then sympy)."""
     if normalize_answer(candidate) == normalize_answer(gold):
         return True
     if not (symbolic_safe(candidate) and symbolic_safe(gold)):
         return False
     gold_parsed, cand_parsed = _parse(gold), _parse(candidate)
-    if not gold_parsed or not cand_parsed:
+    if gold_parsed is None or cand_parsed is None:
         return False
-    return bool(_math_verify().verify(gold_parsed, cand_parsed, timeout_seconds=None))
+    return _equivalent(gold_parsed, cand_parsed)
 
 
 class MATHVerifier(Verifier):
-    """Any extracted answer of the completion is equivalent to the ground-truth answer.
+    """The completion's final answer earns the reward only if the whole of it parses as one
+    expression equivalent to the ground truth (or equals it as a normalised string); an answer
+    that lists several candidates or does not parse as a whole earns nothing (see the module
+    docstring and :data:`MATH_RULE`).
 
     The ground truth is the bare answer (Ai2's RLVR data: ``\\frac{1}{2}``); a ground truth that
     holds a ``\\boxed{…}`` is reduced to its content.
@@ -192,4 +280,5 @@ class MATHVerifier(Verifier):
         gold = (last_boxed(gold) or gold).strip().strip("$").strip()
         if not gold:
             raise ValueError("MATH ground truth is empty")
-        return any(answers_equivalent(c, gold) for c in extract_answers(completion))
+        answer = final_answer(completion)
+        return bool(answer) and answers_equivalent(answer, gold)

@@ -160,6 +160,10 @@ def _report(args: argparse.Namespace, rows: list[object], stats) -> None:
         cells = (vs.rows, vs.verified, f"{vs.accuracy:.3f}", vs.bad_rows, vs.errors, vs.timeouts)
         print(f"{name:<12}" + "".join(f"{c:>10}" for c in cells))
         per[name] = {"rows": vs.rows, "verified": vs.verified, "accuracy": round(vs.accuracy, 6)}
+    if "math" in per:
+        from tulu.rewards.hendrycks_math import MATH_RULE
+
+        print(MATH_RULE)
     summary = {
         "summary": "score",
         "input": str(args.input),
