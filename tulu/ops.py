@@ -259,13 +259,18 @@ def last_step(rec: dict) -> int | None:
 def _last_report(rec: dict) -> dict | None:
     """The monitor's newest report: in the monitor dir, or in the fallback folder the monitor used
     when the run folder could not be written (``monitoring.fallback_dir``)."""
-    fallback = ((rec.get("config") or {}).get("monitoring") or {}).get("fallback_dir")
     try:
+        from monitoring import storage
         from monitoring.diagnosis import load_last_report
-
-        return (load_last_report(rec["monitor_dir"], fallback_dir=fallback, job_id=str(rec["job_id"]))
-                or load_last_report(rec["monitor_dir"]))
-    except (ImportError, OSError, ValueError):
+    except ImportError:
+        return None
+    # the monitor's files of this job: its run folder, else its fallback folder (the stop marker
+    # and the decisions are read from there too)
+    fallback = ((rec.get("config") or {}).get("monitoring") or {}).get("fallback_dir")
+    storage.configure(rec["monitor_dir"], fallback, str(rec["job_id"]))
+    try:
+        return load_last_report(rec["monitor_dir"])
+    except (OSError, ValueError):
         return None
 
 

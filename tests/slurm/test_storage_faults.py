@@ -82,8 +82,10 @@ def test_a_run_folder_that_fills_during_a_save_is_reported_as_enospc_not_requeue
 
     # `tulu status` and `tulu logs` say it in one line; so does the Slurm job's comment.
     status = runner.tulu("status", job).stdout
+    print("\n" + status)
     line = next(ln for ln in status.splitlines() if ln.strip().startswith("storage:"))
     assert "ENOSPC" in line and f"step_{2 * INTERVAL}.tmp" in line, status
+    assert "requeues: stopped: storage: ENOSPC" in status and "not requeued" in status
     assert runner.logs(job).splitlines()[0].startswith("==> storage fault: ENOSPC")
     comment = slurm_cluster.run("scontrol", "show", "job", job).stdout
     assert "Comment=tulu monitor: storage: ENOSPC" in comment
