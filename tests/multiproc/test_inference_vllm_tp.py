@@ -50,12 +50,12 @@ def _host_has_avx512() -> bool:
     return torch.cpu._is_avx512_supported()
 
 
-def _tp2_rank(rank, world_size, model_dir):  # noqa: ARG001
+def _tp2_rank(rank, world_size, model_dir, tp=2, pp=1):  # noqa: ARG001
     from tulu.inference import SamplingSettings, make_engine
     from tulu.inference.cpu_shm import shm_communicator_in_use
 
     greedy = SamplingSettings(temperature=0, max_new_tokens=12)
-    engine = make_engine("vllm", model_dir, tp=2, max_model_len=128, dtype="float32", seed=0)
+    engine = make_engine("vllm", model_dir, tp=tp, pp=pp, max_model_len=128, dtype="float32", seed=0)
     shm = shm_communicator_in_use()
     before = [c.token_ids for c in engine.generate(PROMPTS, 1, greedy)]
     engine.update_weights(_perturbed(model_dir))
@@ -97,6 +97,24 @@ def test_tp2_external_launcher_matches_transformers_before_and_after_a_weight_up
     expected_after = [c.token_ids for c in hf.generate(PROMPTS, 1, greedy)]
 
     assert expected_before != expected_after
+    for rank, (before, after, _, _) in enumerate(results):
+        assert before == expected_before, f"rank {rank} before the update"
+        assert after == expected_after, f"rank {rank} after the update"
+
+
+def test_pp2_external_launcher_matches_transformers_before_and_after_a_weight_update(tmp_path):
+    """Pipeline parallelism on CPU (the 405B preset's engine is TP8 x PP2): each stage loads
+    only its layers from the update and the last stage's greedy tokens equal transformers'."""
+    from tulu.inference import SamplingSettings, make_engine
+    from tulu.inference.tiny import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    results = run_distributed(_tp2_rank, 2, str(model_dir), 1, 2, timeout=400, init_process_group=False)
+    greedy = SamplingSettings(temperature=0, max_new_tokens=12)
+    hf = make_engine("transformers", model_dir)
+    expected_before = [c.token_ids for c in hf.generate(PROMPTS, 1, greedy)]
+    hf.update_weights(_perturbed(model_dir))
+    expected_after = [c.token_ids for c in hf.generate(PROMPTS, 1, greedy)]
     for rank, (before, after, _, _) in enumerate(results):
         assert before == expected_before, f"rank {rank} before the update"
         assert after == expected_after, f"rank {rank} after the update"

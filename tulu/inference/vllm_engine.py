@@ -12,7 +12,7 @@ whole: ``tulu.inference.engine.CheckedWeights``) goes to every worker's ``reload
 ``model.load_weights`` after start corrupts repacked layers on CPU), then the prefix cache is
 reset so no prompt reuses KV computed with the old weights.
 
-CPU settings made here when the caller has not set them (DESIGN.md §7):
+CPU settings made here when the caller has not set them (docs/design.md §7):
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core in-process: 3 s start instead of 20 s, and
 ``reload_weights`` gets the tensors without pickling), ``VLLM_CPU_OMP_THREADS_BIND`` with one core
 range per local rank when ``tp * pp > 1``, ``gpu_memory_utilization=0.2`` (vLLM reads the NUMA
@@ -69,6 +69,22 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**20)
 
 
+def _allocate_pipeline_buffers(worker) -> bool:
+    """Give a later pipeline stage its buffer for the previous stage's hidden states.
+
+    vLLM 0.32 allocates it in its dummy warm-up run, which the CPU worker skips in eager mode;
+    the first ``generate`` of a PP>1 engine then fails on every rank after the first stage
+    (``assert self.intermediate_tensors is not None``). Runs on each worker (collective_rpc)."""
+    from vllm.distributed.parallel_state import get_pp_group
+
+    runner = worker.model_runner
+    if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+        return False
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+    return True
+
+
 class VllmEngine(InferenceEngine):
     """``vllm.LLM`` behind :class:`InferenceEngine`. See the module docs for the parallel recipe."""
 
@@ -121,6 +137,8 @@ class VllmEngine(InferenceEngine):
             logprobs_mode="processed_logprobs",      # after temperature and top-p: see engine.py
             **llm_kwargs,
         )
+        if on_cpu and pp > 1:
+            self.llm.collective_rpc(_allocate_pipeline_buffers)
         self._shapes = read_weight_shapes(self.model_dir)
         config = json.loads((Path(self.model_dir) / "config.json").read_text())
         self.pp = pp
