@@ -17,8 +17,10 @@ sidecar included; so the crash -> requeue decision is taken here, in the script'
    crash report (records + logs: srun's "task 3: Exited with exit code 3" names the task)
    and `recovery.handle_fault`.
 
-Exit status (the batch script's final status): srun's rc, or `EXIT_DO_NOT_REQUEUE` (79) when
-the restart chain was stopped. An I/O error never ends it before it decides: records it cannot
+Exit status (the batch script's final status): srun's rc, `EXIT_DO_NOT_REQUEUE` (79) when
+the restart chain was stopped, or `EXIT_REQUEUE_FAILED` (78) when a requeue was decided but
+every ``scontrol`` try failed (the reason is in ``decisions.jsonl`` and on stderr). A sidecar
+whose requeue failed left no requeued marker, so this hook tries again. An I/O error never ends it before it decides: records it cannot
 write go to the fallback folder (`monitoring.storage`), and a storage fault (ENOSPC, EDQUOT,
 EROFS, EIO) is named in the report and the job's comment and never requeued.
 """
@@ -37,8 +39,8 @@ from monitoring.detect import Fault
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_FAILED, monitor_start, read_all
 from monitoring.recovery import (
-    EXIT_DO_NOT_REQUEUE, already_requeued, handle_fault, record_decision, requeue,
-    requeue_requested, stop_reason,
+    EXIT_DO_NOT_REQUEUE, EXIT_REQUEUE_FAILED, RequeueFailed, already_requeued, handle_fault,
+    record_decision, report_requeue_failure, requeue, requeue_requested, stop_reason,
 )
 from monitoring.sidecar import BUSY, log
 from monitoring import storage
@@ -71,13 +73,15 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
 
     asked = requeue_requested(d, job_id, attempt)
     if asked and not already_requeued(d, job_id, attempt) and job_id and cfg.act:
-        record_decision(d, action="requeue", fault_kind="requested", reason=asked, **base)
         try:
-            requeue(job_id, asked, monitor_dir=d, attempt=attempt, by="on_exit")
+            requeue(job_id, asked, monitor_dir=d, attempt=attempt, by="on_exit",
+                    decision=dict(action="requeue", fault_kind="requested", reason=asked, **base))
             log(f"srun exited {rc}; requeued as requested: {asked}")
+        except RequeueFailed as e:
+            log(report_requeue_failure(d, e, fault_kind="requested", **base))
+            return EXIT_REQUEUE_FAILED
         except slurm.SlurmCommandError as e:
-            record_decision(d, action="requeue_failed", reason=str(e), **base)
-            log(f"requested requeue failed: {e}")
+            log(f"requested requeue: {e}")
         return rc
 
     if rc == 0:
@@ -127,6 +131,8 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         by="on_exit", report=str(path) if path else None, job_running=False, rc=rc,
         storage_line=report.storage.get("line", ""))
     log(f"decision: {decision.action}: {decision.reason}", exclude=list(decision.exclude_nodes))
+    if decision.action == "requeue_failed":
+        return EXIT_REQUEUE_FAILED
     return EXIT_DO_NOT_REQUEUE if decision.action == "stop" else rc
 
 

@@ -27,7 +27,9 @@ sequence is ``scontrol requeuehold J`` -> ``scontrol update JobId=J ExcNodeList=
 still place the job without the culprit's node(s); otherwise a plain ``scontrol requeue J``.
 
 Double requeues are avoided under a file lock: a marker ``requeued/<job>_<attempt>.json`` is
-written by every requeue made here, and ``scontrol show job`` tells whether someone else
+written by every requeue made here, once Slurm accepted it (each ``scontrol`` is retried with
+a back-off; when every try failed nothing is marked, the failure is recorded and said on
+stderr, and the EXIT trap tries again), and ``scontrol show job`` tells whether someone else
 (submitit's USR2 handler) already requeued this attempt (``Restarts`` > attempt).
 """
 
@@ -43,15 +45,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from monitoring import slurm
 from monitoring.config import MonitorConfig
 from monitoring.storage import files_for, say
 
-__all__ = ["EXIT_DO_NOT_REQUEUE", "Decision", "decide", "handle_fault", "requeue",
-           "request_requeue", "requeue_requested", "already_requeued", "stop_reason",
-           "read_decisions", "record_decision", "setup_lines", "set_comment"]
+__all__ = ["EXIT_DO_NOT_REQUEUE", "EXIT_REQUEUE_FAILED", "RequeueFailed", "Decision", "decide",
+           "handle_fault", "requeue", "request_requeue", "requeue_requested",
+           "report_requeue_failure", "already_requeued", "stop_reason", "read_decisions",
+           "record_decision", "setup_lines", "set_comment"]
 
 EXIT_DO_NOT_REQUEUE = 79
 STOP_MARKER = "do_not_requeue.json"
@@ -60,7 +63,7 @@ NOT_COUNTED = ("requested",)   # requeues that do not spend the fault budget (pr
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str                   # "requeue" | "stop" | "hold" | "none"
+    action: str                   # "requeue" | "stop" | "hold" | "none" | "requeue_failed"
     reason: str
     exclude_nodes: tuple[str, ...] = ()
 
@@ -217,11 +220,49 @@ def requeue_requested(monitor_dir, job_id: str | None, attempt: int) -> str | No
 
 
 # ---------------------------------------------------------------------------- actions
+REQUEUE_TRIES = 4          # scontrol tries per action: slurmctld may be briefly unreachable
+REQUEUE_BACKOFF_S = 2.0    # 2, 4, 8 s between them (14 s in all, within on_exit's wait)
+EXIT_REQUEUE_FAILED = 78   # on_exit's status when every requeue try failed (sacct shows it)
+
+
+class RequeueFailed(slurm.SlurmCommandError):
+    """Every ``scontrol`` try of a requeue failed: the job was NOT requeued."""
+
+
+def _slurm_requeued(job_id: str, attempt: int | None):
+    """A check for `slurm.run_retrying`: did an earlier try requeue the job after all?"""
+    if attempt is None:
+        return None
+    return lambda: slurm.show_job(job_id).restarts > attempt
+
+
+@contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    """A requeue makes Slurm SIGTERM every process of the job, the caller included: ignore it
+    until the action is complete and recorded (the marker, the decision), or a held job stays
+    held forever and the marker is never written (both seen on the local cluster)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to restore
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...] = (), *,
-            monitor_dir=None, attempt: int | None = None, by: str = "") -> list[str]:
+            monitor_dir=None, attempt: int | None = None, by: str = "",
+            decision: dict | None = None) -> list[str]:
     """Requeue ``job_id``, excluding ``exclude_nodes`` when the partition has spare nodes.
-    Returns the nodes actually excluded. With ``monitor_dir``, writes this attempt's requeued
-    marker (written *before* scontrol runs: the requeue kills the caller's job soon after)."""
+    Returns the nodes actually excluded.
+
+    Each ``scontrol`` runs up to `REQUEUE_TRIES` times with a back-off (`slurm.run_retrying`).
+    Only once Slurm accepted the requeue, and with ``monitor_dir``, this attempt's requeued
+    marker is written and ``decision`` (a decision record) appended: a marker never claims a
+    requeue that did not happen, so the EXIT trap still tries when this one failed. When every
+    try failed: `RequeueFailed`, naming each try's error."""
     excluded: list[str] = []
     note = ""
     if exclude_nodes:
@@ -235,41 +276,73 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
                 excluded = sorted(set(job.excluded) | set(exclude_nodes))
         except slurm.SlurmCommandError as e:
             note = f"cannot check for spare nodes ({e}); requeueing without exclusion"
-    if monitor_dir is not None and attempt is not None:
-        _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
-                    {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
-    if excluded:
-        # ExcNodeList only changes on a pending job, so: hold-requeue, update, release. The
-        # hold-requeue makes Slurm SIGTERM every process of the job, this one included, and
-        # SIGKILL them KillWait seconds later: ignore SIGTERM until the job is released, or it
-        # stays held forever (seen on the local cluster).
+    retry = dict(tries=REQUEUE_TRIES, backoff_s=REQUEUE_BACKOFF_S)
+    with _sigterm_ignored():
         try:
-            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        except ValueError:  # not the main thread: nothing to restore
-            previous = None
-        try:
-            slurm.run(["scontrol", "requeuehold", str(job_id)])
+            if excluded:
+                # ExcNodeList only changes on a pending job, so: hold-requeue, update, release.
+                slurm.run_retrying(["scontrol", "requeuehold", str(job_id)],
+                                   done=_slurm_requeued(job_id, attempt), **retry)
+            else:
+                slurm.run_retrying(["scontrol", "requeue", str(job_id)],
+                                   done=_slurm_requeued(job_id, attempt), **retry)
+        except slurm.SlurmCommandError as e:
+            raise RequeueFailed(f"job {job_id} was NOT requeued: {e}") from e
+        if monitor_dir is not None and attempt is not None:
+            _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
+                        {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
+        if monitor_dir is not None and decision is not None:
+            record_decision(monitor_dir, **decision)
+        if excluded:
             try:
-                slurm.run(["scontrol", "update", f"JobId={job_id}",
-                           f"ExcNodeList={','.join(excluded)}"])
-            finally:
-                slurm.run(["scontrol", "release", str(job_id)])
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    else:
-        slurm.run(["scontrol", "requeue", str(job_id)])
-    if monitor_dir is not None and note:
-        record_decision(monitor_dir, job_id=job_id, attempt=attempt, action="exclusion",
-                        reason=note, exclude_nodes=excluded, by=by)
+                try:
+                    slurm.run_retrying(["scontrol", "update", f"JobId={job_id}",
+                                        f"ExcNodeList={','.join(excluded)}"], **retry)
+                finally:
+                    slurm.run_retrying(["scontrol", "release", str(job_id)], **retry)
+            except slurm.SlurmCommandError as e:
+                # Requeued but maybe still held: say so loudly; the marker stands (the attempt
+                # is requeued, a second requeue would fail on a pending job anyway).
+                msg = (f"job {job_id} was requeued held, but excluding {excluded} or releasing "
+                       f"it failed ({e}): if `squeue` shows it held, `scontrol release {job_id}`")
+                _shout(f"[monitor] {msg}")
+                if monitor_dir is not None:
+                    record_decision(monitor_dir, job_id=job_id, attempt=attempt,
+                                    action="release_failed", reason=msg, by=by)
+                raise
+        if monitor_dir is not None and note:
+            record_decision(monitor_dir, job_id=job_id, attempt=attempt, action="exclusion",
+                            reason=note, exclude_nodes=excluded, by=by)
     return excluded
+
+
+def report_requeue_failure(monitor_dir, error: Exception, **entry) -> str:
+    """A requeue that failed every try: a decision record and a line on stderr (the caller also
+    exits with a status that says so). Returns the reason."""
+    reason = (f"REQUEUE FAILED after {REQUEUE_TRIES} tries: {error}. The job was not requeued; "
+              f"resubmit it (it resumes from its last committed checkpoint)")
+    _shout(f"[monitor] {reason}")
+    record_decision(monitor_dir, action="requeue_failed", reason=reason, **entry)
+    return reason
+
+
+def _shout(msg: str) -> None:
+    """A line on stderr (the batch log, whatever stdout is); stdout if stderr refuses it."""
+    try:
+        sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        say(msg)
 
 
 def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: str, step: int,
                  cfg: MonitorConfig, culprit_nodes: list[str] = (), culprit_ranks: list[int] = (),
                  by: str, report: str | None = None, job_running: bool = False,
-                 rc: int | None = None, storage_line: str = "") -> Decision:
+                 rc: int | None = None, storage_line: str = "",
+                 stop_ranks: Callable[[], list[str]] | None = None) -> Decision:
     """Decide and act on one fault, at most once per (job, attempt) across processes.
+    ``stop_ranks``: called once a requeue is decided, before it is made, to SIGKILL the
+    attempt's ranks (the sidecar's); returns what it killed, kept in the decision record.
     ``job_running``: the job is still up (the sidecar's case), so a stop also scancels it;
     ``rc``: srun's exit status, when the caller is the EXIT trap; ``storage_line``: a storage
     fault's one-line description (kind "storage")."""
@@ -298,11 +371,15 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
             set_comment(job_id, f"tulu monitor: {d.reason}")
         if d.action == "hold":
             record_decision(monitor_dir, action="hold", reason=d.reason, **common)
-            _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
-                        {"by": by, "reason": d.reason, "hold": True, "time": time.time()})
             try:
-                slurm.run(["scontrol", "requeuehold", str(job_id)])
+                with _sigterm_ignored():
+                    slurm.run_retrying(["scontrol", "requeuehold", str(job_id)],
+                                       tries=REQUEUE_TRIES, backoff_s=REQUEUE_BACKOFF_S,
+                                       done=_slurm_requeued(job_id, attempt))
+                    _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
+                                {"by": by, "reason": d.reason, "hold": True, "time": time.time()})
             except slurm.SlurmCommandError as e:
+                _shout(f"[monitor] requeuehold FAILED: {e}")
                 record_decision(monitor_dir, action="hold_failed", reason=str(e), **common)
                 return Decision("none", f"requeuehold failed: {e}")
             return d
@@ -320,13 +397,23 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
                     record_decision(monitor_dir, action="scancel_failed", reason=str(e), **common)
             return d
         exclude = list(culprit_nodes) if cfg.exclude_culprit_nodes else []
-        record_decision(monitor_dir, action="requeue", reason=d.reason, **common)
+        killed: list[str] = []
+        if stop_ranks is not None:
+            # Before the requeue: its SIGTERM comes with a SIGCONT, and a SIGSTOPped rank
+            # would run on (steps, checkpoints) until KillWait's SIGKILL.
+            try:
+                killed = stop_ranks()
+            except Exception as e:  # noqa: BLE001 - never let this block the requeue
+                killed = [f"failed: {type(e).__name__}: {e}"]
         try:
             excluded = requeue(job_id, d.reason, exclude, monitor_dir=monitor_dir,
-                               attempt=attempt, by=by)
-        except slurm.SlurmCommandError as e:
-            record_decision(monitor_dir, action="requeue_failed", reason=str(e), **common)
-            return Decision("none", f"requeue failed: {e}")
+                               attempt=attempt, by=by,
+                               decision=dict(action="requeue", reason=d.reason, **common,
+                                             **({"killed": killed} if stop_ranks else {})))
+        except RequeueFailed as e:
+            return Decision("requeue_failed", report_requeue_failure(monitor_dir, e, **common))
+        except slurm.SlurmCommandError as e:   # requeued, but held: the record says so
+            return Decision("requeue", f"{d.reason}; {e}")
         return Decision("requeue", d.reason, tuple(excluded))
 
 

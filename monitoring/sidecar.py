@@ -10,7 +10,9 @@ hands the decision to `monitoring.recovery.handle_fault` (requeue / stop). Then 
 after a requeue Slurm ends the job anyway, and one report per attempt is enough.
 
 Exit status: 0 when every rank exited cleanly, `EXIT_FAULT` (3) after a fault was handled,
-2 on bad arguments. An I/O error never ends it: what cannot be written to the monitor dir goes
+`EXIT_REQUEUE_FAILED` (4) when its requeue failed every try (the EXIT trap tries again), 2 on
+bad arguments. Before it requeues, it SIGKILLs the attempt's ranks (local pids, then the job's
+srun steps): no rank of a dead attempt, SIGSTOPped or not, steps on after the decision. An I/O error never ends it: what cannot be written to the monitor dir goes
 to the fallback folder (`monitoring.storage`), log lines that stdout refuses go there too. While it diagnoses it keeps ``sidecar_busy.json`` in the monitor dir so
 the EXIT trap's on_exit waits for its verdict instead of racing it.
 """
@@ -31,11 +33,12 @@ from monitoring.detect import Detector, Fault
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
 from monitoring.recovery import handle_fault
-from monitoring import storage
+from monitoring import slurm, storage
 
-__all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT"]
+__all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT", "EXIT_REQUEUE_FAILED"]
 
 EXIT_FAULT = 3
+EXIT_REQUEUE_FAILED = 4    # a requeue was decided, every scontrol try failed (EXIT trap retries)
 BUSY = "sidecar_busy.json"
 LEARNED = "learned_timeouts.json"
 
@@ -152,7 +155,8 @@ class Sidecar:
                 step=step, cfg=self.cfg, culprit_nodes=report.culprit_nodes,
                 culprit_ranks=[c["rank"] for c in report.culprits], by="sidecar",
                 report=str(path) if path else None, job_running=True,
-                storage_line=report.storage.get("line", ""))
+                storage_line=report.storage.get("line", ""),
+                stop_ranks=lambda: self._stop_attempt(records))
             log(f"decision: {decision.action}: {decision.reason}",
                 exclude=list(decision.exclude_nodes))
             if self.cfg.kill_ranks_on_fault and not self.job_id:
@@ -161,13 +165,36 @@ class Sidecar:
         finally:
             io.unlink(busy)
 
-    def _kill_local_ranks(self, records: list[RankRecord | None]) -> None:
+    def _kill_local_ranks(self, records: list[RankRecord | None],
+                          wait_s: float = 5.0) -> list[str]:
+        """SIGKILL this host's ranks and wait (up to ``wait_s``) until they are gone: a signal
+        is delivered asynchronously, and a rank must not step between this and the requeue."""
+        killed = []
         for r in records:
             if r is not None and r.host == self.host and pid_alive(r, self.host):
                 try:
                     os.kill(r.pid, signal.SIGKILL)
+                    killed.append(r)
                 except OSError:
                     pass
+        deadline = time.monotonic() + wait_s
+        while any(pid_alive(r, self.host) for r in killed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [f"rank {r.rank} pid {r.pid}" for r in killed]
+
+    def _stop_attempt(self, records: list[RankRecord | None]) -> list[str]:
+        """Before a requeue: SIGKILL this attempt's ranks, so that none runs a step after the
+        decision (the requeue's SIGTERM comes with a SIGCONT: a SIGSTOPped rank would run on
+        until KillWait). Local pids first (at once, even when Slurm is slow), then every task
+        of the job's srun steps on every node (``scancel --signal=KILL J.S``)."""
+        killed = self._kill_local_ranks(records)
+        if self.job_id:
+            try:
+                killed += [f"step {s}" for s in slurm.kill_steps(self.job_id)]
+            except slurm.SlurmCommandError as e:
+                log(f"cannot SIGKILL the job's steps (the requeue still ends them): {e}")
+        log("SIGKILLed the attempt's ranks before the requeue", killed=killed)
+        return killed
 
     def run(self, max_seconds: float | None = None) -> int:
         log("watching", monitor_dir=str(self.dir), world_size=self.world_size,
@@ -182,8 +209,8 @@ class Sidecar:
                 continue
             self._save_learned()
             if faults:
-                self.handle(faults[0])
-                return EXIT_FAULT
+                done = self.handle(faults[0])
+                return EXIT_REQUEUE_FAILED if done["decision"] == "requeue_failed" else EXIT_FAULT
             if self.detector.finished:
                 log("every rank exited cleanly")
                 return 0

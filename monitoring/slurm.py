@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
+from typing import Callable
 from dataclasses import dataclass
 
 __all__ = ["JobInfo", "parse_job", "parse_sinfo_nodes", "expand_hostlist", "spare_nodes",
-           "run", "show_job", "SlurmCommandError"]
+           "run", "run_retrying", "show_job", "job_steps", "kill_steps", "SlurmCommandError"]
 
 _KV = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=(\S*)")
 _USABLE = {"idle", "alloc", "allocated", "mix", "mixed", "comp", "completing", "plnd",
@@ -110,3 +112,42 @@ def run(args: list[str], timeout: float = 60.0) -> str:
 
 def show_job(job_id: str) -> JobInfo:
     return parse_job(run(["scontrol", "show", "job", "-o", str(job_id)]))
+
+
+def run_retrying(args: list[str], *, tries: int = 4, backoff_s: float = 2.0,
+                 done: Callable[[], bool] | None = None, timeout: float = 60.0) -> str:
+    """`run`, retried ``tries`` times in all with a doubling back-off (2, 4, 8 s): slurmctld can
+    be unreachable for a few seconds (a restart, a fail-over, a busy RPC queue). Before each
+    retry ``done()`` is asked whether the previous try took effect after all (a client time-out
+    after the controller acted): then the command is not run again. Raises `SlurmCommandError`
+    naming every try's error when all of them failed."""
+    errors: list[str] = []
+    for i in range(max(1, tries)):
+        if i:
+            time.sleep(backoff_s * 2 ** (i - 1))
+            try:
+                if done is not None and done():
+                    return ""
+            except SlurmCommandError:
+                pass
+        try:
+            return run(args, timeout=timeout)
+        except SlurmCommandError as e:
+            errors.append(f"try {i + 1}: {e}")
+    raise SlurmCommandError(f"{' '.join(args)} failed {len(errors)} time(s): " + "; ".join(errors))
+
+
+def job_steps(job_id: str) -> list[str]:
+    """The job's running srun steps ("77.0", "77.1"), without its batch and extern steps."""
+    out = run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i"], timeout=20)
+    return [s for s in out.split() if s.split(".")[-1].isdigit()]
+
+
+def kill_steps(job_id: str) -> list[str]:
+    """SIGKILL every task of the job's srun steps, on every node, at once: the batch script
+    and the job survive (its requeue follows). Unlike the requeue's SIGTERM (which Slurm sends
+    with a SIGCONT), a SIGKILL leaves a SIGSTOPped rank no time to run on. Returns the steps."""
+    steps = job_steps(job_id)
+    for step in steps:
+        run(["scancel", "--signal=KILL", step], timeout=20)
+    return steps
