@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
+from tulu.atomic import fsync_dir, is_temp_name, write_text_atomic
+
+
 __all__ = [
     "DEFAULT_ALGORITHM", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest",
     "ManifestError", "check_files", "digest_files", "file_digest", "fsync_dir", "list_files",
@@ -126,7 +129,7 @@ def list_files(root: Path) -> list[str]:
     for dirpath, _, names in os.walk(root):
         for name in names:
             rel = Path(dirpath, name).relative_to(root).as_posix()
-            if not rel.startswith(MANIFEST_NAME):
+            if not rel.startswith(MANIFEST_NAME) and not is_temp_name(rel, MANIFEST_NAME):
                 out.append(rel)
     return sorted(out)
 
@@ -175,25 +178,9 @@ def check_files(root: Path, manifest: Manifest, relpaths: Iterable[str] | None =
     return problems
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write ``folder/manifest.json`` atomically (temp file, fsync, rename, fsync folder)."""
-    final = folder / MANIFEST_NAME
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(folder)
-    return final
+    return write_text_atomic(folder / MANIFEST_NAME, manifest.to_json(), mkdir=False)
 
 
 def read_manifest(folder: Path) -> Manifest:

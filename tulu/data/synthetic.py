@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
+
+from tulu.atomic import open_atomic
+
 
 KINDS = ("sft", "preference", "rlvr")
 REFUSALS = ("I cannot say.", "I do not know.", "That is hard to tell.", "Numbers are not my thing.")
@@ -65,14 +67,11 @@ def synthetic_rows(kind: str, n: int, seed: int, max_operand: int = 99) -> list[
 
 
 def write_jsonl(rows: list[dict[str, Any]], out_path: str | Path) -> Path:
-    """Write rows as jsonl atomically (temp file, then rename)."""
+    """Write rows as jsonl atomically (``tulu.atomic``)."""
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomic(out) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out
 
 

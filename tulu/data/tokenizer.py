@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from tulu.atomic import write_text_atomic
 from tulu.data.chat import TULU_CHAT_TEMPLATE
 
 PAD, EOS, SYSTEM, USER, ASSISTANT = "<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"
@@ -69,9 +69,7 @@ def save_tiny_tokenizer(out_dir: str | Path, **kwargs) -> Path:
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tmp = cfg_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, cfg_path)
+    write_text_atomic(cfg_path, json.dumps(cfg, indent=2) + "\n")
     return out
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from tulu import distributed as tdist
-from tulu.launch.context import JobContext, write_json_atomic
+from tulu.atomic import write_json_atomic
+from tulu.launch.context import JobContext
 
 
 def run(ctx: JobContext) -> dict:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tulu.atomic import write_json_atomic  # noqa: F401  (kept importable here for older callers)
 from tulu.config import JobConfig
 from tulu.launch.task_env import TaskEnv
 from tulu.plan import RankPlan, RankRole
@@ -69,16 +68,6 @@ class JobContext:
 
         request_requeue(str(self.monitor_dir), self.env.job_id, self.env.restart_count, reason)
         self.log(f"requeue of job {self.env.job_id} requested: {reason}")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def python() -> str:

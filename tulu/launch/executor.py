@@ -19,6 +19,7 @@ from pathlib import Path
 
 import submitit
 
+from tulu.atomic import write_text_atomic
 from tulu.config import ConfigError, JobConfig
 from tulu.launch.task import JobTask
 from tulu.plan import RankPlan
@@ -161,10 +162,7 @@ def record_job(job_id: str, cfg: JobConfig, paths: RunPaths, config_path: str | 
            "monitor_dir": str(paths.monitor), "config_path": config_path, "submitted": time.time(),
            "executor": cfg.cluster.executor, "config": cfg.to_dict()}
     out = tulu_home() / "jobs" / f"{job_id}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(rec, indent=1))
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     with open(paths.run_dir / "jobs.jsonl", "a") as f:
         f.write(json.dumps({k: rec[k] for k in ("job_id", "submitted", "config_path")}) + "\n")

@@ -12,13 +12,13 @@ chain and names its log.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tulu.atomic import is_temp_name, write_text_atomic
 from tulu.config_schema import ConfigError
 from tulu.deletion import DeleteRefused, refusal, remove_tree
 from tulu.errors import CommandError
@@ -145,8 +145,8 @@ def pipeline_settings_dict(pipeline: Pipeline) -> dict:
     return to_dict(pipeline.settings)
 
 
-# What a pipeline writes at the top of its folder (besides pipeline.json); `--fresh` deletes these
-# and nothing else.
+# What a pipeline writes at the top of its folder (besides pipeline.json and a crashed write's
+# temporary `.pipeline.json.*.tmp`); `--fresh` deletes these and nothing else.
 PIPELINE_ENTRIES = frozenset({"data", *STAGE_ORDER, "pairs", "eval", "pipeline.tmp"})
 
 
@@ -192,7 +192,7 @@ def fresh_entries(pipeline: Pipeline) -> tuple[list[Path], list[Path]]:
         why = "has no pipeline.json" if owner is None else f"its pipeline.json names {owner!r}"
         raise DeleteRefused(root, f"--fresh empties only a folder that pipeline {name!r} made, and this one {why}; "
                                   "delete it yourself or set pipeline.dir")
-    delete = [e for e in entries if e.name in PIPELINE_ENTRIES]
+    delete = [e for e in entries if e.name in PIPELINE_ENTRIES or is_temp_name(e.name, "pipeline.json")]
     return delete, [e for e in entries if e not in delete and e.name != "pipeline.json"]
 
 
@@ -213,10 +213,7 @@ def _record(pipeline: Pipeline, kind: str, steps: list[Step]) -> None:
            "steps": [{"step": s.name, "job_id": s.job_id, "run_dir": str(s.run_dir), "log_dir": str(s.log_dir)}
                      for s in steps]}
     path = pipeline.dir / "pipeline.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rec, indent=1))
 
 
 class Progress:

@@ -9,9 +9,9 @@ Curves come from ``<run_dir>/metrics.jsonl`` (:mod:`tulu.train.metrics`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from tulu.atomic import atomic_path
 from tulu.train.metrics import draw_loss, read_metrics
 
 
@@ -134,9 +134,10 @@ def plot_pipeline(stage_run_dirs: dict[str, Path], results: dict[str, dict], out
         fig.text(0.5, 0.5, "no training metrics and no held-out results", ha="center", va="center")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out

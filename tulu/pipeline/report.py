@@ -17,6 +17,9 @@ import os
 import time
 from pathlib import Path
 
+from tulu.atomic import write_text_atomic
+
+
 MISSING = "-"
 
 
@@ -91,10 +94,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict],

@@ -8,9 +8,10 @@ Every output is written atomically, so a requeued or repeated step starts clean.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from tulu.atomic import write_json_atomic
 
 
 def write_data(data_dir: Path, settings) -> dict[str, Path]:
@@ -96,7 +97,4 @@ def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)

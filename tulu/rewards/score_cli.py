@@ -18,9 +18,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from tulu.atomic import open_atomic
 from tulu.errors import CommandError
 
 MAX_REPORTED_BAD_ROWS = 20
@@ -98,17 +98,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # The temporary file is made first (an unwritable folder fails now, not after scoring), with a
     # name of its own: it can never be the input.
-    fd, tmp_name = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            rows, stats = _score(args, f)
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomic(args.out) as f:
+        rows, stats = _score(args, f)
     _report(args, rows, stats)
     return 0
 

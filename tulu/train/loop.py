@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tulu.config import ConfigError
-from tulu.launch.context import write_json_atomic
+from tulu.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)

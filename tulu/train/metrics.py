@@ -10,9 +10,11 @@ TensorBoard (``<run_dir>/tensorboard``) is written when the ``tensorboard`` pack
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
+
+from tulu.atomic import atomic_path, write_text_atomic
+
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -46,9 +48,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [r for r in read_metrics(self.run_dir) if r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "step": step, **values}
@@ -102,8 +102,9 @@ def plot_loss_curve(run_dir: str | Path, title: str = "") -> Path | None:
     draw_loss(ax, run_dir)
     ax.set_title(title)
     out = Path(run_dir) / PLOT_FILE
-    tmp = out.with_name(".loss_curve.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return out

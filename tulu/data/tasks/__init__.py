@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from tulu.atomic import write_text_atomic
 from tulu.data.synthetic import write_jsonl
 from tulu.data.tasks import gsm8k, ifeval, math_fractions
 from tulu.data.tasks.problem import HELDOUT_PER_MILLE, Problem, is_heldout
@@ -93,10 +93,7 @@ def sft_rows(task: str, n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def _write_text(text: str, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text, mkdir=False)
 
 
 def _readme(card: dict) -> str:
