@@ -288,11 +288,14 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
                                    done=_slurm_requeued(job_id, attempt), **retry)
         except slurm.SlurmCommandError as e:
             raise RequeueFailed(f"job {job_id} was NOT requeued: {e}") from e
+        # The decision first: when the EXIT trap requeues, the requeue's SIGTERM ends the batch
+        # script, and Slurm then kills what is left of the job (this process) within
+        # milliseconds; the marker has a fallback (``Restarts`` > attempt), the record none.
+        if monitor_dir is not None and decision is not None:
+            record_decision(monitor_dir, **decision)
         if monitor_dir is not None and attempt is not None:
             _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
                         {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
-        if monitor_dir is not None and decision is not None:
-            record_decision(monitor_dir, **decision)
         if excluded:
             try:
                 try:

@@ -23,6 +23,9 @@ Timing reference points (all from the run folder, no log parsing):
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -307,3 +310,48 @@ def test_a_slow_but_progressing_straggler_and_a_long_checkpoint_within_their_lea
         assert longest > TIMEOUT_S, f"{phase}: longest observed {longest:.1f} s never passed {TIMEOUT_S} s"
         # ... and the learned time-out was raised by the straggler's observed durations.
         assert learned["timeouts"][phase] >= 5 * late_s, learned
+
+
+def test_a_sigstopped_rank_is_killed_before_the_requeue_even_when_scontrol_fails_once(runner, slurm_cluster, tmp_path):
+    # The job's first `scontrol requeue` fails (a PATH shim in the batch script, as when slurmctld
+    # is briefly unreachable): the monitor retries, requeues once, and writes its marker only
+    # then. Rank 3 SIGSTOPs itself after step 3 was saved; the monitor SIGKILLs the attempt's
+    # ranks before the requeue, so Slurm's SIGCONT revives nothing: attempt 1 resumes at step 3
+    # exactly (before, the old attempt ran on until KillWait and committed more steps).
+    name = "stopfail"
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    real = shutil.which("scontrol", path=slurm_cluster.env.get("PATH", os.environ["PATH"]))
+    failed = shim / "failed_once"
+    (shim / "scontrol").write_text(f"""#!/bin/bash
+if [[ ( "$1" == requeue || "$1" == requeuehold ) && ! -e {shlex.quote(str(failed))} ]]; then
+  echo "$*" > {shlex.quote(str(failed))}
+  echo "slurm_requeue error: Unable to contact slurm controller (shim)" >&2
+  exit 1
+fi
+exec {shlex.quote(real)} "$@"
+""")
+    (shim / "scontrol").chmod(0o755)
+    path = f"{shim}:{slurm_cluster.env.get('PATH', os.environ['PATH'])}"
+    f = Injected("sigstop", rank=3, step=3, point="train", attempt=0, detected_as="hang", timed_out=True)
+    steps = 8
+    job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, *FAST_MONITOR,
+                        "--set", f"run.name={name}", "--set", f"run.counter_steps={steps}",
+                        "--set", "cluster.max_restarts=2",
+                        "--set", f"cluster.env.PATH={path}",
+                        "--set", f"cluster.env.TULU_FAULT={f.spec()}")
+    st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    history = runner.counter_state(name)["history"]
+    problems, figures = check_attempt(f, runner, name, history, {})
+    print("\n" + json.dumps(figures))
+    assert failed.exists(), "the shim never failed a requeue: the test proved nothing"
+    assert not problems, "\n".join(problems) + f"\ndecisions: {decisions(runner, name)}"
+    acts = [(d["attempt"], d["action"], d["by"]) for d in decisions(runner, name)
+            if d["action"] in ("requeue", "requeue_failed", "stop")]
+    assert acts == [(0, "requeue", "sidecar")], acts
+    killed = [d for d in decisions(runner, name) if d["action"] == "requeue"][0]["killed"]
+    assert any(k.startswith("step ") for k in killed), killed
+    assert (monitor_dir(runner, name) / "requeued" / f"{job}_0.json").exists()
+    assert st["state"] == "COMPLETED" and int(st["restarts"]) == 1, st
+    state = runner.counter_state(name)
+    assert state["step"] == steps and state["total"] == expected_total(steps)
