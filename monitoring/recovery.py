@@ -54,7 +54,7 @@ from monitoring.storage import files_for, say
 __all__ = ["EXIT_DO_NOT_REQUEUE", "EXIT_REQUEUE_FAILED", "RequeueFailed", "Decision", "decide",
            "handle_fault", "requeue", "request_requeue", "requeue_requested",
            "report_requeue_failure", "already_requeued", "stop_reason", "read_decisions",
-           "record_decision", "setup_lines", "set_comment"]
+           "record_decision", "settle_pending_requeues", "setup_lines", "set_comment"]
 
 EXIT_DO_NOT_REQUEUE = 79
 STOP_MARKER = "do_not_requeue.json"
@@ -277,6 +277,12 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
         except slurm.SlurmCommandError as e:
             note = f"cannot check for spare nodes ({e}); requeueing without exclusion"
     retry = dict(tries=REQUEUE_TRIES, backoff_s=REQUEUE_BACKOFF_S)
+    pending = None
+    if monitor_dir is not None and decision is not None and attempt is not None:
+        # Kept until the decision is recorded: if this process is killed in between (see
+        # below), the next attempt's monitor records it (`settle_pending_requeues`).
+        pending = _marker(monitor_dir, "pending_requeue", job_id, attempt)
+        _write_json(monitor_dir, pending, {"time": time.time(), **decision})
     with _sigterm_ignored():
         try:
             if excluded:
@@ -287,6 +293,8 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
                 slurm.run_retrying(["scontrol", "requeue", str(job_id)],
                                    done=_slurm_requeued(job_id, attempt), **retry)
         except slurm.SlurmCommandError as e:
+            if pending is not None:
+                files_for(monitor_dir).unlink(pending)
             raise RequeueFailed(f"job {job_id} was NOT requeued: {e}") from e
         # The decision first: when the EXIT trap requeues, the requeue's SIGTERM ends the batch
         # script, and Slurm then kills what is left of the job (this process) within
@@ -296,6 +304,8 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
         if monitor_dir is not None and attempt is not None:
             _write_json(monitor_dir, _marker(monitor_dir, "requeued", job_id, attempt),
                         {"by": by, "reason": reason, "exclude": excluded, "time": time.time()})
+        if pending is not None:
+            files_for(monitor_dir).unlink(pending)
         if excluded:
             try:
                 try:
@@ -317,6 +327,26 @@ def requeue(job_id: str, reason: str, exclude_nodes: list[str] | tuple[str, ...]
             record_decision(monitor_dir, job_id=job_id, attempt=attempt, action="exclusion",
                             reason=note, exclude_nodes=excluded, by=by)
     return excluded
+
+
+def settle_pending_requeues(monitor_dir, job_id: str | None, attempt: int) -> list[dict]:
+    """Record the requeues of earlier attempts whose maker was killed between ``scontrol``
+    and its record (this attempt runs, so they happened): their ``pending_requeue`` files,
+    unless a requeue of that attempt is recorded already. Returns the records written."""
+    done = []
+    if not job_id:
+        return done
+    recorded = {(d.get("job_id"), d.get("attempt")) for d in read_decisions(monitor_dir)
+                if d.get("action") == "requeue"}
+    for a in range(attempt):
+        path = _marker(monitor_dir, "pending_requeue", job_id, a)
+        entry = _read_json(path, monitor_dir)
+        if entry is None:
+            continue
+        if (job_id, a) not in recorded:
+            done.append(record_decision(monitor_dir, **{**entry, "settled_by_attempt": attempt}))
+        files_for(monitor_dir).unlink(path)
+    return done
 
 
 def report_requeue_failure(monitor_dir, error: Exception, **entry) -> str:

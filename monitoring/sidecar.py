@@ -32,7 +32,7 @@ from monitoring.config import MonitorConfig
 from monitoring.detect import Detector, Fault
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
-from monitoring.recovery import handle_fault
+from monitoring.recovery import handle_fault, settle_pending_requeues
 from monitoring import slurm, storage
 
 __all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT", "EXIT_REQUEUE_FAILED"]
@@ -94,6 +94,8 @@ class Sidecar:
         self.detector.observed.update(self._load_learned())
         self._saved_learned: dict = dict(self.detector.observed)
         self._warned_learned = False
+        for entry in settle_pending_requeues(self.dir, job_id, attempt):
+            log("recorded a requeue whose maker was killed before it could", entry=entry)
 
     def _load_learned(self) -> dict[str, tuple[float, int]]:
         """Durations observed by earlier attempts (a restart should not forget that a

@@ -155,6 +155,7 @@ def test_a_requeue_that_always_fails_leaves_no_marker_says_why_and_the_exit_trap
     entry = read_decisions(mon)[-1]
     assert entry["action"] == "requeue_failed" and entry["by"] == "sidecar"
     assert "requeue" not in [e["action"] for e in read_decisions(mon)]   # budget not spent
+    assert not (mon / "pending_requeue" / "77_0.json").exists()
     tries = [c for c in fake.calls() if c == "scontrol requeue 77"]
     assert len(tries) == recovery.REQUEUE_TRIES
 
@@ -175,6 +176,28 @@ def test_a_requested_requeue_that_always_fails_ends_the_job_with_a_failure_statu
     assert decide_on_exit(0, mon, 2, CFG, job_id="77", attempt=0) == EXIT_REQUEUE_FAILED
     assert not marker(mon).exists()
     assert read_decisions(mon)[-1]["action"] == "requeue_failed"
+
+
+def test_a_requeue_whose_maker_was_killed_before_recording_it_is_recorded_by_the_next_attempt(
+        tmp_path, fake, monkeypatch):
+    # The EXIT trap's requeue ends the batch script; Slurm may kill what is left of the job
+    # (the maker) between scontrol and the decision record.
+    mon = tmp_path / "mon"
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt("SIGKILL stand-in")
+
+    monkeypatch.setattr(recovery, "record_decision", killed)
+    with pytest.raises(KeyboardInterrupt):
+        hang(mon)
+    monkeypatch.undo()
+    assert fake.requeues() == ["scontrol requeue 77"] and read_decisions(mon) == []
+    Sidecar(mon, 2, CFG, job_id="77", attempt=1)
+    Sidecar(mon, 2, CFG, job_id="77", attempt=1)          # a second look records nothing more
+    (entry,) = read_decisions(mon)
+    assert (entry["action"], entry["attempt"], entry["by"]) == ("requeue", 0, "sidecar")
+    assert entry["settled_by_attempt"] == 1
+    assert not (mon / "pending_requeue" / "77_0.json").exists()
 
 
 # ---------------------------------------------------------------- no ghost steps
