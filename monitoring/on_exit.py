@@ -20,9 +20,10 @@ sidecar included; so the crash -> requeue decision is taken here, in the script'
 Exit status (the batch script's final status): srun's rc, `EXIT_DO_NOT_REQUEUE` (79) when
 the restart chain was stopped, or `EXIT_REQUEUE_FAILED` (78) when a requeue was decided but
 every ``scontrol`` try failed (the reason is in ``decisions.jsonl`` and on stderr). A sidecar
-whose requeue failed left no requeued marker, so this hook tries again. An I/O error never ends it before it decides: records it cannot
-write go to the fallback folder (`monitoring.storage`), and a storage fault (ENOSPC, EDQUOT,
-EROFS, EIO) is named in the report and the job's comment and never requeued.
+whose requeue failed left no requeued marker, so this hook tries again. An I/O error never
+ends it before it decides: records it cannot write go to the fallback folder
+(`monitoring.storage`), and a storage fault (ENOSPC, EDQUOT, EROFS, EIO) is named in the report
+and the job's comment and never requeued.
 """
 
 from __future__ import annotations

@@ -12,9 +12,12 @@ after a requeue Slurm ends the job anyway, and one report per attempt is enough.
 Exit status: 0 when every rank exited cleanly, `EXIT_FAULT` (3) after a fault was handled,
 `EXIT_REQUEUE_FAILED` (4) when its requeue failed every try (the EXIT trap tries again), 2 on
 bad arguments. Before it requeues, it SIGKILLs the attempt's ranks (local pids, then the job's
-srun steps): no rank of a dead attempt, SIGSTOPped or not, steps on after the decision. An I/O error never ends it: what cannot be written to the monitor dir goes
-to the fallback folder (`monitoring.storage`), log lines that stdout refuses go there too. While it diagnoses it keeps ``sidecar_busy.json`` in the monitor dir so
-the EXIT trap's on_exit waits for its verdict instead of racing it.
+srun steps): no rank of a dead attempt, SIGSTOPped or not, steps on after the decision.
+
+An I/O error never ends it: what cannot be written to the monitor dir goes to the fallback
+folder (`monitoring.storage`), log lines that stdout refuses go there too. While it diagnoses
+it keeps ``sidecar_busy.json`` in the monitor dir so the EXIT trap's on_exit waits for its
+verdict instead of racing it.
 """
 
 from __future__ import annotations
