@@ -79,7 +79,7 @@ def _write_hf(path: Path, out: Path, dtype: str) -> None:
     from tulu.models.convert import megatron_to_hf_state_dict
     from tulu.models.llama import build_gpt_model
     from tulu.train.data import build_tokenizer
-    from tulu.train.model import StageCheckpoint
+    from tulu.checkpoint.stage import StageCheckpoint
 
     recorded = StageCheckpoint(path).model_source()
     hf_config = LlamaConfig(**recorded["hf_config"])

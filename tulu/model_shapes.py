@@ -106,7 +106,7 @@ def resolve_shape(model_cfg, hub_cache: str | None = None) -> ModelShape:
         return shape_from_hf_config(name, json.loads(cfg_file.read_text()))
     if name in HF_NAME_TO_ARCH:
         return ARCHITECTURES[HF_NAME_TO_ARCH[name]]
-    from tulu.train.model import StageCheckpoint  # an earlier stage's tulu checkpoint records its shape
+    from tulu.checkpoint.stage import StageCheckpoint  # an earlier stage's tulu checkpoint records its shape
 
     stage = StageCheckpoint.find(name)
     if stage is not None:

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from tulu.checkpoint.stage import StageCheckpoint  # noqa: F401  (its home; importable here too)
+
 
 # --- where the model comes from ------------------------------------------------------------------
 
@@ -191,36 +193,6 @@ class HFWeights:
         from tulu.models.convert import hf_state_dict_to_megatron
 
         hf_state_dict_to_megatron(self.tensors, self.hf_config, model)
-
-
-@dataclass
-class StageCheckpoint:
-    """The model of a verified tulu checkpoint (any TP/PP: it reshards on load)."""
-
-    path: Path
-
-    @classmethod
-    def find(cls, name_or_path: str) -> "StageCheckpoint | None":
-        p = Path(name_or_path)
-        if not p.is_dir() or not ((p / "manifest.json").exists() or any(p.glob("step_*/manifest.json"))):
-            return None
-        from tulu.checkpoint.export import resolve_checkpoint
-
-        path, _ = resolve_checkpoint(p)
-        return cls(path)
-
-    def model_source(self) -> dict:
-        from tulu.checkpoint.manager import TRAINER_STATE
-
-        extra = torch.load(self.path / TRAINER_STATE, weights_only=False)["extra_state"]
-        if "model_source" not in extra:
-            raise ValueError(f"checkpoint {self.path} does not record its architecture (not written by tulu.train)")
-        return extra["model_source"]
-
-    def load_into(self, model) -> None:
-        from tulu.checkpoint import sharded
-
-        sharded.load_model(model, self.path / "model")
 
 
 # --- building ------------------------------------------------------------------------------------
