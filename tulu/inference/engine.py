@@ -130,6 +130,17 @@ class InferenceEngine(abc.ABC):
                 f"{type(self).__name__}: refusing to generate with partially updated weights; "
                 f"update_weights with the whole model first. The failed update: {self.weights_incomplete}")
 
+    def _start_generate(self, prompts: list[list[int]], n: int,
+                        sampling: SamplingSettings | None) -> SamplingSettings:
+        """What every ``generate`` checks first (complete weights, ``n >= 1``, no empty prompt);
+        returns the sampling settings to use."""
+        self._require_complete_weights()
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        return sampling or SamplingSettings()
+
     def _load_streamed(self, checked: CheckedWeights, load: Callable[[Iterable], object]) -> int:
         """Run ``load`` over the checked stream; record or clear :attr:`weights_incomplete`."""
         checked.precheck()                 # a whole-update problem: raised, old weights intact

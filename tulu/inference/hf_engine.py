@@ -122,12 +122,7 @@ class TransformersEngine(InferenceEngine):
     # -- generate ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int = 1,
                  sampling: SamplingSettings | None = None) -> list[Completion]:
-        self._require_complete_weights()
-        sampling = sampling or SamplingSettings()
-        if n < 1:
-            raise ValueError(f"generate: n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
+        sampling = self._start_generate(prompts, n, sampling)
         rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
         out: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):

@@ -154,12 +154,7 @@ class VllmEngine(InferenceEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self._require_complete_weights()
-        sampling = sampling or SamplingSettings()
-        if n < 1:
-            raise ValueError(f"generate: n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
+        sampling = self._start_generate(prompts, n, sampling)
         # One seed per prompt: vLLM's CPU sampler draws its noise from (seed, position), so one
         # shared seed would give every prompt's k-th sample the same noise. vLLM gives the j-th
         # of n samples seed + j.
