@@ -83,4 +83,7 @@ def test_preset_twin_trains_checkpoints_survives_a_crash_and_continues_as_the_un
         expected = {r["step"]: r["loss"] for r in _train_rows(runner.cwd / "runs" / "straight")}
         got = {r["step"]: r["loss"] for r in rows}   # the resumed run's last record of each step
         assert got == expected, (got, expected)      # bitwise: same seed, same layout, exact resume
-    print(json.dumps({"twin": preset, "tasks": twin.tasks, "wall_s": round(time.time() - t0, 1)}))
+    peaks = [float(mb) for mb in re.findall(r"finished mode train in [\d.]+ s \(peak RSS (\d+) MB\)", logs)]
+    assert peaks, "no rank reported its peak RSS"
+    print(json.dumps({"twin": preset, "tasks": twin.tasks, "wall_s": round(time.time() - t0, 1),
+                      "peak_rss_mb_max": max(peaks), "peak_rss_mb_median": sorted(peaks)[len(peaks) // 2]}))

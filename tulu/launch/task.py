@@ -8,6 +8,7 @@ kill the task outright (seen on the local cluster under load)."""
 from __future__ import annotations
 
 import importlib
+import resource
 import time
 
 MODES = {
@@ -47,7 +48,8 @@ class JobTask:
                 f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}")
         started = time.time()
         result = importlib.import_module(MODES[cfg.mode]).run(ctx)
-        ctx.log(f"finished mode {cfg.mode} in {time.time() - started:.1f} s: {result}")
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+        ctx.log(f"finished mode {cfg.mode} in {time.time() - started:.1f} s (peak RSS {peak_mb:.0f} MB): {result}")
         if ctx.progress is not None:
             ctx.progress.exit(0)
         return result
