@@ -22,22 +22,16 @@ from monitoring.diagnosis import load_last_report
 from monitoring.storage import files_for
 from test_slurm_train import REPO, Runner
 
+from tests.fs_helpers import mounted_tmpfs
+
 STEPS, INTERVAL = 30, 10
 FAULT = f"kind=enospc,rank=0,step={2 * INTERVAL},point=checkpoint_write"
 
 
 @pytest.fixture
 def run_fs(tmp_path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the run folder: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "40m", required=True) as mnt:
         yield mnt
-    finally:
-        if not os.environ.get("TULU_KEEP_TEST_FS"):   # debugging: look at the run folder afterwards
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

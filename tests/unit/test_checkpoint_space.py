@@ -17,6 +17,7 @@ import torch
 from monitoring.faults import fill_file_system
 from monitoring.progress import storage_detail
 from monitoring.storage import fault_from_text
+from tests.fs_helpers import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 SFT = REPO / "configs" / "tiny-cpu-sft.yaml"
@@ -31,15 +32,8 @@ def _megatron_on_cpu():
 
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _trained():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from monitoring import storage
 from monitoring.config import MonitorConfig
 from monitoring.diagnosis import load_last_report, storage_fault_of
 from monitoring.faults import fill_file_system, parse_faults
+from tests.fs_helpers import mounted_tmpfs
 from monitoring.on_exit import _decide_safely, decide_on_exit
 from monitoring.progress import ProgressTracker, storage_detail
 from monitoring.record import read_all
@@ -37,15 +37,8 @@ def fake(tmp_path, monkeypatch) -> FakeSlurm:
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MB tmpfs (unmounted afterwards); skipped where mounting is not allowed."""
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture(autouse=True)
