@@ -104,6 +104,9 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$((MEM / CPUS))
 JobRequeue=1
 KillWait=5
+# Every "node" is this one 2-core host: under load a step's dozen rank processes took 63 s to be
+# reaped after SIGKILL, past the 60 s default, and Slurm drained the node ("Kill task failed").
+UnkillableStepTimeout=300
 MailProg=/bin/true
 ReturnToService=2
 SlurmdTimeout=30

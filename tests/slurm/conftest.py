@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,20 @@ def slurm_cluster() -> SlurmCluster:
                         pytrace=False)
     os.environ.update(read_env_sh(home / "env.sh"))
     return cluster
+
+
+@pytest.fixture(autouse=True)
+def _nodes_drained_by_slow_kills_return(request):
+    """Every local "node" is one shared 2-core host: a step whose ranks are reaped slowly under
+    load drains its node ("Kill task failed"), and every later test would wait for it. Resume
+    such nodes before each test, saying so; any other drain is left for the test to meet."""
+    if "slurm_cluster" in request.fixturenames:
+        cluster = request.getfixturevalue("slurm_cluster")
+        out = cluster.run("sinfo", "-h", "-N", "-t", "drain,drained,draining", "-o", "%N|%E", check=False).stdout
+        for node in sorted({line.split("|", 1)[0] for line in out.splitlines() if "Kill task failed" in line}):
+            cluster.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+            warnings.warn(f"local Slurm node {node} was drained (Kill task failed); resumed it")
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
