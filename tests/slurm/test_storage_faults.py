@@ -11,8 +11,6 @@ and finish."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from monitoring.diagnosis import load_last_report
 from monitoring.storage import files_for
 from test_slurm_train import REPO, Runner
 
-from tests.fs_helpers import mounted_tmpfs
+from tests.fs_helpers import mounted_loop_ext4, mounted_tmpfs
 
 STEPS, INTERVAL = 30, 10
 FAULT = f"kind=enospc,rank=0,step={2 * INTERVAL},point=checkpoint_write"
@@ -115,22 +113,8 @@ def test_a_run_folder_that_fills_during_a_save_is_reported_as_enospc_not_requeue
 @pytest.fixture
 def loop_fs(tmp_path):
     """A 64 MB ext4 on a loop device (the `eio` fault makes the device fail)."""
-    img, mnt = tmp_path / "disk.img", tmp_path / "loop_fs"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
-    for cmd in (["mkfs.ext4", "-q", "-F", str(img)], ["mount", "-o", "loop,errors=continue", str(img), str(mnt)]):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            pytest.fail(f"cannot make a loop-mounted ext4 ({' '.join(cmd[:2])}): {r.stderr.strip()}")
-    try:
+    with mounted_loop_ext4(tmp_path, required=True) as mnt:
         yield mnt
-    finally:
-        if os.environ.get("TULU_KEEP_TEST_FS"):
-            return
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        for line in subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout.splitlines():
-            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
 
 
 def test_a_device_that_fails_during_the_first_save_is_reported_as_eio_and_not_requeued(runner, loop_fs, tmp_path):

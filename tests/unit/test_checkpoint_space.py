@@ -17,7 +17,7 @@ import torch
 from monitoring.faults import fill_file_system
 from monitoring.progress import storage_detail
 from monitoring.storage import fault_from_text
-from tests.fs_helpers import mounted_tmpfs
+from tests.fs_helpers import mounted_loop_ext4, mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 SFT = REPO / "configs" / "tiny-cpu-sft.yaml"
@@ -127,24 +127,8 @@ def test_a_folder_with_room_passes_and_counts_checkpoints_already_there(tmp_path
 @pytest.fixture
 def loop_fs(tmp_path):
     """A 64 MB ext4 on a loop device (root); the `eio` fault makes its device fail."""
-    img, mnt = tmp_path / "disk.img", tmp_path / "loop_fs"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
-    for cmd in (["mkfs.ext4", "-q", "-F", str(img)], ["mount", "-o", "loop,errors=continue", str(img), str(mnt)]):
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except FileNotFoundError as e:
-            pytest.skip(f"{cmd[0]} is not installed: {e}")
-        if r.returncode != 0:
-            pytest.skip(f"cannot make a loop-mounted ext4 here ({' '.join(cmd[:2])}): {r.stderr.strip()}")
-    try:
+    with mounted_loop_ext4(tmp_path) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        subprocess.run(["losetup", "-j", str(img)], check=False, capture_output=True)
-        for line in subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout.splitlines():
-            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
 
 
 def test_a_device_that_fails_during_a_save_is_named_eio_with_its_path(loop_fs, monkeypatch, tmp_path):
