@@ -74,7 +74,7 @@ def _timed(step, s: dict) -> float:
 def _megatron(rank: int, s: dict) -> dict:
     from megatron.core import parallel_state as ps
 
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.models import megatron_cpu
     from tulu.train import batches
     from tulu.train.model import build_policy, resolve_model
@@ -97,7 +97,7 @@ def _pytorch(rank: int, s: dict) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import LlamaForCausalLM
 
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.train.model import resolve_model
 
     cfg = config_from_dict(_config(s))

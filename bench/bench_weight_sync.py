@@ -1,5 +1,5 @@
 """Weight-sync bandwidth over a real bridge (gloo, this machine): the bucketed stream the RLVR
-loop uses (`tulu.weight_sync`: names + index through the store, flat buckets broadcast per stage)
+loop uses (`tulu.dist.weight_sync`: names + index through the store, flat buckets broadcast per stage)
 against a raw broadcast of one flat buffer of the same size, in the same run.
 
 Processes: 1 pipeline-stage leader + N inference ranks (default 2). The "model" is a list of
@@ -51,8 +51,8 @@ def _rank(rank, world, port, total_mb, bucket_mb, repeats, norms, tensor_mb, q):
     import torch
 
     torch.set_num_threads(1)
-    from tulu.distributed import BridgeGroup
-    from tulu.weight_sync import SyncStats, receive_weights, send_weights
+    from tulu.dist.groups import BridgeGroup
+    from tulu.dist.weight_sync import SyncStats, receive_weights, send_weights
 
     bridge = BridgeGroup("127.0.0.1", port, rank, world, num_stages=1, timeout_s=300)
     named = _tensors(total_mb, norms, tensor_mb)
@@ -88,15 +88,15 @@ def model_plan_lines(config: str, *, ib_gbit: float, nics_per_node: int, nvlink_
                      tcp_gbyte: float, efficiency: float) -> list[dict]:
     """One weight sync of ``config``'s model over its rank plan: bytes per link, predicted seconds.
 
-    Pure arithmetic from the config (tulu.plan / tulu.model_shapes), no torch. Designs:
-    ``this_code`` (tulu.weight_sync as the RLVR loop calls it: every inference rank receives every
+    Pure arithmetic from the config (tulu.plan.layout / tulu.config.shapes), no torch. Designs:
+    ``this_code`` (tulu.dist.weight_sync as the RLVR loop calls it: every inference rank receives every
     tensor over a gloo/TCP bridge with CPU buffers, streamed), ``this_code_routed_by_pp_stage``
     (the same with ``holds=engine.held_weights()``: each rank gets its pipeline stage) and
     ``routed_node_fanout`` (not implemented: each inference node gets its stage once over
     InfiniBand, split over its NICs, and fans it out to its GPUs over NVLink; NCCL, GPU buffers)."""
-    from tulu.config import load_config
-    from tulu.model_shapes import resolve_shape
-    from tulu.plan import build_plan, layers_per_stage
+    from tulu.config.job import load_config
+    from tulu.config.shapes import resolve_shape
+    from tulu.plan.layout import build_plan, layers_per_stage
 
     cfg = load_config(config)
     plan = build_plan(cfg)
@@ -152,7 +152,7 @@ def model_plan_lines(config: str, *, ib_gbit: float, nics_per_node: int, nvlink_
     inf_layers = layers_per_stage(shape.num_layers, inf.pp)
     inf_bytes = [n * layer_bytes + (embed if p == 0 else 0) + (head if p == inf.pp - 1 else 0)
                  for p, n in enumerate(inf_layers)]
-    # this code with holds=engine.held_weights() (tulu.weight_sync routing; the RLVR worker does
+    # this code with holds=engine.held_weights() (tulu.dist.weight_sync routing; the RLVR worker does
     # not pass it yet): each rank gets its PP stage, still over gloo/TCP with CPU buffers
     t_rank_r = max(inf_bytes) / 1e9 / tcp
     t_leader_r = max(stage_bytes) * (receivers // inf.pp) / 1e9 / min(tcp * receivers // inf.pp, ib * nics_per_node)

@@ -3,7 +3,7 @@
 1. Megatron `GPTModel` (tulu.models, SDPA attention, bf16, fp32 Adam) training step of a ~1B
    Llama config: tokens/s and MFU (6 N tokens / peak).
 2. Weight-sync sender side for the same model: Megatron -> HF names (`iter_hf_weights`), packed
-   into reused 256 MB buckets (`tulu.weight_sync._buckets`), GB/s.
+   into reused 256 MB buckets (`tulu.dist.weight_sync._buckets`), GB/s.
 3. The transformers engine (`tulu.inference.hf_engine`): batched sampling tokens/s.
 
 `--tiny` runs the same code on CPU with a small config, so the script is tested before it
@@ -44,7 +44,7 @@ def main() -> None:
 
     from tulu.models.convert import iter_hf_weights
     from tulu.models.llama import build_gpt_model
-    from tulu.weight_sync import _buckets
+    from tulu.dist.weight_sync import _buckets
 
     gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)

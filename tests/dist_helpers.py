@@ -188,19 +188,19 @@ def random_job_id() -> str:
 
 
 def job_task(rank, world_size, cfg_dict, job_id, stop_after_steps=None):
-    """One task of a job (``tulu.jobs.train.run``) with a JobContext like the Slurm task's (local
+    """One task of a job (``tulu.modes.train.run``) with a JobContext like the Slurm task's (local
     cluster); with ``stop_after_steps`` the job stops as if preempted during that step: the ranks
     agree on the stop after it. Run it through :func:`run_distributed` with
     ``init_process_group=False`` (the job forms its own groups)."""
     # Megatron's checkpoint writer and the verifier pool fork; run_distributed's children are
     # daemonic, which forbids that (Slurm tasks are not): lift the flag in the test harness.
     mp.current_process()._config["daemon"] = False
-    from tulu.config import config_from_dict
-    from tulu.jobs.train import run
+    from tulu.config.job import config_from_dict
+    from tulu.modes.train import run
     from tulu.launch.context import JobContext
     from tulu.launch.task_env import TaskEnv
-    from tulu.plan import build_plan
-    from tulu.stop import StopRequest
+    from tulu.plan.layout import build_plan
+    from tulu.launch.stop import StopRequest
 
     class StopAfter(StopRequest):
         def __init__(self, n):
@@ -226,7 +226,7 @@ def grpo_passes(policy, reference, objective, microbatches, seq_length):
     policy's loss and backward. Returns (the loss function's stores, the flat gradient)."""
     import torch
 
-    from tulu.rlvr.objective import run_logits_schedule
+    from tulu.train.rl_objectives import run_logits_schedule
 
     with torch.no_grad():
         run_logits_schedule(reference, microbatches, objective.logprob_fn("ref_logprobs"), seq_length=seq_length,

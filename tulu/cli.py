@@ -14,7 +14,7 @@ import subprocess
 import sys
 import traceback
 
-from tulu.config import ConfigError, load_config, load_raw
+from tulu.config.job import ConfigError, load_config, load_raw
 from tulu.errors import CommandError
 
 JOB_EXAMPLE = "configs/tiny-cpu-sft.yaml"
@@ -65,8 +65,8 @@ def cmd_plan(args) -> int:
               f"{args.config})")
         _print_pipeline_plan(load_pipeline(args.config, list(args.set or [])))
         return 0
-    from tulu.plan import build_plan
-    from tulu.run_space import run_folder_space
+    from tulu.plan.layout import build_plan
+    from tulu.plan.run_space import run_folder_space
 
     cfg = _load(args)
     plan = build_plan(cfg)
@@ -80,9 +80,9 @@ def cmd_plan(args) -> int:
 def cmd_submit(args) -> int:
     _require_job_config(args.config)
     from tulu.launch import executor
-    from tulu.plan import build_plan
+    from tulu.plan.layout import build_plan
 
-    from tulu.run_space import check_run_folder_space
+    from tulu.plan.run_space import check_run_folder_space
 
     cfg = _load(args)
     plan = build_plan(cfg)
@@ -103,7 +103,7 @@ def cmd_submit(args) -> int:
     print(f"  tail:   tulu logs {job.job_id} -f")
     print(f"  status: tulu status {job.job_id}")
     if args.wait:
-        from tulu.ops import wait
+        from tulu.launch.ops import wait
 
         return wait(str(job.job_id), job)
     return 0
@@ -143,13 +143,13 @@ def cmd_twin(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from tulu.ops import logs
+    from tulu.launch.ops import logs
 
     return logs(args.job, follow=args.follow, rank=args.rank, group=args.group, lines=args.lines)
 
 
 def cmd_status(args) -> int:
-    from tulu.ops import status
+    from tulu.launch.ops import status
 
     info = status(args.job)
     if info.get("slurm_error"):
@@ -158,7 +158,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from tulu.ops import cancel
+    from tulu.launch.ops import cancel
 
     return cancel(args.job)
 

@@ -125,7 +125,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", *, forc
     checkpoint = check_checkpoint(checkpoint)
     out = check_output(out, checkpoint, force)
 
-    from tulu.checkpoint.export import resolve_checkpoint
+    from tulu.checkpoint.manager import resolve_checkpoint
 
     try:
         path, _ = resolve_checkpoint(checkpoint)  # refuses a checkpoint that does not verify

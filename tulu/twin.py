@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tulu.config import load_config
-from tulu.plan import layers_per_stage
+from tulu.config.job import load_config
+from tulu.plan.layout import layers_per_stage
 
 __all__ = ["Twin", "derive_twin", "write_twin", "TWIN_GPUS_PER_NODE"]
 
@@ -85,7 +85,7 @@ def _twin_layers(preset_layers: tuple[int, ...], pp: int) -> int:
 
 def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER_NODE) -> Twin:
     """The twin of ``preset`` (a job config path) as a config dict, with what it keeps."""
-    from tulu.plan import build_plan
+    from tulu.plan.layout import build_plan
 
     preset = Path(preset)
     cfg = load_config(preset)

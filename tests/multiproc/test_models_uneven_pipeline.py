@@ -1,5 +1,5 @@
 """Uneven pipeline stages, as the 405B presets use them (126 layers over PP10: 11, 13 x 8, 11):
-Megatron builds the split that ``tulu.plan.layers_per_stage`` plans, and the uneven model is
+Megatron builds the split that ``tulu.plan.layout.layers_per_stage`` plans, and the uneven model is
 the PP1 model: the same logits, loss and gradients through the pipeline schedule, the HF name
 mapping and the per-stage weight stream (weight sync's source) name every layer by its global
 index, and its checkpoint loads at PP1 tensor for tensor.
@@ -85,7 +85,7 @@ def _uneven_worker(rank, world_size, num_layers, root):
     from tulu.checkpoint import sharded
     from tulu.models.convert import hf_state_dict_to_megatron, iter_hf_weights, megatron_to_hf_state_dict
     from tulu.models.llama import build_gpt_model
-    from tulu.plan import layers_per_stage
+    from tulu.plan.layout import layers_per_stage
 
     cfg, hf_sd = _hf_weights(num_layers)
     torch.manual_seed(1)

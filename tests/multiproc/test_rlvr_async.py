@@ -1,5 +1,5 @@
 """RLVR with rollouts generated one step ahead (``rlvr.async_steps: 1``), through the same
-`tulu.jobs.train.run(ctx)` a Slurm task calls: a transformers-engine inference rank and a
+`tulu.modes.train.run(ctx)` a Slurm task calls: a transformers-engine inference rank and a
 Megatron training rank on real gloo groups, weights synced over the bridge.
 
 The promises: the engine generates step s's rollouts with the weights after step s - 1 (step 0
@@ -154,10 +154,10 @@ def _response_logits_worker(rank, world_size):
     import torch
     from megatron.core import parallel_state as ps
 
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.models import megatron_cpu
     from tulu.rlvr.batch import Rollout, build_batch, micro_batches
-    from tulu.rlvr.objective import GRPOObjective
+    from tulu.train.rl_objectives import GRPOObjective
     from tulu.train import model as tmodel
     from tulu.train.step import reduce_sums
 

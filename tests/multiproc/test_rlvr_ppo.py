@@ -89,7 +89,7 @@ def _forward_sums(model, mbs, loss_fn, keys, seq_length):
     """The loss_fn's metric sums at the model's current weights, forward only (global batch)."""
     import torch
 
-    from tulu.rlvr.objective import run_logits_schedule
+    from tulu.train.rl_objectives import run_logits_schedule
     from tulu.train.step import reduce_sums
 
     with torch.no_grad():
@@ -109,9 +109,9 @@ def _ppo_worker(rank, world_size, tp, pp, dp, run_dir, resume_check):
     from megatron.core import parallel_state as ps
 
     from tulu.checkpoint import CheckpointManager
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.models import megatron_cpu
-    from tulu.rlvr.objective import PPOObjective, ppo_step, run_logits_schedule
+    from tulu.train.rl_objectives import PPOObjective, ppo_step, run_logits_schedule
     from tulu.train.model import StageCheckpoint, build_policy, resolve_model
 
     megatron_cpu.apply()

@@ -36,9 +36,9 @@ def _worker(rank, world_size, tp, dp, sharded, run_dir):
 
     from tulu.checkpoint import CheckpointManager
     from tulu.checkpoint.sharded import _megatron_parts
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.models import megatron_cpu
-    from tulu.rlvr.objective import PPOObjective, ppo_step, run_logits_schedule
+    from tulu.train.rl_objectives import PPOObjective, ppo_step, run_logits_schedule
 
     megatron_cpu.apply()
     ps.initialize_model_parallel(tp, 1)

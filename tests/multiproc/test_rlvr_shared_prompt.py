@@ -106,9 +106,9 @@ def _config(pp: int) -> dict:
 def _worker(rank, world_size):
     from megatron.core import parallel_state as ps
 
-    from tulu.config import config_from_dict
+    from tulu.config.job import config_from_dict
     from tulu.models import megatron_cpu
-    from tulu.rlvr.objective import GRPOObjective
+    from tulu.train.rl_objectives import GRPOObjective
     from tulu.train import model as tmodel
     from tulu.train.step import reduce_sums
 

@@ -1,4 +1,4 @@
-"""SFT and DPO training in real gloo process groups, through the same `tulu.jobs.train.run(ctx)`
+"""SFT and DPO training in real gloo process groups, through the same `tulu.modes.train.run(ctx)`
 a Slurm task calls: every TP/PP/DP layout computes the same losses, an interrupted run resumes
 bit for bit, a checkpoint of another architecture is refused by name, SFT lowers held-out loss
 and DPO raises held-out preference accuracy."""

@@ -3,8 +3,8 @@
 import torch
 
 from tests.dist_helpers import free_port, run_distributed
-from tulu.distributed import BridgeGroup
-from tulu.weight_sync import SyncStats, receive_weights, send_weights
+from tulu.dist.groups import BridgeGroup
+from tulu.dist.weight_sync import SyncStats, receive_weights, send_weights
 
 
 def _stage_tensors(stage: int) -> list[tuple[str, torch.Tensor]]:
@@ -64,7 +64,7 @@ def _model_tensors() -> list[tuple[str, torch.Tensor]]:
 
 def _routed(rank, world_size, port):
     from tulu.inference.engine import CheckedWeights
-    from tulu.weight_sync import HeldWeights
+    from tulu.dist.weight_sync import HeldWeights
 
     bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=1, timeout_s=60)
     if rank == 0:

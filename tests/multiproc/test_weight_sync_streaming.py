@@ -49,7 +49,7 @@ SYNCS = ["stream", "held", "list_missing", "gen_missing", "stream_again"]
 
 
 def _sender(bridge, model_dir):
-    from tulu.weight_sync import send_weights
+    from tulu.dist.weight_sync import send_weights
 
     for version, kind in enumerate(SYNCS, start=1):
         w = _weights(model_dir, seed=version)
@@ -68,7 +68,7 @@ def _receiver(bridge, model_dir):
 
     from tulu.inference import SamplingSettings, WeightUpdateError, make_engine
     from tulu.inference.engine import check_weights
-    from tulu.weight_sync import SyncStats, receive_weights
+    from tulu.dist.weight_sync import SyncStats, receive_weights
 
     greedy = SamplingSettings(temperature=0, max_new_tokens=6)
     engine = make_engine("transformers", model_dir, load_tokenizer=False, fast_llama=False)
@@ -108,7 +108,7 @@ def _receiver(bridge, model_dir):
 
 
 def _run(rank, world_size, port, model_dir):
-    from tulu.distributed import BridgeGroup
+    from tulu.dist.groups import BridgeGroup
 
     torch.set_num_threads(1)
     bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=1, timeout_s=120)

@@ -44,8 +44,8 @@ def _perturbed(model_dir, seed=7, scale=0.05):
 def _rank(rank, world_size, model_dir, bridge_port, engine_port):
     import torch
 
-    from tulu.distributed import BridgeGroup
-    from tulu.weight_sync import SyncStats, receive_weights, send_weights
+    from tulu.dist.groups import BridgeGroup
+    from tulu.dist.weight_sync import SyncStats, receive_weights, send_weights
 
     if rank == 0:
         bridge = BridgeGroup("127.0.0.1", bridge_port, 0, world_size, num_stages=1, timeout_s=300)

@@ -322,30 +322,20 @@ def test_split_by_size_balances_bytes_and_is_deterministic():
     assert split_by_size({"x": 1}, 3) == [["x"], [], []]
 
 
-def test_export_writes_hf_safetensors_through_the_given_conversion(tmp_path):
-    from safetensors.torch import load_file
+def test_resolve_checkpoint_takes_a_step_folder_or_the_newest_verified_under_a_root(tmp_path):
+    from tulu.checkpoint.manager import resolve_checkpoint
 
-    from tulu.checkpoint.export import export_hf, main
-
-    _, models = _save_steps(tmp_path / "ckpt", [1, 2])
-
-    def convert(full, manifest):
-        assert manifest.step == 2
-        return {f"model.{k}": v for k, v in full.items()}, {"model_type": "tiny", "step": 2}
-
-    out = export_hf(tmp_path / "ckpt", tmp_path / "hf", convert)
-    got = load_file(out / "model.safetensors")
-    want = {f"model.{k}": v for k, v in models[2].state_dict().items()}
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "tiny"
-
-    # sharded output, step folder given explicitly, conversion named on the command line
-    sys.modules[__name__].convert_for_cli = lambda full, m: (dict(full), None)
-    assert main([str(tmp_path / "ckpt" / "step_1"), str(tmp_path / "hf1"),
-                 "--convert", f"{__name__}:convert_for_cli", "--max-shard-gb", "1e-7"]) == 0
-    index = json.loads((tmp_path / "hf1" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(models[1].state_dict())
-    assert len(set(index["weight_map"].values())) > 1
+    _save_steps(tmp_path / "ckpt", [1, 2])
+    path, manifest = resolve_checkpoint(tmp_path / "ckpt")
+    assert path.name == "step_2" and manifest.step == 2
+    path, manifest = resolve_checkpoint(tmp_path / "ckpt" / "step_1")
+    assert path.name == "step_1" and manifest.step == 1
+    (tmp_path / "ckpt" / "step_2" / "trainer_state.pt").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="does not verify"):
+        resolve_checkpoint(tmp_path / "ckpt" / "step_2")
+    assert resolve_checkpoint(tmp_path / "ckpt")[0].name == "step_1"  # newest that verifies
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(tmp_path / "empty")
 
 
 def test_loading_an_explicit_step_that_is_missing_or_corrupt_fails_loudly(tmp_path):

@@ -111,9 +111,9 @@ def test_plan_prints_checkpoint_bytes_and_free_space_and_submit_refuses_a_folder
 
 
 def test_a_folder_with_room_passes_and_counts_checkpoints_already_there(tmp_path):
-    from tulu.config import load_config
-    from tulu.plan import build_plan
-    from tulu.run_space import check_run_folder_space
+    from tulu.config.job import load_config
+    from tulu.plan.layout import build_plan
+    from tulu.plan.run_space import check_run_folder_space
 
     cfg = load_config(SFT, [f"run.dir={tmp_path}/run"])
     ck = tmp_path / "run" / "checkpoints" / "step_20"

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tulu.config import apply_overrides, load_config
+from tulu.config.job import apply_overrides, load_config
 from tulu.deletion import DeleteRefused, refusal, remove_tree
 
 REPO = Path(__file__).resolve().parents[2]

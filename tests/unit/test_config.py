@@ -1,7 +1,7 @@
 import pytest
 
-from tulu.config import ConfigError, apply_overrides, load_config, parse_config
-from tulu.config_schema import ConfigError as SchemaError
+from tulu.config.job import ConfigError, apply_overrides, load_config, parse_config
+from tulu.config.schema import ConfigError as SchemaError
 
 PRESETS = ["tiny-cpu-sft", "tiny-cpu-dpo", "tiny-cpu-rlvr", "tiny-cpu-rehearse", "tulu3-8b-sft", "tulu3-8b-dpo",
            "tulu3-8b-rlvr", "tulu3-405b-sft", "tulu3-405b-dpo", "tulu3-405b-rlvr"]
@@ -99,7 +99,7 @@ def test_cli_refuses_tp7_and_unknown_key_with_exit_2(capsys):
 
 
 def test_override_reads_exponent_without_dot_as_a_number():
-    from tulu.config import apply_overrides
+    from tulu.config.job import apply_overrides
 
     data = apply_overrides({}, ["sft.optim.lr=1e-4", "run.name=inf", "run.dir=2e5x"])
     assert data["sft"]["optim"]["lr"] == 1e-4
@@ -110,7 +110,7 @@ def test_json_config_written_by_a_run_loads_back(tmp_path):
     """A run's config.json (json.dumps writes 1e-08) is a valid config to resubmit."""
     import json
 
-    from tulu.config import load_config
+    from tulu.config.job import load_config
 
     cfg = load_config("configs/tiny-cpu-sft.yaml")
     path = tmp_path / "config.json"

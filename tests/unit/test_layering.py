@@ -1,6 +1,6 @@
 """The house's layering, stated once: imports go one way, down the data flow.
 
-    base -> config -> plan -> launch -> dist -> stage code -> pipeline / cli
+    base -> config -> plan -> launch -> dist -> stage code -> modes -> pipeline / cli
 
 A module may import its own unit, a unit of its own layer, or a lower layer, never a higher one.
 No cycle between units (packages or loose modules), counting function-level (lazy) imports too:
@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 # Lowest first. A unit is a package (every module under it) or a single module.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("tulu", "tulu.errors", "tulu.atomic", "tulu.deletion")),
-    ("config", ("tulu.config_schema", "tulu.config", "tulu.model_shapes")),
-    ("plan", ("tulu.plan", "tulu.memory", "tulu.run_space")),
-    ("launch", ("tulu.launch", "tulu.stop", "tulu.ops")),
-    ("dist", ("tulu.distributed", "tulu.weight_sync")),
+    ("config", ("tulu.config",)),
+    ("plan", ("tulu.plan",)),
+    ("launch", ("tulu.launch",)),
+    ("dist", ("tulu.dist",)),
     ("stage", ("tulu.train", "tulu.rl", "tulu.rlvr", "tulu.inference", "tulu.rewards", "tulu.checkpoint",
-               "tulu.data", "tulu.models", "tulu.jobs")),
+               "tulu.data", "tulu.models")),
+    ("modes", ("tulu.modes",)),
     ("top", ("tulu.pipeline", "tulu.cli", "tulu.export", "tulu.twin")),
 ]
 MONITOR_CALLERS_FROM = "launch"  # the lowest layer that may import monitoring
@@ -39,9 +40,9 @@ MONITOR_CALLERS_FROM = "launch"  # the lowest layer that may import monitoring
 # Function-level imports excused from both rules (reaching a higher layer, closing a cycle):
 # (importing module, imported module): why. Nothing else; never a module-level import.
 ALLOWED_LAZY: dict[tuple[str, str], str] = {
-    ("tulu.model_shapes", "tulu.checkpoint.stage"):
+    ("tulu.config.shapes", "tulu.checkpoint.stage"):
         "an earlier stage's checkpoint given as model.name_or_path records its shape",
-    ("tulu.model_shapes", "tulu.models.presets"):
+    ("tulu.config.shapes", "tulu.models.presets"):
         "the preset table (LLAMA_PRESETS) names the built-in architectures' shapes",
     ("tulu.rewards.score_cli", "tulu.cli"):
         "`python -m tulu.rewards.score_cli` hands over to the one command line",
@@ -223,19 +224,19 @@ def test_training_does_not_reach_into_launch_for_its_writer(edges):
 # --- the check itself, on planted back-edges -----------------------------------------------------
 
 def test_a_planted_module_level_back_edge_fails(edges):
-    planted = Edge("tulu.config", "tulu.train.loop", lazy=False, line=1)
+    planted = Edge("tulu.config.job", "tulu.train.loop", lazy=False, line=1)
     assert upward_imports(edges + [planted]) == [
-        "tulu.config:1 -> tulu.train.loop: config layer imports the higher stage layer"]
+        "tulu.config.job:1 -> tulu.train.loop: config layer imports the higher stage layer"]
 
 
 def test_a_planted_lazy_back_edge_fails_unless_listed(edges):
-    planted = Edge("tulu.plan", "tulu.launch.executor", lazy=True, line=7)
+    planted = Edge("tulu.plan.layout", "tulu.launch.executor", lazy=True, line=7)
     assert len(upward_imports(edges + [planted])) == 1
-    assert upward_imports(edges + [planted], {**ALLOWED_LAZY, ("tulu.plan", "tulu.launch.executor"): "x"}) == []
+    assert upward_imports(edges + [planted], {**ALLOWED_LAZY, ("tulu.plan.layout", "tulu.launch.executor"): "x"}) == []
 
 
 def test_a_listed_lazy_import_does_not_excuse_the_same_import_at_module_level(edges):
-    eager = Edge("tulu.model_shapes", "tulu.checkpoint.stage", lazy=False, line=3)
+    eager = Edge("tulu.config.shapes", "tulu.checkpoint.stage", lazy=False, line=3)
     assert len(upward_imports(edges + [eager])) == 1
 
 
@@ -248,12 +249,12 @@ def test_a_planted_cycle_within_a_layer_is_found():
 
 
 def test_the_old_cycle_config_model_shapes_train_would_be_caught():
-    old = [Edge("tulu.config", "tulu.model_shapes", True, 1),
-           Edge("tulu.model_shapes", "tulu.train.model", True, 2),
-           Edge("tulu.train.model", "tulu.config", True, 3)]
-    assert upward_imports(old) == ["tulu.model_shapes:2 -> tulu.train.model (in a function): "
+    old = [Edge("tulu.config.job", "tulu.config.shapes", True, 1),
+           Edge("tulu.config.shapes", "tulu.train.model", True, 2),
+           Edge("tulu.train.model", "tulu.config.job", True, 3)]
+    assert upward_imports(old) == ["tulu.config.shapes:2 -> tulu.train.model (in a function): "
                                    "config layer imports the higher stage layer"]
-    assert unit_cycles(old) == [["tulu.config", "tulu.model_shapes", "tulu.train"]]
+    assert unit_cycles(old) == [["tulu.config", "tulu.train"]]
 
 
 def test_a_relative_import_resolves_to_its_module(tmp_path):

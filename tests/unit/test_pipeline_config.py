@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tulu.config_schema import ConfigError
+from tulu.config.schema import ConfigError
 from tulu.pipeline.config import load_pipeline, parse_pipeline
 from tulu.pipeline.driver import build_steps, choose_executor, plan_stages
 

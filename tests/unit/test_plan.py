@@ -1,9 +1,9 @@
 import pytest
 
-from tulu.config import load_config
-from tulu.memory import GB
-from tulu.model_shapes import ARCHITECTURES
-from tulu.plan import PlanError, build_plan, layers_per_stage
+from tulu.config.job import load_config
+from tulu.plan.memory import GB
+from tulu.config.shapes import ARCHITECTURES
+from tulu.plan.layout import PlanError, build_plan, layers_per_stage
 
 
 def test_parameter_counts_match_the_published_llama_3_1_sizes():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tulu.config import ConfigError, load_config
-from tulu.plan import PlanError, build_plan
+from tulu.config.job import ConfigError, load_config
+from tulu.plan.layout import PlanError, build_plan
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLAGSHIPS = sorted(p.name for p in CONFIGS.glob("tulu3-*.yaml"))
@@ -90,7 +90,7 @@ def test_learned_timeouts_never_exceed_the_jobs_longest_configured_one():
     ("", 0, None), (None, 0, None),
 ])
 def test_each_task_gets_its_own_gpu(monkeypatch, visible, local_rank, gpu):
-    from tulu.distributed import task_gpu
+    from tulu.dist.groups import task_gpu
 
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -108,7 +108,7 @@ def test_a_90_s_time_limit_warning_is_refused_where_a_step_and_a_save_take_longe
 
 
 def test_the_405b_rlvr_warning_covers_its_phases_and_a_5_8_tb_save():
-    from tulu.plan import checkpoint_bytes, time_limit_warning_s
+    from tulu.plan.layout import checkpoint_bytes, time_limit_warning_s
 
     cfg = load_config(CONFIGS / "tulu3-405b-rlvr.yaml")
     plan = build_plan(cfg)

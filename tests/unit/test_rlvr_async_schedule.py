@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tulu.config import ConfigError, config_from_dict
+from tulu.config.job import ConfigError, config_from_dict
 from tulu.rlvr.rollout_schedule import RolloutSchedule
 
 

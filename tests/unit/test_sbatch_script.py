@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tulu.config import load_config
+from tulu.config.job import load_config
 from tulu.launch.executor import sbatch_script
-from tulu.plan import build_plan
+from tulu.plan.layout import build_plan
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-cpu-rehearse.sbatch"
 WEIRD = "runs/it's a \"weird\" $dir `x`"
@@ -66,9 +66,9 @@ def test_a_monitor_that_cannot_be_imported_stops_the_submission(monkeypatch, tmp
     """Never a silent job without hang detection or the crash-requeue EXIT trap."""
     import sys
 
-    from tulu.config import ConfigError, load_config
+    from tulu.config.job import ConfigError, load_config
     from tulu.launch import executor
-    from tulu.plan import build_plan
+    from tulu.plan.layout import build_plan
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu-rehearse.yaml",
                       [f"run.dir={tmp_path}/run"])

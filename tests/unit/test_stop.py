@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from tulu.stop import StopRequest
+from tulu.launch.stop import StopRequest
 
 
 def test_warning_signal_is_seen_at_the_next_poll_and_does_not_kill_children():

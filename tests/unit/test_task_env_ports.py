@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tulu.distributed import ENGINE_PORT_OFFSET, MAX_ENGINES_WITH_OWN_PORT  # noqa: E402
+from tulu.dist.groups import ENGINE_PORT_OFFSET, MAX_ENGINES_WITH_OWN_PORT  # noqa: E402
 from tulu.launch.task_env import TaskEnv  # noqa: E402
 
 

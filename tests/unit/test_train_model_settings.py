@@ -1,7 +1,7 @@
 """The training group's settings reach Megatron as the config says, on CPU as on a GPU:
 ``grad_dtype`` picks the DDP gradient dtype, ``distributed_optimizer`` the optimizer,
 ``sequence_parallel`` the TransformerConfig; and the pipeline split Megatron builds is the
-plan's (``tulu.plan.layers_per_stage``), uneven 405B splits included."""
+plan's (``tulu.plan.layout.layers_per_stage``), uneven 405B splits included."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an 
 
 pytest.importorskip("megatron.core")
 
-from tulu.config import TrainingGroupConfig  # noqa: E402
+from tulu.config.job import TrainingGroupConfig  # noqa: E402
 from tulu.models.llama import pipeline_split_settings  # noqa: E402
-from tulu.plan import layers_per_stage  # noqa: E402
+from tulu.plan.layout import layers_per_stage  # noqa: E402
 from tulu.train.model import _transformer_overrides, ddp_config  # noqa: E402
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tulu.config import load_config
-from tulu.plan import build_plan, layers_per_stage
+from tulu.config.job import load_config
+from tulu.plan.layout import build_plan, layers_per_stage
 from tulu.twin import derive_twin, write_twin
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

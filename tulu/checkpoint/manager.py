@@ -50,7 +50,7 @@ from .manifest import (
     list_files, read_manifest, split_by_size, write_manifest,
 )
 
-__all__ = ["CheckpointManager", "LoadedCheckpoint", "StorageFullError", "current_layout"]
+__all__ = ["CheckpointManager", "LoadedCheckpoint", "StorageFullError", "current_layout", "resolve_checkpoint"]
 
 log = logging.getLogger("tulu.checkpoint")
 
@@ -558,3 +558,21 @@ class CheckpointManager:
             if s not in kept and s < newest:
                 log.info("retention: deleting %s (keep_last=%d)", p, self.keep_last)
                 remove_tree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Manifest]:
+    """``path`` is a ``step_N`` folder (must verify) or a run's checkpoint root (newest that
+    verifies)."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        mgr = CheckpointManager(path.parent)
+        problems = mgr.verify(path)
+        if problems:
+            raise RuntimeError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
+    else:
+        mgr = CheckpointManager(path)
+        found = mgr.latest_verified()
+        if found is None:
+            raise FileNotFoundError(f"no verified checkpoint under {path}")
+        path = found[1]
+    return path, read_manifest(path)

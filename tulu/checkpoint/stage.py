@@ -6,7 +6,7 @@ folder merely existing; it records its architecture and tokenizer (``model_sourc
 trainer state's ``extra_state``) and loads into any TP/PP layout (it reshards).
 
 Its home is the checkpoint package (``tulu.train.model.StageCheckpoint`` is the same class).
-``tulu.model_shapes`` asks it, in a function, for the shape an earlier stage recorded: the one
+``tulu.config.shapes`` asks it, in a function, for the shape an earlier stage recorded: the one
 import from the config layer upward, listed in ``tests/unit/test_layering.py``.
 """
 
@@ -29,7 +29,7 @@ class StageCheckpoint:
         p = Path(name_or_path)
         if not p.is_dir() or not ((p / "manifest.json").exists() or any(p.glob("step_*/manifest.json"))):
             return None
-        from tulu.checkpoint.export import resolve_checkpoint
+        from tulu.checkpoint.manager import resolve_checkpoint
 
         path, _ = resolve_checkpoint(p)
         return cls(path)

@@ -116,7 +116,7 @@ class InferenceEngine(abc.ABC):
         """Load new weights (HF names, full tensors); returns how many tensors were loaded."""
 
     def held_weights(self):
-        """The :class:`tulu.weight_sync.HeldWeights` this rank holds, for a routed weight sync
+        """The :class:`tulu.dist.weight_sync.HeldWeights` this rank holds, for a routed weight sync
         (``receive_weights(..., holds=engine.held_weights())``); None: the whole model."""
         return None
 
@@ -195,7 +195,7 @@ class CheckedWeights:
     """A weight update checked against the model's names and shapes as it streams.
 
     Iterate it to get the ``(name, tensor)`` pairs to load; nothing is kept, so loading tensor by
-    tensor (or bucket by bucket, for a :class:`tulu.weight_sync.WeightStream`) holds one bucket at
+    tensor (or bucket by bucket, for a :class:`tulu.dist.weight_sync.WeightStream`) holds one bucket at
     a time whatever the model size. Checks, each before the tensors concerned are handed out:
 
     - :meth:`precheck`, before anything is loaded: the whole update when it is known up front (a

@@ -193,7 +193,7 @@ class VllmEngine(InferenceEngine):
         from vllm.distributed.parallel_state import get_pp_group
         from vllm.distributed.utils import get_pp_indices
 
-        from tulu.weight_sync import HeldWeights
+        from tulu.dist.weight_sync import HeldWeights
 
         group = get_pp_group()
         first, end = get_pp_indices(self._num_layers, group.rank_in_group, self.pp)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tulu.atomic import write_json_atomic  # noqa: F401  (kept importable here for older callers)
-from tulu.config import JobConfig
+from tulu.config.job import JobConfig
 from tulu.launch.task_env import TaskEnv
-from tulu.plan import RankPlan, RankRole
-from tulu.stop import StopRequest
+from tulu.plan.layout import RankPlan, RankRole
+from tulu.launch.stop import StopRequest
 
 
 @dataclass

@@ -20,9 +20,9 @@ from pathlib import Path
 import submitit
 
 from tulu.atomic import write_text_atomic
-from tulu.config import ConfigError, JobConfig
+from tulu.config.job import ConfigError, JobConfig
 from tulu.launch.task import JobTask
-from tulu.plan import RankPlan
+from tulu.plan.layout import RankPlan
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ import resource
 import time
 
 MODES = {
-    "rehearse": "tulu.jobs.rehearse",
-    "counter": "tulu.jobs.counter",
-    "train": "tulu.jobs.train",
+    "rehearse": "tulu.modes.rehearse",
+    "counter": "tulu.modes.counter",
+    "train": "tulu.modes.train",
 }
 
 
@@ -26,11 +26,11 @@ class JobTask:
     def __call__(self):
         from pathlib import Path
 
-        from tulu.config import config_from_dict
+        from tulu.config.job import config_from_dict
         from tulu.launch import task_env
         from tulu.launch.context import JobContext
-        from tulu.plan import build_plan
-        from tulu.stop import StopRequest
+        from tulu.plan.layout import build_plan
+        from tulu.launch.stop import StopRequest
 
         stop = StopRequest().install()
 

@@ -33,7 +33,7 @@ class TaskEnv:
         return self.hostnames[self.node] if self.hostnames else socket.gethostname()
 
     def port_base(self) -> int:
-        """First of 16 rendezvous ports for this attempt of this job (see tulu.distributed).
+        """First of 16 rendezvous ports for this attempt of this job (see tulu.dist.groups).
 
         A requeued attempt shifts the ports so it never races the previous attempt's
         sockets in TIME_WAIT; two jobs sharing a host (the local cluster) differ by job id. All

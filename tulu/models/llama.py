@@ -8,7 +8,7 @@ local unfused attention is ~2x slower on a GPU and is kept as ``attention="unfus
 The model is built for the calling process's place in Megatron's ``parallel_state``: its
 tensor-parallel shard and its pipeline stage (``pre_process`` on the first stage, the layers of
 this stage, ``post_process`` on the last). Call ``parallel_state.initialize_model_parallel``
-first. Layers are split over the stages as ``tulu.plan.layers_per_stage`` says (the one source
+first. Layers are split over the stages as ``tulu.plan.layout.layers_per_stage`` says (the one source
 of the split: the memory plan reads it too); an uneven split (126 layers in 10 stages: 11,
 13 x 8, 11) reaches Megatron as ``num_layers_in_{first,last}_pipeline_stage``, and Megatron
 numbers each layer globally from it (``layer_number``), which the HF name mapping, weight sync
@@ -112,10 +112,10 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
 
 
 def pipeline_split_settings(num_layers: int, pp: int) -> dict[str, int]:
-    """``TransformerConfig`` settings that make Megatron build ``tulu.plan.layers_per_stage``'s
+    """``TransformerConfig`` settings that make Megatron build ``tulu.plan.layout.layers_per_stage``'s
     split: none when it is even, else the first and last stages' layer counts (Megatron spreads
     the rest evenly over the middle stages, which is how the plan splits too)."""
-    from tulu.plan import layers_per_stage
+    from tulu.plan.layout import layers_per_stage
 
     split = layers_per_stage(num_layers, pp)
     if len(set(split)) == 1:

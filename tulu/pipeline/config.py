@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tulu.config import JobConfig, apply_overrides, is_plain_name, load_raw, merge_mappings, parse_config
-from tulu.config_schema import ConfigError, from_dict, require
+from tulu.config.job import JobConfig, apply_overrides, is_plain_name, load_raw, merge_mappings, parse_config
+from tulu.config.schema import ConfigError, from_dict, require
 
 STAGE_ORDER = ("sft", "dpo", "rlvr")
 PIPELINE_KEYS = ("pipeline", "defaults", "stages")  # a pipeline config's top level

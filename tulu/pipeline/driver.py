@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tulu.atomic import is_temp_name, write_text_atomic
-from tulu.config_schema import ConfigError
+from tulu.config.schema import ConfigError
 from tulu.deletion import DeleteRefused, refusal, remove_tree
 from tulu.errors import CommandError
 from tulu.pipeline.config import STAGE_ORDER, Pipeline
@@ -87,7 +87,7 @@ def choose_executor(pipeline: Pipeline) -> str:
 
 def plan_stages(pipeline: Pipeline) -> dict:
     """Every stage's rank plan, before anything is written or submitted; errors name the YAML path."""
-    from tulu.plan import build_plan
+    from tulu.plan.layout import build_plan
 
     plans = {}
     for stage, cfg in pipeline.jobs.items():
@@ -140,7 +140,7 @@ def _step_cluster(pipeline: Pipeline, cfg):
 
 
 def pipeline_settings_dict(pipeline: Pipeline) -> dict:
-    from tulu.config_schema import to_dict
+    from tulu.config.schema import to_dict
 
     return to_dict(pipeline.settings)
 
@@ -260,7 +260,7 @@ def _state(kind: str, step: Step) -> str:
         if not step.job.done():
             return "RUNNING"
         return "FAILED" if step.job.exception() is not None else "COMPLETED"
-    from tulu.ops import slurm_state
+    from tulu.launch.ops import slurm_state
 
     return slurm_state(step.job_id).get("state", "PENDING")
 

@@ -81,7 +81,7 @@ def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool
     """Megatron micro-batches of ``micro_size`` rows. ``response_logits_only``: the per-token
     tensors (targets, mask, sampler log-probs) start at the micro-batch's first response target
     (``mb["logits_from"]``), and the model must produce logits from there on only
-    (`tulu.rlvr.objective.run_logits_schedule` does): prompt positions carry no loss, so their
+    (`tulu.train.rl_objectives.run_logits_schedule` does): prompt positions carry no loss, so their
     logits are not worth computing."""
     n = batch.tokens.shape[0]
     if n % micro_size:

@@ -52,11 +52,11 @@ def engine_model_dir(ctx, source) -> Path:
 
 
 def run(ctx) -> dict:
-    from tulu import distributed as tdist
+    from tulu.dist import groups as tdist
     from tulu.inference.engine import SamplingSettings, make_engine
     from tulu.train.data import build_tokenizer
     from tulu.train.model import resolve_model
-    from tulu.weight_sync import SyncStats, receive_weights
+    from tulu.dist.weight_sync import SyncStats, receive_weights
 
     cfg, plan, role = ctx.cfg, ctx.plan, ctx.role
     rl, inf = cfg.rlvr, cfg.groups.inference

@@ -27,7 +27,7 @@
     PPO (rlvr.algorithm: ppo) replaces the middle: the policy's log-probs before the update (the
               ratio's old ones unless off-policy), reference log-probs and the value model's values
               (forward only) -> KL in the reward, GAE -> one policy and one value
-              optimizer step per epoch (tulu.rlvr.objective.ppo_step); the value model and its
+              optimizer step per epoch (tulu.train.rl_objectives.ppo_step); the value model and its
               optimizer are saved in the same checkpoint as the policy (tulu.rlvr.value).
 The role's rank 0 (pipeline stage 0's leader, bridge rank 0) talks to the inference group,
 scores, and broadcasts the batch to the other training ranks.
@@ -40,7 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tulu.config import ConfigError
+from tulu.config.job import ConfigError
 from tulu.rlvr import protocol
 from tulu.rlvr.batch import Rollout, build_batch, micro_batches
 from tulu.rlvr.rollout_schedule import RolloutSchedule
@@ -59,10 +59,10 @@ class Learner:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from tulu import distributed as tdist
+        from tulu.dist import groups as tdist
         from tulu.checkpoint import CheckpointManager, fingerprint
         from tulu.models import megatron_cpu
-        from tulu.rlvr.objective import GRPOObjective, PPOObjective
+        from tulu.train.rl_objectives import GRPOObjective, PPOObjective
         from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
         from tulu.train import model as tmodel
         from tulu.train.data import build_tokenizer
@@ -194,7 +194,7 @@ class Learner:
     # ------------------------------------------------------------------ phases
     def sync_weights(self) -> dict:
         from tulu.models.convert import iter_hf_weights
-        from tulu.weight_sync import send_weights
+        from tulu.dist.weight_sync import send_weights
 
         if not self.gathers_weights:
             return {}
@@ -211,7 +211,7 @@ class Learner:
     def send_reference(self) -> None:
         """The KL reference's weights to the inference group, once per attempt (they score)."""
         from tulu.models.convert import iter_hf_weights
-        from tulu.weight_sync import send_weights
+        from tulu.dist.weight_sync import send_weights
 
         if not self.gathers_weights:
             return
@@ -299,7 +299,7 @@ class Learner:
 
     def train_on(self, batch, on_policy: bool) -> dict:
         from tulu.rlvr.batch import shared_prompt_micro_batches
-        from tulu.rlvr.objective import ppo_step, run_logits_schedule
+        from tulu.train.rl_objectives import ppo_step, run_logits_schedule
         from tulu.rlvr.value import value_lr
         from tulu.train.batches import to_device
         from tulu.train.step import device, reduce_sums

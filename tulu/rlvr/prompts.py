@@ -74,7 +74,7 @@ def prompt_files(cfg) -> tuple[Path, Path | None]:
     from tulu.data import make_synthetic
 
     if cfg.data.synthetic != "arithmetic_rlvr":
-        from tulu.config import ConfigError
+        from tulu.config.job import ConfigError
 
         raise ConfigError("data.synthetic", f"got {cfg.data.synthetic!r}; stage rlvr needs 'arithmetic_rlvr' "
                           "or data.train (a jsonl in Ai2's RLVR schema)")

@@ -9,7 +9,7 @@
                                the weights version that generated them, its phase timings, and
                                whether its ranks were asked to stop; the learner deletes it once
                                read
-Weights travel separately (tulu.weight_sync, version v = the learner's step that holds them,
+Weights travel separately (tulu.dist.weight_sync, version v = the learner's step that holds them,
 ``W_v``); `tulu.rlvr.rollout_schedule` says which version generates which step. With
 ``rlvr.reference_logprobs: inference`` the learner first sends the KL reference's weights as
 version ``REFERENCE_VERSION`` (once per attempt, before any policy weights), and each completion

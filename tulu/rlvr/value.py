@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from tulu.checkpoint.sharded import OPTIMIZER_METADATA
-from tulu.config import ConfigError
+from tulu.config.job import ConfigError
 from tulu.train.model import Policy
 
 VALUE_PREFIX = "value."

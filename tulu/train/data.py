@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tulu.config import ConfigError
+from tulu.config.job import ConfigError
 
 SYNTHETIC_FOR_STAGE = {"sft": ("arithmetic_sft", "sft"), "dpo": ("arithmetic_preference", "preference")}
 EVAL_SEED_OFFSET = 7919  # the held-out split is drawn with another seed

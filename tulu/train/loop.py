@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tulu.config import ConfigError
+from tulu.config.job import ConfigError
 from tulu.atomic import write_json_atomic
 
 
@@ -69,7 +69,7 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from tulu import distributed as tdist
+        from tulu.dist import groups as tdist
         from tulu.checkpoint import CheckpointManager, fingerprint
         from tulu.data import BatchLoader
         from tulu.models import megatron_cpu

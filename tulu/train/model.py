@@ -93,8 +93,8 @@ def _from_earlier_stage(model_cfg, seed: int) -> ModelSource:
 
     from transformers import LlamaConfig
 
-    from tulu.config import ConfigError
-    from tulu.model_shapes import resolve_shape, shape_from_hf_config
+    from tulu.config.job import ConfigError
+    from tulu.config.shapes import resolve_shape, shape_from_hf_config
 
     stage = StageCheckpoint.find(model_cfg.init_from)
     if stage is None:

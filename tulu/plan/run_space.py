@@ -5,7 +5,7 @@ A run writes, at its peak, ``keep_last`` committed checkpoints plus the one bein
 records. `RunFolderSpace` compares that with the free space of the file system(s) holding the
 checkpoint folder and the run folder; checkpoints already in the folder count as space the run
 has (they are among the ``keep_last``). The checkpoint size is the plan's
-(`tulu.plan.checkpoint_bytes`: weights + Adam state); the trainer checks again before each save
+(`tulu.plan.layout.checkpoint_bytes`: weights + Adam state); the trainer checks again before each save
 with the real size of the last one (`tulu.checkpoint.manager`).
 """
 
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tulu.config import ConfigError, JobConfig
+from tulu.config.job import ConfigError, JobConfig
 
 __all__ = ["RunFolderSpace", "run_folder_space", "check_run_folder_space", "LOG_BYTES_PER_RANK"]
 
@@ -104,7 +104,7 @@ def run_folder_space(cfg: JobConfig, plan) -> RunFolderSpace | None:
     system cannot be read)."""
     if cfg.mode != "train":
         return None
-    from tulu.plan import checkpoint_bytes
+    from tulu.plan.layout import checkpoint_bytes
 
     ckpt_dir, run_dir = cfg.checkpoint_dir, cfg.run_dir
     ck, run = _fs(ckpt_dir), _fs(run_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tulu import distributed as tdist
+from tulu.dist import groups as tdist
 from tulu.atomic import write_json_atomic
 from tulu.launch.context import JobContext
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 if TYPE_CHECKING:  # the sender's packing runs without the launch layer (bench/gpu_check.py)
-    from tulu.distributed import BridgeGroup
+    from tulu.dist.groups import BridgeGroup
 
 __all__ = ["HeldWeights", "SyncStats", "WeightStream", "receive_weights", "send_weights"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tulu.launch.task_env import TaskEnv, node_address
-from tulu.plan import RankPlan, RankRole
+from tulu.plan.layout import RankPlan, RankRole
 
 ROLE_PORT_OFFSET = {"inference": 0, "training": 1}
 BRIDGE_PORT_OFFSET = 2

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tulu.config import ConfigError, config_from_dict
+from tulu.config.job import ConfigError, config_from_dict
 from tulu.errors import CommandError
 from tulu.launch.executor import find_job, tulu_home
 
@@ -120,7 +120,7 @@ def _plan(rec: dict):
     """The job's rank plan from its recorded config, or None (no config, or it no longer parses)."""
     if not rec.get("config"):
         return None
-    from tulu.plan import build_plan
+    from tulu.plan.layout import build_plan
 
     try:
         return build_plan(config_from_dict(rec["config"]))

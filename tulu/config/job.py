@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from tulu.config_schema import ConfigError, from_dict, require, to_dict
+from tulu.config.schema import ConfigError, from_dict, require, to_dict
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "parse_config", "apply_overrides"]
 
@@ -163,11 +163,11 @@ class ModelConfig:
         given = [k for k in ("name_or_path", "arch", "tiny") if getattr(self, k) is not None]
         require(len(given) == 1, "model", given or "nothing", "exactly one of model.name_or_path, model.arch, model.tiny")
         if self.arch is not None:
-            from tulu.model_shapes import ARCHITECTURES
+            from tulu.config.shapes import ARCHITECTURES
 
             require(self.arch in ARCHITECTURES, "model.arch", self.arch, ", ".join(sorted(ARCHITECTURES)))
         if self.value_model is not None:
-            from tulu.model_shapes import ARCHITECTURES
+            from tulu.config.shapes import ARCHITECTURES
 
             require(
                 self.value_model in ARCHITECTURES or "/" in self.value_model,
@@ -415,7 +415,7 @@ class JobConfig:
                     ">= 1 for stage rlvr (someone has to generate)")
             rl = self.rlvr
             if rl.algorithm == "ppo" and self.model.value_model is not None:
-                from tulu.model_shapes import ARCHITECTURES
+                from tulu.config.shapes import ARCHITECTURES
 
                 require(self.model.value_model not in ARCHITECTURES, "model.value_model", self.model.value_model,
                         "a HF name/path or a tulu checkpoint folder holding the value model's initial weights "

@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tulu.config import ConfigError, JobConfig
-from tulu.memory import (
+from tulu.config.job import ConfigError, JobConfig
+from tulu.plan.memory import (
     InferenceMemory,
     MemoryBreakdown,
     TrainingMemoryInputs,
     inference_memory,
     training_memory,
 )
-from tulu.model_shapes import ARCHITECTURES, ModelShape, resolve_shape
+from tulu.config.shapes import ARCHITECTURES, ModelShape, resolve_shape
 
 
 class PlanError(ConfigError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tulu.model_shapes import ModelShape
+from tulu.config.shapes import ModelShape
 
 GB = 1e9
 # CUDA context, NCCL buffers and library workspaces. Measured order of magnitude on H100s with
