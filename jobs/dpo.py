@@ -1,9 +1,20 @@
-"""Submit a DPO job through submitit: `python jobs/dpo.py [CONFIG] [--dry-run] [--set key=value] [--wait]`.
-Default config: configs/tiny-cpu-dpo.yaml (the embedded tiny CPU run)."""
+"""Submit the DPO stage to Slurm through submitit. Copy this file and edit CONFIG for your run.
+
+    python jobs/dpo.py [CONFIG] [--dry-run] [--set key=value ...] [--wait]
+
+Without CONFIG it submits the embedded tiny CPU run. `tulu submit` validates the config,
+plans the ranks (refusing what will not fit) and submits one allocation with submitit.
+"""
 
 import sys
+from pathlib import Path
 
-from _entry import submit
+from tulu.cli import main
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu-dpo.yaml"
 
 if __name__ == "__main__":
-    sys.exit(submit("tiny-cpu-dpo.yaml", sys.argv[1:]))
+    args = sys.argv[1:]
+    if not args or args[0].startswith("-"):
+        args = [str(CONFIG), *args]
+    sys.exit(main(["submit", *args]))
