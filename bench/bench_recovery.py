@@ -147,7 +147,7 @@ def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: flo
         out = tulu(cwd, env, "submit", str(ROOT / "configs" / "tiny-cpu-rehearse.yaml"),
                    "--mode", "counter", "--set", f"run.name={name}",
                    "--set", f"run.counter_steps={steps}", "--set", "run.counter_step_s=0.4",
-                   "--set", f"cluster.max_restarts={len(plan) + 1}",
+                   "--set", f"monitoring.max_restarts={len(plan) + 1}",
                    "--set", f"monitoring.check_interval_s={check_s}",
                    "--set", f"monitoring.phase_timeouts_s.train={timeout_s}",
                    "--set", f"monitoring.phase_timeouts_s.checkpoint={timeout_s}",

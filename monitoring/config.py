@@ -1,10 +1,17 @@
-"""`MonitorConfig`: every knob of the health monitor in one typed dataclass.
+"""`MonitorConfig`: every knob of the health monitor in one typed dataclass, and the one place
+they are defined.
 
-The sidecar, the exit hook and the recovery policy all read the same config; it travels from
-`tulu submit` to the batch script as JSON (``--config-json``), so it must stay plain data.
+The job config embeds it as its ``monitoring:`` section (`tulu.config.job.JobConfig.monitoring`;
+the YAML keys are these field names). At submission the launch layer fills in what the job
+decides (``log_globs``, ``max_learned_s``, an absolute ``fallback_dir``) with
+`dataclasses.replace`, and the sidecar, the exit hook and the recovery policy read the result;
+it travels to the batch script as JSON (``--config-json``), so it stays plain data and imports
+nothing from tulu.
 
-Defaults are for a real cluster (NVRx-like: check every 5 s, learned time-outs at 5x the longest
-observed phase). Tests use time-outs of a few seconds.
+Defaults suit the tiny CPU runs and are safe on a cluster: the first attempt of a phase gets
+``phase_timeouts_s[phase]`` or ``default_timeout_s``; once phases have been observed, learned
+time-outs (5x the longest observed interval, as NVRx) take over. The presets set generous
+``phase_timeouts_s`` for 405B phases.
 """
 
 from __future__ import annotations
@@ -12,21 +19,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["MonitorConfig"]
+__all__ = ["COLLECTIVE_MARGIN_S", "MonitorConfig", "MonitorConfigError"]
+
+COLLECTIVE_MARGIN_S = 120.0
+"""At least this much longer than the monitor's longest time-out: its check interval, the stack
+dump and the requeue decision happen in it."""
 
 
-def _default_phase_timeouts() -> dict[str, float]:
-    # Phases that are legitimately long on a 405B run get generous first-attempt limits; once
-    # durations have been observed, learned time-outs take over (see `MonitorConfig`).
-    return {
-        "setup": 3600.0,       # model load, process-group init, first compile
-        "checkpoint": 3600.0,  # a 405B save can take many minutes
-        "generate": 3600.0,    # long generation tails
-        "train": 3600.0,
-        "weight_sync": 1200.0,
-    }
+class MonitorConfigError(ValueError):
+    """A monitor setting out of range; ``field`` is its name (the job config reports
+    ``monitoring.<field>``)."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"monitoring.{field}: got {value!r}; allowed: {allowed}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,54 +42,66 @@ class MonitorConfig:
     """How the monitor decides that a job is hung, and what it does about it.
 
     Time-out resolution for a phase: once a phase has been observed ``min_observations`` times
-    (and ``learn_timeouts`` is on) its time-out is ``max(min_learned_s, safety_factor x the
-    longest observed duration)``; before that it is ``phase_timeouts_s[phase]`` or
+    (and ``learn_timeouts`` is on) its time-out is ``max(min_learned_timeout_s, safety_factor x
+    the longest observed duration)``; before that it is ``phase_timeouts_s[phase]`` or
     ``default_timeout_s``. The same rule learns the stall time-out from the longest observed
     gap between step completions. A learned time-out never exceeds ``max_learned_s`` (set by the
     job to its longest configured time-out, which its process groups' own time-outs outlast).
     """
 
+    enabled: bool = True                   # false: submit without the sidecar and the EXIT trap
     check_interval_s: float = 5.0
-    phase_timeouts_s: dict[str, float] = field(default_factory=_default_phase_timeouts)
-    default_timeout_s: float = 1800.0
-    stall_timeout_s: float = 3600.0
+    default_timeout_s: float = 600.0
+    phase_timeouts_s: dict[str, float] = field(default_factory=dict)
+    stall_timeout_s: float = 1800.0
     startup_timeout_s: float = 3600.0      # from sidecar start until every rank has reported
     learn_timeouts: bool = True
     safety_factor: float = 5.0             # NVRx: 5x the longest observed interval
-    min_learned_s: float = 120.0
-    max_learned_s: float | None = None     # cap: the job's collective time-outs outlast it
+    min_learned_timeout_s: float = 60.0
+    max_learned_s: float | None = None     # cap, set by the job: its collective time-outs outlast it
     min_observations: int = 3
-    restart_budget: int = 5                # fault requeues per job (Slurm's own are not counted)
-    exclude_culprit_nodes: bool = True
-    log_globs: list[str] = field(default_factory=list)  # rank logs scanned for NCCL verdicts
+    max_restarts: int = 3                  # fault requeues per job (time-limit/preemption ones are not counted)
+    exclude_culprit_node: bool = True      # a requeue excludes the node that hung or crashed
+    log_globs: list[str] = field(default_factory=list)  # rank logs scanned for NCCL verdicts (set by the job)
     stack_wait_s: float = 3.0              # how long to wait for faulthandler dumps
     use_py_spy: bool = True
     act: bool = True                       # False: report only (never requeue or cancel)
     kill_ranks_on_fault: bool = False      # without Slurm: SIGKILL local ranks after the report
     sidecar_wait_s: float = 30.0           # on_exit waits this long for a busy sidecar
-    # Where the monitor writes when the monitor dir cannot be written (full, over quota,
+    # Where the monitor writes when the run folder cannot be written (full, over quota,
     # read-only): <fallback_dir>/job_<id>/; None: $TMPDIR/tulu-monitor-<uid>/ on the batch host
     fallback_dir: str | None = None
-    on_storage_fault: str = "stop"         # "stop" (exit 79) | "hold" (requeued held)
+    on_storage_fault: Literal["stop", "hold"] = "stop"  # never requeue into a full file system
 
     def __post_init__(self) -> None:
-        positive = ("check_interval_s", "default_timeout_s", "stall_timeout_s",
-                    "startup_timeout_s", "safety_factor", "min_learned_s")
-        for name in positive:
+        for name in ("check_interval_s", "default_timeout_s", "stall_timeout_s", "startup_timeout_s",
+                     "min_learned_timeout_s"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"MonitorConfig.{name} must be > 0, got {getattr(self, name)!r}")
+                raise MonitorConfigError(name, getattr(self, name), "> 0")
         if self.safety_factor < 1:
-            raise ValueError("MonitorConfig.safety_factor must be >= 1 (a time-out shorter than "
-                             f"an observed healthy phase would fire on healthy runs), got "
-                             f"{self.safety_factor}")
-        if self.restart_budget < 0 or self.min_observations < 1:
-            raise ValueError("MonitorConfig.restart_budget must be >= 0 and min_observations >= 1")
+            # a time-out shorter than an observed healthy phase would fire on healthy runs
+            raise MonitorConfigError("safety_factor", self.safety_factor, ">= 1")
+        if self.max_restarts < 0:
+            raise MonitorConfigError("max_restarts", self.max_restarts, "an integer >= 0")
+        if self.min_observations < 1:
+            raise MonitorConfigError("min_observations", self.min_observations, "an integer >= 1")
         if self.on_storage_fault not in ("stop", "hold"):
-            raise ValueError(f"MonitorConfig.on_storage_fault must be 'stop' or 'hold', got "
-                             f"{self.on_storage_fault!r}")
+            raise MonitorConfigError("on_storage_fault", self.on_storage_fault, "'stop' or 'hold'")
         for phase, t in self.phase_timeouts_s.items():
             if t <= 0:
-                raise ValueError(f"MonitorConfig.phase_timeouts_s[{phase!r}] must be > 0, got {t}")
+                raise MonitorConfigError(f"phase_timeouts_s.{phase}", t, "> 0")
+
+    @property
+    def longest_timeout_s(self) -> float:
+        return max(self.default_timeout_s, self.stall_timeout_s, *self.phase_timeouts_s.values())
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """Time-out of every process group, bridge and store wait: longer than any time-out the
+        monitor applies, plus a margin, so the monitor names a hang (culprit rank, stacks) before
+        a collective gives up with a bare NCCL/gloo error."""
+        longest = self.longest_timeout_s
+        return longest + max(COLLECTIVE_MARGIN_S, 0.1 * longest)
 
     # ---- (de)serialisation: JSON on the command line, a dict from a YAML section ----
     @classmethod

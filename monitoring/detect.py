@@ -14,7 +14,7 @@ Rules, in the order they are reported:
 - **startup**: some ranks never reported within ``startup_timeout_s`` of the sidecar's start.
 
 Time-outs are learned (NVRx style): once a phase has been seen ``min_observations`` times its
-time-out becomes ``max(min_learned_s, safety_factor x longest observed)``. So a checkpoint
+time-out becomes ``max(min_learned_timeout_s, safety_factor x longest observed)``. So a checkpoint
 that always takes 4 minutes gets a 20-minute time-out, and a straggler whose phases are slow
 but finish raises the learned time-outs instead of tripping them.
 """
@@ -74,7 +74,7 @@ class Detector:
         cfg = self.cfg
         seen = self.observed.get(phase)
         if cfg.learn_timeouts and seen and seen[1] >= cfg.min_observations:
-            learned = max(cfg.min_learned_s, cfg.safety_factor * seen[0])
+            learned = max(cfg.min_learned_timeout_s, cfg.safety_factor * seen[0])
             # the job's collectives give up after the longest configured time-out (+ a margin):
             # a learned time-out beyond it would let them fail before the monitor decides
             return (min(learned, cfg.max_learned_s) if cfg.max_learned_s else learned), "learned"

@@ -6,7 +6,7 @@ batch script's EXIT trap, after ``srun`` returned), and the graceful-stop path (
 ``<monitor_dir>/decisions.jsonl``.
 
 Policy (`decide`, a pure function of the decision history):
-- each fault requeue spends one unit of ``restart_budget``; an exhausted budget stops;
+- each fault requeue spends one unit of ``max_restarts``; an exhausted budget stops;
 - the same fault kind at the same step as the previous fault requeue means the restart made no
   progress: stop, rather than burn the cluster in a loop (NVRx's "do not restart" rule);
 - a stop writes ``do_not_requeue.json`` and on_exit exits with `EXIT_DO_NOT_REQUEUE` (79), so
@@ -84,10 +84,10 @@ def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind:
                                 f"submit): it resumes from its last committed checkpoint")
     mine = [d for d in history if d.get("job_id") == job_id and d.get("action") == "requeue"
             and d.get("fault_kind") not in NOT_COUNTED]
-    if len(mine) >= cfg.restart_budget:
+    if len(mine) >= cfg.max_restarts:
         return Decision("stop", f"restart budget exhausted: {len(mine)} fault requeue(s) of "
-                                f"{cfg.restart_budget} already used (MonitorConfig."
-                                f"restart_budget); last fault: {fault_kind} at step {step}")
+                                f"{cfg.max_restarts} already used (MonitorConfig."
+                                f"max_restarts); last fault: {fault_kind} at step {step}")
     previous = [d for d in mine if d.get("attempt", -1) < attempt]
     if previous:
         last = previous[-1]
@@ -97,7 +97,7 @@ def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind:
                                     f"{last.get('attempt')}; requeueing again would loop. "
                                     f"Read the reports, fix the cause, resubmit")
     return Decision("requeue", f"{fault_kind} at step {step}: requeue "
-                               f"{len(mine) + 1}/{cfg.restart_budget}")
+                               f"{len(mine) + 1}/{cfg.max_restarts}")
 
 
 # ---------------------------------------------------------------------------- records
@@ -429,7 +429,7 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
                 except slurm.SlurmCommandError as e:
                     record_decision(monitor_dir, action="scancel_failed", reason=str(e), **common)
             return d
-        exclude = list(culprit_nodes) if cfg.exclude_culprit_nodes else []
+        exclude = list(culprit_nodes) if cfg.exclude_culprit_node else []
         killed: list[str] = []
         if stop_ranks is not None:
             # Before the requeue: its SIGTERM comes with a SIGCONT, and a SIGSTOPped rank

@@ -128,7 +128,7 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
     nodes = tasks // per_node
     c["cluster"] = {"executor": "slurm", "nodes": nodes, "gpus_per_node": per_node, "request_gpus": False,
                     "gpu_memory_gb": raw["cluster"]["gpu_memory_gb"], "time_limit_min": 30,
-                    "signal_delay_s": 400, "max_restarts": 2, "env": dict(raw["cluster"].get("env", {}))}
+                    "signal_delay_s": 400, "env": dict(raw["cluster"].get("env", {}))}
 
     # --- model and data by hub id ----------------------------------------------------------------
     model = c["model"]
@@ -163,7 +163,7 @@ def derive_twin(preset: str | Path, max_tasks: int = LOCAL_NODES * TWIN_GPUS_PER
     c["checkpoint"] = {"interval": 2, "keep_last": raw["checkpoint"]["keep_last"]}
     mon = c["monitoring"]
     mon["phase_timeouts_s"] = {p: max(MIN_PHASE_TIMEOUT_S, t / PHASE_SCALE) for p, t in mon["phase_timeouts_s"].items()}
-    mon.update(check_interval_s=1.0, default_timeout_s=300.0, stall_timeout_s=900.0)
+    mon.update(check_interval_s=1.0, default_timeout_s=300.0, stall_timeout_s=900.0, max_restarts=2)
     if mon["phase_timeouts_s"]:
         twin.kept.append(f"phase time-outs scaled down by {PHASE_SCALE:g}: {mon['phase_timeouts_s']}")
     c["run"] = {"name": f"twin-{preset.stem}", "seed": raw["run"]["seed"]}

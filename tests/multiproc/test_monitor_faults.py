@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FAST = dict(
     check_interval_s=0.25, default_timeout_s=3.0, stall_timeout_s=30.0, startup_timeout_s=120.0,
-    phase_timeouts_s={"setup": 120.0, "checkpoint": 2.0}, min_learned_s=2.0, safety_factor=5.0,
+    phase_timeouts_s={"setup": 120.0, "checkpoint": 2.0}, min_learned_timeout_s=2.0, safety_factor=5.0,
     min_observations=1, stack_wait_s=3.0, kill_ranks_on_fault=True,
 )
 

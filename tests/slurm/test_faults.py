@@ -218,7 +218,7 @@ def test_five_faults_on_successive_attempts_are_each_detected_blamed_on_the_righ
     try:
         job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, *FAST_MONITOR,
                             "--set", f"run.name={name}", "--set", f"run.counter_steps={SEQUENCE_STEPS}",
-                            "--set", f"cluster.max_restarts={len(SEQUENCE) + 1}",
+                            "--set", f"monitoring.max_restarts={len(SEQUENCE) + 1}",
                             "--set", f"cluster.env.TULU_FAULT={faults}")
         st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900)
     finally:
@@ -257,7 +257,7 @@ def test_crashes_that_srun_ends_before_the_sidecar_looks_are_blamed_on_the_right
     job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER,
                         "--set", f"run.name={name}", "--set", f"run.counter_steps={steps}",
                         "--set", "monitoring.check_interval_s=60",
-                        "--set", f"cluster.max_restarts={len(seq) + 1}",
+                        "--set", f"monitoring.max_restarts={len(seq) + 1}",
                         "--set", "cluster.env.TULU_FAULT=" + ";".join(f.spec() for f in seq))
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900)
     history = runner.counter_state(name)["history"]
@@ -337,7 +337,7 @@ exec {shlex.quote(real)} "$@"
     steps = 8
     job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, *FAST_MONITOR,
                         "--set", f"run.name={name}", "--set", f"run.counter_steps={steps}",
-                        "--set", "cluster.max_restarts=2",
+                        "--set", "monitoring.max_restarts=2",
                         "--set", f"cluster.env.PATH={path}",
                         "--set", f"cluster.env.TULU_FAULT={f.spec()}")
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)

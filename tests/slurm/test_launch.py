@@ -157,7 +157,7 @@ def test_crashing_task_is_requeued_then_stops_at_the_restart_budget(runner):
     # Attempt 0: rank 3 raises at step 2. Attempt 1: rank 5 raises at step 4. Budget: 1 requeue.
     faults = "kind=exception,rank=3,step=2,restart=0;kind=exception,rank=5,step=4,restart=1"
     job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, "--set", "run.name=crash", "--set", "run.counter_steps=40",
-                        "--set", "cluster.max_restarts=1", "--set", f"cluster.env.TULU_FAULT={faults}")
+                        "--set", "monitoring.max_restarts=1", "--set", f"cluster.env.TULU_FAULT={faults}")
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     # The monitor ends the job when it stops the chain (CANCELLED) or srun fails first (FAILED).
     assert st["state"] in ("FAILED", "CANCELLED") and int(st["restarts"]) == 1
@@ -173,7 +173,7 @@ def test_crashing_task_is_requeued_then_stops_at_the_restart_budget(runner):
 
 def test_a_crash_that_recurs_at_the_same_step_stops_the_chain(runner):
     job = runner.submit("tiny-cpu-rehearse.yaml", *COUNTER, "--set", "run.name=recur", "--set", "run.counter_steps=40",
-                        "--set", "cluster.max_restarts=5",
+                        "--set", "monitoring.max_restarts=5",
                         "--set", "cluster.env.TULU_FAULT=kind=exception,rank=6,step=3,restart=any")
     st = runner.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     # The monitor ends the job when it stops the chain (CANCELLED) or srun fails first (FAILED).

@@ -83,7 +83,7 @@ def test_pipeline_chains_stage_jobs_and_finishes_after_rlvr_rank_is_killed(slurm
 
 
 def test_failed_stage_stops_the_chain_and_names_its_log(slurm_cluster, tmp_path):
-    proc = _pipeline(tmp_path, "stages.sft.cluster.max_restarts=0",
+    proc = _pipeline(tmp_path, "stages.sft.monitoring.max_restarts=0",
                      "stages.sft.cluster.env={TULU_FAULT: 'kind=exception,rank=0,step=2,restart=any'}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-4000:]

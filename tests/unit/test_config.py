@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from tulu.config.job import ConfigError, apply_overrides, load_config, parse_config
 from tulu.config.schema import ConfigError as SchemaError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 PRESETS = ["tiny-cpu-sft", "tiny-cpu-dpo", "tiny-cpu-rlvr", "tiny-cpu-rehearse", "tulu3-8b-sft", "tulu3-8b-dpo",
            "tulu3-8b-rlvr", "tulu3-405b-sft", "tulu3-405b-dpo", "tulu3-405b-rlvr"]
@@ -116,3 +120,20 @@ def test_json_config_written_by_a_run_loads_back(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
     assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_the_monitoring_section_is_the_monitors_own_config_checked_by_key():
+    from monitoring.config import MonitorConfig
+
+    cfg = load_config(CONFIGS / "tulu3-405b-rlvr.yaml")
+    assert type(cfg.monitoring) is MonitorConfig and cfg.monitoring.max_restarts == 20
+    for override, key in [("monitoring.max_restarts=-1", "monitoring.max_restarts"),
+                          ("monitoring.safety_factor=0.5", "monitoring.safety_factor"),
+                          ("monitoring.phase_timeouts_s.train=0", "monitoring.phase_timeouts_s.train"),
+                          ("monitoring.on_storage_fault=later", "monitoring.on_storage_fault")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(CONFIGS / "tulu3-405b-rlvr.yaml", [override])
+        assert e.value.key == key, override
+    with pytest.raises(ConfigError, match="moved: set monitoring.max_restarts") as e:
+        load_config(CONFIGS / "tiny-cpu-sft.yaml", ["cluster.max_restarts=2"])
+    assert e.value.key == "cluster.max_restarts"

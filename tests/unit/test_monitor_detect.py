@@ -12,7 +12,7 @@ from monitoring.detect import STEP_GAP, Detector
 from monitoring.record import STATE_EXITED, STATE_FAILED, STATE_RUNNING, RankRecord
 
 CFG = MonitorConfig(check_interval_s=1, default_timeout_s=10, phase_timeouts_s={"checkpoint": 20},
-                    stall_timeout_s=30, startup_timeout_s=60, min_learned_s=5, safety_factor=5,
+                    stall_timeout_s=30, startup_timeout_s=60, min_learned_timeout_s=5, safety_factor=5,
                     min_observations=2)
 
 
@@ -61,7 +61,7 @@ def test_learning_waits_for_min_observations_and_respects_min_learned():
     d.check([rec(r, phase_stats={"train": (0.1, 1)}) for r in range(4)], 100.0)
     assert d.timeout_for("train") == (10.0, "configured")
     d.check([rec(r, phase_stats={"train": (0.1, 2)}) for r in range(4)], 100.0)
-    assert d.timeout_for("train") == (5.0, "learned")     # 5 x 0.1 s is below min_learned_s
+    assert d.timeout_for("train") == (5.0, "learned")     # 5 x 0.1 s is below min_learned_timeout_s
 
 
 def test_straggler_that_keeps_finishing_phases_is_not_reported():

@@ -28,7 +28,7 @@ JOB = ("JobId=77 JobName=rlvr UserId=root(0) JobState=RUNNING Reason=None Requeu
        "Partition=debug ExcNodeList=(null) Command=/a b/submit.sh")
 SINFO_SPARE = "n1 alloc\nn2 alloc\nn3 idle\nn4 mix\n"
 SINFO_FULL = "n1 alloc\nn2 alloc\nn3 down*\nn4 drain\n"
-CFG = MonitorConfig(restart_budget=3)
+CFG = MonitorConfig(max_restarts=3)
 
 
 class FakeSlurm:
@@ -97,7 +97,7 @@ def test_spare_nodes_counts_usable_nodes_outside_the_exclusion():
 
 # ---------------------------------------------------------------- policy (pure)
 def test_budget_and_no_progress_rules():
-    cfg = MonitorConfig(restart_budget=2)
+    cfg = MonitorConfig(max_restarts=2)
     h = [{"job_id": "77", "attempt": 0, "action": "requeue", "fault_kind": "hang", "step": 4}]
     assert decide(h, job_id="77", attempt=1, fault_kind="hang", step=9, cfg=cfg).action == "requeue"
     assert decide(h, job_id="77", attempt=1, fault_kind="crash", step=4,
@@ -131,7 +131,7 @@ def test_requeue_without_exclusion_when_the_cluster_has_no_spare_node(tmp_path, 
 
 def test_exhausted_budget_stops_the_chain_and_cancels_the_hung_job(tmp_path, fake):
     mon = tmp_path / "mon"
-    cfg = dataclasses.replace(CFG, restart_budget=2)
+    cfg = dataclasses.replace(CFG, max_restarts=2)
     assert fault(mon, 0, step=1, cfg=cfg).action == "requeue"
     assert fault(mon, 1, step=2, cfg=cfg).action == "requeue"
     d = fault(mon, 2, step=3, cfg=cfg)

@@ -31,7 +31,7 @@ from monitoring.sidecar import Sidecar
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ("JobId=77 JobName=rlvr JobState=RUNNING Reason=None Requeue=1 Restarts={restarts} "
        "BatchFlag=1 NodeList=n[1-2] NumNodes=2 Partition=debug ExcNodeList=(null)")
-CFG = MonitorConfig(restart_budget=3, stack_wait_s=0.3, use_py_spy=False)
+CFG = MonitorConfig(max_restarts=3, stack_wait_s=0.3, use_py_spy=False)
 
 FAKE = r"""#!/bin/bash
 echo "{tool} $*" >> "{log}"
@@ -229,7 +229,7 @@ def test_a_hang_with_a_sigstopped_rank_kills_every_rank_before_the_requeue_so_no
                 r is not None and r.n_steps >= 3 for r in read_all(mon, 2)):
             time.sleep(0.05)
         ranks[1].send_signal(signal.SIGSTOP)     # the culprit; rank 0 would go on stepping
-        side = Sidecar(mon, 2, dataclasses.replace(CFG, exclude_culprit_nodes=False),
+        side = Sidecar(mon, 2, dataclasses.replace(CFG, exclude_culprit_node=False),
                        job_id="77", attempt=0)
         out = side.handle(Fault("hang", (0,), phase="train", step=3, elapsed_s=6, timeout_s=5,
                                 detail="test"))

@@ -75,7 +75,7 @@ def test_learned_timeouts_never_exceed_the_jobs_longest_configured_one():
     from tulu.launch.executor import monitor_settings
 
     cfg = load_config(CONFIGS / "tulu3-405b-rlvr.yaml")
-    mc = MonitorConfig.from_dict(monitor_settings(cfg))
+    mc = MonitorConfig.from_json(monitor_settings(cfg).to_json())   # as the batch script reads it
     assert mc.max_learned_s == 5400.0                       # the preset's stall time-out
     d = Detector(mc, world_size=1, attempt=0, start_time=0.0)
     d.observed["train"] = (3000.0, 5)                       # 5 x 3000 s would be 15000 s

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from monitoring.config import MonitorConfig
 
 from tulu.config.schema import ConfigError, from_dict, require, to_dict
 
@@ -40,7 +41,6 @@ class ClusterConfig:
     time_limit_min: int = 60
     exclusive: bool = False
     signal_delay_s: int = 90  # warning before the time limit (submitit sends USR2)
-    max_restarts: int = 3  # requeues after a crash or hang; time-limit/preemption requeues are not capped here
     env: dict[str, str] = field(default_factory=dict)  # extra exports for every task
 
     def validate(self) -> None:
@@ -55,7 +55,6 @@ class ClusterConfig:
             self.signal_delay_s,
             f"seconds in [0, {self.time_limit_min * 60}) (below the time limit)",
         )
-        require(self.max_restarts >= 0, "cluster.max_restarts", self.max_restarts, "an integer >= 0")
         if self.executor == "local":
             require(self.nodes == 1, "cluster.nodes", self.nodes, "1 with cluster.executor 'local'")
 
@@ -321,44 +320,6 @@ class CheckpointConfig:
         require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
 
 
-COLLECTIVE_MARGIN_S = 120.0
-"""At least this much longer than the monitor's longest time-out: its check interval, the stack
-dump and the requeue decision happen in it."""
-
-
-@dataclass(kw_only=True, slots=True)
-class MonitoringConfig:
-    enabled: bool = True
-    check_interval_s: float = 5.0
-    default_timeout_s: float = 600.0
-    phase_timeouts_s: dict[str, float] = field(default_factory=dict)
-    stall_timeout_s: float = 1800.0
-    learn_timeouts: bool = True
-    safety_factor: float = 5.0
-    min_learned_timeout_s: float = 60.0
-    exclude_culprit_node: bool = True
-    # where the monitor writes (reports, decisions) when the run folder cannot be written (full,
-    # over quota, read-only); default: $TMPDIR/tulu-monitor-<uid>/ on the batch host
-    fallback_dir: str | None = None
-    on_storage_fault: Literal["stop", "hold"] = "stop"  # never requeue into a full file system
-
-    @property
-    def collective_timeout_s(self) -> float:
-        """Time-out of every process group, bridge and store wait: longer than any time-out the
-        monitor applies, plus a margin, so the monitor names a hang (culprit rank, stacks) before
-        a collective gives up with a bare NCCL/gloo error."""
-        longest = max(self.default_timeout_s, self.stall_timeout_s, *self.phase_timeouts_s.values())
-        return longest + max(COLLECTIVE_MARGIN_S, 0.1 * longest)
-
-    def validate(self) -> None:
-        require(self.check_interval_s > 0, "monitoring.check_interval_s", self.check_interval_s, "> 0")
-        require(self.default_timeout_s > 0, "monitoring.default_timeout_s", self.default_timeout_s, "> 0")
-        require(self.stall_timeout_s > 0, "monitoring.stall_timeout_s", self.stall_timeout_s, "> 0")
-        require(self.safety_factor >= 1, "monitoring.safety_factor", self.safety_factor, ">= 1")
-        for phase, t in self.phase_timeouts_s.items():
-            require(t > 0, f"monitoring.phase_timeouts_s.{phase}", t, "> 0")
-
-
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     name: str = "tulu"
@@ -396,7 +357,7 @@ class JobConfig:
     rlvr: RLVRConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    monitoring: MonitorConfig = field(default_factory=MonitorConfig)  # the monitor's own config
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "JobConfig":
@@ -430,7 +391,6 @@ class JobConfig:
             require(self.groups.inference.gpus == 0 or self.mode != "train", "groups.inference.gpus",
                     self.groups.inference.gpus, f"0 for stage {self.stage} (only rlvr uses an inference group)")
         self.checkpoint.validate()
-        self.monitoring.validate()
         self.run.validate()
         return self
 
@@ -461,9 +421,17 @@ PATH_KEYS = ("run.dir", "checkpoint.dir", "data.train", "data.eval", "data.cache
              "model.tokenizer", "model.init_from")
 
 
+MOVED_KEYS = {"cluster.max_restarts": "monitoring.max_restarts"}
+"""Keys an older config may still use, and where they live now."""
+
+
 def parse_config(data: dict) -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError("", f"the config must be a YAML mapping, got {type(data).__name__}")
+    for old, new in MOVED_KEYS.items():
+        section, name = old.split(".")
+        if isinstance(data.get(section), dict) and name in data[section]:
+            raise ConfigError(old, f"this key moved: set {new} instead (same meaning)")
     cfg = from_dict(JobConfig, data)
     for key in PATH_KEYS:
         section, name = key.split(".")

@@ -114,6 +114,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(prefix, str(e)) from None
+    except ValueError as e:  # a section that checks itself (monitoring.config.MonitorConfig)
+        if isinstance(e, ConfigError) or not hasattr(e, "field"):
+            raise
+        raise ConfigError(".".join(p for p in (prefix, e.field) if p),
+                          f"got {e.value!r}; allowed: {e.allowed}") from None
 
 
 def to_dict(obj: Any) -> Any:

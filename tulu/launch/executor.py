@@ -14,10 +14,12 @@ import os
 import shlex
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
+from monitoring.config import MonitorConfig
 
 from tulu.atomic import write_text_atomic
 from tulu.config.job import ConfigError, JobConfig
@@ -74,34 +76,27 @@ def setup_lines(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> list[str]:
         # A job without its monitor runs without hang detection and without the EXIT trap that
         # requeues a crash: never submit one by accident (monitoring.enabled: false says so).
         try:
-            from monitoring.config import MonitorConfig
             from monitoring.recovery import setup_lines as monitor_setup_lines
         except ImportError as e:
             raise ConfigError("monitoring.enabled", f"the health monitor cannot be imported ({e}); the job would "
                               "run without hang detection or crash requeues. Fix the install (monitoring/ "
                               "next to tulu/), or set monitoring.enabled: false to run without it") from e
         lines += monitor_setup_lines(str(paths.monitor), plan.world_size,
-                                     MonitorConfig.from_dict(monitor_settings(cfg)))
+                                     monitor_settings(cfg))
     return lines
 
 
-def monitor_settings(cfg: JobConfig) -> dict:
+def monitor_settings(cfg: JobConfig) -> MonitorConfig:
+    """The job's `monitoring:` section plus what the job decides: the rank logs to scan, the
+    cap on learned time-outs (its longest configured one, which the collectives outlast) and an
+    absolute fallback folder (the batch host's cwd is not the submitter's)."""
     m = cfg.monitoring
-    return {
-        "check_interval_s": m.check_interval_s,
-        "default_timeout_s": m.default_timeout_s,
-        "phase_timeouts_s": dict(m.phase_timeouts_s),
-        "stall_timeout_s": m.stall_timeout_s,
-        "learn_timeouts": m.learn_timeouts,
-        "safety_factor": m.safety_factor,
-        "min_learned_s": m.min_learned_timeout_s,
-        "max_learned_s": max(m.default_timeout_s, m.stall_timeout_s, *m.phase_timeouts_s.values()),
-        "restart_budget": cfg.cluster.max_restarts,
-        "exclude_culprit_nodes": m.exclude_culprit_node,
-        "log_globs": [str(run_paths(cfg).logs / "{job_id}" / "*_log.*")],
-        "fallback_dir": str(Path(m.fallback_dir).expanduser().resolve()) if m.fallback_dir else None,
-        "on_storage_fault": m.on_storage_fault,
-    }
+    return dataclasses.replace(
+        m,
+        max_learned_s=m.longest_timeout_s,
+        log_globs=[str(run_paths(cfg).logs / "{job_id}" / "*_log.*")],
+        fallback_dir=str(Path(m.fallback_dir).expanduser().resolve()) if m.fallback_dir else None,
+    )
 
 
 def dependency_parameters(after_ok: str | None) -> dict:
