@@ -39,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +111,18 @@ def rx_bytes() -> int | None:
     return total
 
 
+def download_size(urls: list[str]) -> int:
+    """What installing the resolved set downloads: the sum of Content-Length (HEAD requests)."""
+    def head(url: str) -> int:
+        if not url.startswith("http"):
+            return 0
+        req = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return int(r.headers.get("Content-Length") or 0)
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(head, urls))
+
+
 def conflict_message(pip_output: str) -> str | None:
     """The lines of pip's output that name what does not resolve, or None."""
     lines = pip_output.splitlines()
@@ -157,16 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # 1. Each pin exists; sdist-only pins are replaced by their declared requirements.
-    lines, sdists, wheel_bytes = [], {}, {}
+    lines, sdists = [], {}
     try:
         for name, version in pins:
             files = release_files(args.index_json, name, version)
             wheels = [f for f in files if f["filename"].endswith(".whl")]
             if wheels:
                 lines.append(f"{name}=={version}")
-                linux = [f["size"] for f in wheels if "manylinux" in f["filename"]
-                         and "x86_64" in f["filename"]] or [f["size"] for f in wheels]
-                wheel_bytes[norm(name)] = max(linux)
                 continue
             sd = next(f for f in files if f["filename"].endswith((".tar.gz", ".tgz")))
             url = sd["url"]
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - start
     rx1 = rx_bytes()
     received = None if rx0 is None or rx1 is None else rx1 - rx0
+    install_bytes = download_size([i["download_info"]["url"] for i in installed])
     vllm_torch = [r for r in meta.get("vllm", {}).get("requires_dist", [])
                   if re.match(r"torch\s*[=<>!~(]", r)]
     summary = {
@@ -239,20 +250,20 @@ def main(argv: list[str] | None = None) -> int:
         "pip": pip_version,
         "method": "pip --isolated install --dry-run --ignore-installed --use-feature=fast-deps",
         "resolves": True,
-        "pins": {n: resolved.get(norm(n), f"(sdist; declared deps resolved)") for n, _ in pins},
+        "pins": {n: resolved.get(norm(n), "(sdist; declared deps resolved)") for n, _ in pins},
         "vllm_requires_torch": vllm_torch,
         "torch_cuda_major": torch_cuda,
         "sdist_only": sdists,
         "seconds": round(elapsed, 1),
         "bytes_received_machine_wide": received,
-        "pinned_wheel_bytes_an_install_downloads": wheel_bytes,
+        "bytes_an_install_downloads": install_bytes,
         "resolved_count": len(resolved),
         "resolved": dict(sorted(resolved.items())),
     }
     print(f"check_gpu_resolution: ok: {len(resolved)} packages resolve together in "
           f"{elapsed:.0f} s"
           + (f", {received / 1e6:.0f} MB received" if received is not None else "")
-          + f" (the pinned wheels alone are {sum(wheel_bytes.values()) / 1e9:.1f} GB)")
+          + f"; installing them downloads {install_bytes / 1e9:.2f} GB")
     for n, _ in pins:
         print(f"  {n} {summary['pins'][n]}")
     if args.results:
