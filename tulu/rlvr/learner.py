@@ -36,122 +36,182 @@ scores, and broadcasts the batch to the other training ranks.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from tulu.checkpoint import CheckpointManager, fingerprint
 from tulu.config.job import ConfigError
+from tulu.dist import groups as tdist
+from tulu.dist.weight_sync import send_weights
+from tulu.models.convert import iter_hf_weights
+from tulu.rewards import RewardConfig, RewardScorer
+from tulu.rl.advantages import grpo_advantages
+from tulu.rl.reward import verifier_accuracy
 from tulu.rlvr import protocol
-from tulu.rlvr.batch import Rollout, build_batch, micro_batches
+from tulu.rlvr.batch import (Rollout, build_batch, micro_batches, shared_prompt_flops_ratio,
+                             shared_prompt_micro_batches)
+from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
 from tulu.rlvr.rollout_schedule import RolloutSchedule
+from tulu.rlvr.value import PolicyAndValueState, build_value_model, value_lr
+from tulu.train import model as tmodel
+from tulu.train.batches import to_device
+from tulu.train.data import build_tokenizer
+from tulu.train.metrics import MetricsLog, plot_loss_curve
+from tulu.train.model import ModelSource
+from tulu.train.rl_objectives import GRPOObjective, PPOObjective, ppo_step, run_logits_schedule
+from tulu.train.schedule import LRSchedule
+from tulu.train.step import device, reduce_sums
+from tulu.train.world import close_training_world, form_training_world
+
+
+@dataclass
+class Models:
+    """What the learner trains and what it holds fixed, and the one model + optimizer pair the
+    checkpoint manager saves (PPO: policy and value model together, so one manifest commits both)."""
+
+    source: ModelSource
+    tokenizer: Any
+    policy: Any
+    reference: Any | None
+    value: Any | None
+    saved_model: Any
+    saved_optimizer: Any
+    fingerprint: dict
+
+
+def check_algorithm(rl) -> bool:
+    """Whether the config asks for PPO (else GRPO); refuses what neither can run."""
+    if rl.algorithm not in ("grpo", "ppo"):
+        raise ConfigError("rlvr.algorithm", f"got {rl.algorithm!r}; use 'grpo' or 'ppo'")
+    if rl.algorithm == "ppo" and rl.ppo_epochs < 1:
+        raise ConfigError("rlvr.ppo_epochs", f"got {rl.ppo_epochs}; PPO needs >= 1 epoch over each batch")
+    return rl.algorithm == "ppo"
+
+
+def check_rollout_split(rl, micro_batch_size: int, dp: int) -> None:
+    rollouts = rl.prompts_per_step * rl.samples_per_prompt
+    if rollouts % (dp * micro_batch_size):
+        raise ConfigError("rlvr.prompts_per_step", f"got {rl.prompts_per_step}; prompts_per_step x "
+                          f"samples_per_prompt ({rollouts}) must be a multiple of micro_batch_size x DP "
+                          f"({micro_batch_size} x {dp})")
+
+
+def build_models(cfg, ppo: bool) -> Models:
+    """Policy, the frozen KL reference (kl_beta > 0) and PPO's value model, in that order (the
+    seeded initialisation of a tiny model depends on it)."""
+    source = tmodel.resolve_model(cfg.model, cfg.run.seed)
+    tokenizer = build_tokenizer(source.tokenizer)
+    policy = tmodel.build_policy(cfg, source)
+    reference = tmodel.build_reference(cfg, source) if cfg.rlvr.kl_beta > 0 else None
+    fp = fingerprint(cfg)
+    if not ppo:
+        return Models(source, tokenizer, policy, reference, None, policy.module, policy.optimizer, fp)
+    value = build_value_model(cfg, source)
+    both = PolicyAndValueState(policy, value)
+    fp["rlvr.algorithm"] = "ppo"  # a GRPO checkpoint has no value model: refused by name
+    return Models(source, tokenizer, policy, reference, value, both, both.optimizer, fp)
+
+
+@dataclass
+class LeaderIO:
+    """What only the learner's leader holds: the prompt set, the verifiers and the metrics log."""
+
+    prompts: PromptSet
+    scorer: RewardScorer
+    metrics: MetricsLog
+
+
+def build_leader_io(ctx, tokenizer, step: int) -> LeaderIO:
+    cfg, rl = ctx.cfg, ctx.cfg.rlvr
+    train_file, _ = prompt_files(cfg)
+    prompts = PromptSet(read_rows(train_file, cfg.data.split, cfg.data.cache_dir), tokenizer,
+                        cfg.data.shuffle_seed, cfg.groups.inference.max_model_len - rl.response_length)
+    scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward, unverified_reward=rl.unverified_reward,
+                                       no_eos_penalty=rl.no_eos_penalty or None),
+                          workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s,
+                          verifiers=sorted({p.dataset for p in prompts.prompts}))
+    metrics = MetricsLog(ctx.run_dir, log=ctx.log)
+    metrics.truncate_after(step)
+    return LeaderIO(prompts, scorer, metrics)
+
+
+def build_learner(ctx) -> "Learner":
+    """The setup phase: groups, models, objective, schedule, checkpoint (resumed from the newest
+    verified one), the bridge to the engines and, on the leader, prompts, verifiers and metrics."""
+    cfg, rl = ctx.cfg, ctx.cfg.rlvr
+    ppo = check_algorithm(rl)
+    dp, dp_rank = form_training_world(ctx)
+    check_rollout_split(rl, cfg.groups.training.micro_batch_size, dp)
+    models = build_models(cfg, ppo)
+    ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                             config_fingerprint=models.fingerprint)
+    learner = Learner(ctx, models, objective=PPOObjective(rl) if ppo else GRPOObjective(rl),
+                      schedule=LRSchedule.from_optim(rl.optim, rl.steps), ckpt=ckpt, dp=dp, dp_rank=dp_rank)
+    stored = learner.resume() if cfg.checkpoint.load else {}
+    learner.rollouts = RolloutSchedule.starting_at(learner.step, async_steps=rl.async_steps, total_steps=rl.steps,
+                                                   stored=len(stored))
+    role = ctx.role
+    learner.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.collective_timeout_s) \
+        if role.bridge_rank is not None else None
+    if rl.reference_in_engine:
+        # the engines score against the reference (sent before the START); this group keeps
+        # no copy and runs no reference pass
+        learner.send_reference()
+        learner.reference = None
+    if learner.is_leader:
+        io = build_leader_io(ctx, learner.tokenizer, learner.step)
+        learner.prompts, learner.scorer, learner.metrics = io.prompts, io.scorer, io.metrics
+        learner.pending = stored
+        protocol.put(learner.bridge.store, protocol.START, learner.rollouts.next_generated)
+    ctx.log(f"rlvr {rl.algorithm}: steps {learner.step}..{rl.steps}, {rl.prompts_per_step} prompts x "
+            f"{rl.samples_per_prompt} samples, TP{ctx.plan.training_tp} PP{ctx.plan.training_pp} DP{dp}, "
+            f"{ctx.plan.inference_engines} inference engine(s), rollouts {rl.async_steps} step(s) ahead")
+    return learner
 
 
 class Learner:
-    def __init__(self, ctx):
+    """One RL step at a time (`run`); built by `build_learner`."""
+
+    def __init__(self, ctx, models: Models, *, objective, schedule: LRSchedule, ckpt: CheckpointManager,
+                 dp: int, dp_rank: int):
         self.ctx, self.cfg, self.rl = ctx, ctx.cfg, ctx.cfg.rlvr
+        self.ppo = self.rl.algorithm == "ppo"
+        self.source, self.tokenizer = models.source, models.tokenizer
+        self.policy, self.reference, self.value = models.policy, models.reference, models.value
+        self.saved_model, self.saved_optimizer = models.saved_model, models.saved_optimizer
+        self.objective, self.schedule, self.ckpt = objective, schedule, ckpt
+        self.dp, self.dp_rank = dp, dp_rank
         self.is_leader = ctx.role.role_rank == 0
-        self.step = 0
-        self.metrics = None
-        self.scorer = None
-        self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
-
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        from tulu.dist import groups as tdist
-        from tulu.checkpoint import CheckpointManager, fingerprint
-        from tulu.models import megatron_cpu
-        from tulu.train.rl_objectives import GRPOObjective, PPOObjective
-        from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
-        from tulu.train import model as tmodel
-        from tulu.train.data import build_tokenizer
-        from tulu.train.loop import _seed_everything
-        from tulu.train.metrics import MetricsLog
-        from tulu.train.schedule import LRSchedule
-
-        ctx, cfg, rl = self.ctx, self.cfg, self.rl
-        if rl.algorithm not in ("grpo", "ppo"):
-            raise ConfigError("rlvr.algorithm", f"got {rl.algorithm!r}; use 'grpo' or 'ppo'")
-        self.ppo = rl.algorithm == "ppo"
-        if self.ppo and rl.ppo_epochs < 1:
-            raise ConfigError("rlvr.ppo_epochs", f"got {rl.ppo_epochs}; PPO needs >= 1 epoch over each batch")
-        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
-        megatron_cpu.apply()
-        ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
-        _seed_everything(cfg.run.seed)
-        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        rollouts = rl.prompts_per_step * rl.samples_per_prompt
-        mbs = cfg.groups.training.micro_batch_size
-        if rollouts % (self.dp * mbs):
-            raise ConfigError("rlvr.prompts_per_step", f"got {rl.prompts_per_step}; prompts_per_step x "
-                              f"samples_per_prompt ({rollouts}) must be a multiple of micro_batch_size x DP "
-                              f"({mbs} x {self.dp})")
-        self.source = tmodel.resolve_model(cfg.model, cfg.run.seed)
-        self.tokenizer = build_tokenizer(self.source.tokenizer)
-        self.policy = tmodel.build_policy(cfg, self.source)
-        self.reference = tmodel.build_reference(cfg, self.source) if rl.kl_beta > 0 else None
-        self.value = None
-        fp = fingerprint(cfg)
-        if self.ppo:
-            from tulu.rlvr.value import PolicyAndValueState, build_value_model
-
-            self.value = build_value_model(cfg, self.source)
-            # One model + one optimizer for the checkpoint manager: one manifest commits both.
-            self.saved_model = PolicyAndValueState(self.policy, self.value)
-            self.saved_optimizer = self.saved_model.optimizer
-            fp["rlvr.algorithm"] = "ppo"  # a GRPO checkpoint has no value model: refused by name
-        else:
-            self.saved_model, self.saved_optimizer = self.policy.module, self.policy.optimizer
-        self.objective = PPOObjective(rl) if self.ppo else GRPOObjective(rl)
-        self.prompt_sharing_possible = self._prompt_sharing_possible(mbs)
-        self.schedule = LRSchedule.from_optim(rl.optim, rl.steps)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
-                                      config_fingerprint=fp)
-        stored: dict[int, list[dict]] = {}
-        if cfg.checkpoint.load:
-            loaded = self.ckpt.load(self.saved_model, optimizer=self.saved_optimizer, lr_scheduler=self.schedule)
-            if loaded is not None and self.ppo:
-                self.saved_model.restore(loaded.model_state)
-            if loaded is not None:
-                self.step = loaded.step
-                stored = self._stored_rollouts(loaded.data_state)
-                what = "policy, value model and their optimizers" if self.ppo else "policy and optimizer"
-                held = (f"; steps {min(stored)}..{max(stored)} train on the in-flight rollouts it holds"
-                        if stored else "")
-                ctx.log(f"resumed from {loaded.path} at step {loaded.step} ({what}); the inference group gets "
-                        f"these weights before the first rollout{held}")
-        self.rollouts = RolloutSchedule.starting_at(self.step, async_steps=rl.async_steps, total_steps=rl.steps,
-                                                    stored=len(stored))
         role = ctx.role
         self.sends_weights = role.tp_rank == 0 and role.dp_rank == 0  # the stage leaders (bridge members)
         self.gathers_weights = role.dp_rank == 0  # TP peers of a leader take part in the TP gather
-        self.bridge = tdist.BridgeGroup.for_role(ctx.plan, role, ctx.env, cfg.monitoring.collective_timeout_s) \
-            if role.bridge_rank is not None else None
-        if rl.reference_in_engine:
-            # the engines score against the reference (sent before the START); this group keeps
-            # no copy and runs no reference pass
-            self.send_reference()
-            self.reference = None
-        if self.is_leader:
-            from tulu.rewards import RewardConfig, RewardScorer
+        self.prompt_sharing_possible = self._prompt_sharing_possible(self.cfg.groups.training.micro_batch_size)
+        self.step = 0
+        self.bridge = None
+        self.rollouts: RolloutSchedule | None = None
+        self.prompts: PromptSet | None = None
+        self.metrics: MetricsLog | None = None
+        self.scorer: RewardScorer | None = None
+        self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
 
-            train_file, _ = prompt_files(cfg)
-            inf = cfg.groups.inference
-            self.prompts = PromptSet(read_rows(train_file, cfg.data.split, cfg.data.cache_dir), self.tokenizer,
-                                     cfg.data.shuffle_seed, inf.max_model_len - rl.response_length)
-            self.scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward,
-                                                    unverified_reward=rl.unverified_reward,
-                                                    no_eos_penalty=rl.no_eos_penalty or None),
-                                       workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s,
-                                       verifiers=sorted({p.dataset for p in self.prompts.prompts}))
-            self.metrics = MetricsLog(ctx.run_dir, log=ctx.log)
-            self.metrics.truncate_after(self.step)
-            self.pending = stored
-            protocol.put(self.bridge.store, protocol.START, self.rollouts.next_generated)
-        ctx.log(f"rlvr {rl.algorithm}: steps {self.step}..{rl.steps}, {rl.prompts_per_step} prompts x "
-                f"{rl.samples_per_prompt} samples, TP{ctx.plan.training_tp} PP{ctx.plan.training_pp} DP{self.dp}, "
-                f"{ctx.plan.inference_engines} inference engine(s), rollouts {rl.async_steps} step(s) ahead")
+    def resume(self) -> dict[int, list[dict]]:
+        """Load the newest verified checkpoint, if any; returns the in-flight rollouts it holds
+        that were generated under this run's settings (trained on as the uninterrupted run does)."""
+        loaded = self.ckpt.load(self.saved_model, optimizer=self.saved_optimizer, lr_scheduler=self.schedule)
+        if loaded is None:
+            return {}
+        if self.ppo:
+            self.saved_model.restore(loaded.model_state)
+        self.step = loaded.step
+        stored = self._stored_rollouts(loaded.data_state)
+        what = "policy, value model and their optimizers" if self.ppo else "policy and optimizer"
+        held = f"; steps {min(stored)}..{max(stored)} train on the in-flight rollouts it holds" if stored else ""
+        self.ctx.log(f"resumed from {loaded.path} at step {loaded.step} ({what}); the inference group gets "
+                     f"these weights before the first rollout{held}")
+        return stored
 
     def _prompt_sharing_possible(self, micro_batch_size: int) -> bool:
         """The shared-prompt layout needs GRPO, micro-batches of whole groups, and the whole
@@ -193,8 +253,6 @@ class Learner:
 
     # ------------------------------------------------------------------ phases
     def sync_weights(self) -> dict:
-        from tulu.models.convert import iter_hf_weights
-        from tulu.dist.weight_sync import send_weights
 
         if not self.gathers_weights:
             return {}
@@ -210,8 +268,6 @@ class Learner:
 
     def send_reference(self) -> None:
         """The KL reference's weights to the inference group, once per attempt (they score)."""
-        from tulu.models.convert import iter_hf_weights
-        from tulu.dist.weight_sync import send_weights
 
         if not self.gathers_weights:
             return
@@ -271,8 +327,6 @@ class Learner:
         return self.pending[step]
 
     def make_batch(self, rollouts, results):
-        from tulu.rl.advantages import grpo_advantages
-
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
         # PPO's advantages are per token, computed in train_on from the value model's values
         adv = torch.zeros_like(scores) if self.ppo else grpo_advantages(scores, self.rl.samples_per_prompt)
@@ -284,8 +338,6 @@ class Learner:
     def _share_prompts(self, rows) -> bool:
         """Whether this rank's GRPO passes take each prompt once per group (rlvr.prompt_sharing;
         "auto": when the FLOP estimate is lower, `tulu.rlvr.batch.shared_prompt_flops_ratio`)."""
-        from tulu.rlvr.batch import shared_prompt_flops_ratio
-
         mode, group = self.rl.prompt_sharing, self.rl.samples_per_prompt
         if mode == "never" or not self.prompt_sharing_possible:
             return False
@@ -298,12 +350,6 @@ class Learner:
         return shared_prompt_flops_ratio(rows, group, c.hidden_size, attn + mlp) < 0.95
 
     def train_on(self, batch, on_policy: bool) -> dict:
-        from tulu.rlvr.batch import shared_prompt_micro_batches
-        from tulu.train.rl_objectives import ppo_step, run_logits_schedule
-        from tulu.rlvr.value import value_lr
-        from tulu.train.batches import to_device
-        from tulu.train.step import device, reduce_sums
-
         n = batch.tokens.shape[0] // self.dp
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
         size = self.cfg.groups.training.micro_batch_size
@@ -386,11 +432,7 @@ class Learner:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        from tulu.rl.reward import verifier_accuracy
-
         ctx, rl = self.ctx, self.rl
-        with ctx.phase("setup", 0):
-            self.setup()
         last: dict = {}
         stopped = False
         while self.step < rl.steps:
@@ -446,14 +488,10 @@ class Learner:
             if stopped:
                 # The job's global rank 0 is an inference rank; the learner's leader asks instead.
                 ctx.requeue(f"{ctx.stop.signal_name or 'signal'} at RL step {self.step}: time limit or preemption")
-            from tulu.train.metrics import plot_loss_curve
-
             plot_loss_curve(ctx.run_dir, title=f"rlvr {self.cfg.run.name}")
         return self.finish({"step": self.step, "stopped": stopped, "last": last})
 
     def finish(self, result: dict) -> dict:
-        from tulu.train.loop import close_training_world
-
         if self.scorer is not None:
             self.scorer.close()
         close_training_world(self.metrics)
@@ -461,4 +499,6 @@ class Learner:
 
 
 def run(ctx) -> dict:
-    return Learner(ctx).run()
+    with ctx.phase("setup", 0):
+        learner = build_learner(ctx)
+    return learner.run()

@@ -16,16 +16,14 @@ rounding.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from tulu.config.job import ConfigError
 from tulu.atomic import write_json_atomic
+from tulu.config.job import ConfigError
+from tulu.train.world import close_training_world, form_training_world
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,6 @@ class BatchLayout:
         return cls(gbs, dp, mbs, gbs // (mbs * dp))
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.cfg
@@ -67,12 +59,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        from tulu.dist import groups as tdist
         from tulu.checkpoint import CheckpointManager, fingerprint
         from tulu.data import BatchLoader
-        from tulu.models import megatron_cpu
         from tulu.train import model as tmodel
         from tulu.train.data import load_stage_data
         from tulu.train.metrics import MetricsLog
@@ -80,11 +68,8 @@ class Trainer:
         from tulu.train.schedule import LRSchedule
 
         cfg, ctx, st = self.cfg, self.ctx, self.st
-        tdist.init_role_world(ctx.plan, ctx.role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
-        megatron_cpu.apply()
-        ps.initialize_model_parallel(ctx.plan.training_tp, ctx.plan.training_pp)
-        _seed_everything(cfg.run.seed)
-        self.layout = BatchLayout.of(cfg, ps.get_data_parallel_world_size())
+        dp, dp_rank = form_training_world(ctx)
+        self.layout = BatchLayout.of(cfg, dp)
         self.seq_length = st.max_seq_len
 
         self.source = tmodel.resolve_model(cfg.model, cfg.run.seed)
@@ -103,7 +88,6 @@ class Trainer:
         else:
             self.objective = DPOObjective(st, self.seq_length, self.layout.num_micro,
                                           tmodel.build_reference(cfg, self.source))
-        dp_rank = ps.get_data_parallel_rank()
         pack = cfg.stage == "sft" and st.packing
         self.loader = BatchLoader(self.data.train, batch_size=self.layout.rank_units, seed=cfg.data.shuffle_seed,
                                   dp_rank=dp_rank, dp_size=self.layout.dp, pack=pack)
@@ -236,17 +220,6 @@ class Trainer:
     def finish(self, result: dict) -> dict:
         close_training_world(self.metrics)
         return result
-
-
-def close_training_world(metrics=None) -> None:
-    """After the last step: flush metrics, wait for every rank, tear Megatron's groups down."""
-    from megatron.core import parallel_state as ps
-
-    if metrics:
-        metrics.close()
-    dist.barrier()
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def train(ctx) -> dict:
