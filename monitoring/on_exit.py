@@ -43,7 +43,7 @@ from monitoring.recovery import (
     EXIT_DO_NOT_REQUEUE, EXIT_REQUEUE_FAILED, RequeueFailed, already_requeued, handle_fault,
     record_decision, report_requeue_failure, requeue, requeue_requested, stop_reason,
 )
-from monitoring.sidecar import BUSY, log
+from monitoring.sidecar import BUSY, job_settings, log
 from monitoring import storage
 
 __all__ = ["decide_on_exit", "main"]
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sidecar-pid", type=int, default=None)
     ap.add_argument("--config-json", default=None)
     args = ap.parse_args(argv)
-    cfg = MonitorConfig.from_json(args.config_json)
-    job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
-    attempt = args.attempt if args.attempt is not None else int(
-        os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    storage.configure(args.monitor_dir, cfg.fallback_dir, job_id)
+    cfg, job_id, attempt = job_settings(args)
     return _decide_safely(args.rc, args.monitor_dir, args.world_size, cfg, job_id=job_id,
                           attempt=attempt, sidecar_pid=args.sidecar_pid)
 

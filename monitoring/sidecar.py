@@ -224,6 +224,17 @@ class Sidecar:
         return 0
 
 
+def job_settings(args: argparse.Namespace) -> tuple[MonitorConfig, str | None, int]:
+    """The monitor config, job id and attempt a monitor process (sidecar or exit hook) runs
+    with: the command line's, else Slurm's environment; also points storage at its folders."""
+    cfg = MonitorConfig.from_json(args.config_json)
+    job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
+    attempt = args.attempt if args.attempt is not None else int(
+        os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    storage.configure(args.monitor_dir, cfg.fallback_dir, job_id)
+    return cfg, job_id, attempt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m monitoring.sidecar", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", default=None, help="MonitorConfig fields as JSON")
     ap.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args(argv)
-    cfg = MonitorConfig.from_json(args.config_json)
-    job_id = args.job_id or os.environ.get("SLURM_JOB_ID") or None
-    attempt = args.attempt if args.attempt is not None else int(
-        os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    storage.configure(args.monitor_dir, cfg.fallback_dir, job_id)
+    cfg, job_id, attempt = job_settings(args)
     try:
         Path(args.monitor_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
