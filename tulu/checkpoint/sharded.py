@@ -121,7 +121,15 @@ def load_model(model: ModelLike, folder: Path) -> dict[str, Any] | None:
 # Megatron 0.16's default for its distributed optimizer ("fully_sharded_model_space") fails to
 # save ("ShardedTensor.flattened_range is not supported", seen on an H100); "fully_reshardable"
 # keeps the checkpoint reshardable across TP/PP/DP. Ignored by the replicated optimizer.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# "mem_efficient": the save gathers each model-parallel shard's fp32 state (master, m, v) on its
+# DP rank 0 over the gloo DP group, in host memory. Without it Megatron all-gathers it with NCCL
+# to *every* DP rank, through GPU buffers as large as the DDP bucket: our DDP does not overlap
+# the grad reduction, so one bucket holds the whole stage shard, and the save would need
+# 4 B x (1 + 1/DP) x that shard's parameters of free GPU memory (~32 GB per GPU at 405B PP8),
+# which the 405B presets do not have. The file format is the same sharding type and loads the
+# same way (Megatron calls the two interchangeable); tulu/plan/memory.py sizes what remains.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def save_optimizer(optimizer: Any, model: ModelLike, folder: Path) -> None:

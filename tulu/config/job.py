@@ -31,6 +31,10 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8  # one Slurm task per GPU; on CPU clusters: tasks per node
     gpu_memory_gb: float = 80.0
+    # Host RAM of one node, GB: `tulu plan` refuses a layout whose fullest node needs more (a
+    # checkpoint save gathers each shard's optimizer state in host RAM). 1000 is a cautious
+    # default for an 8-GPU server; a DGX H100 has 2 TB (set 2000).
+    host_memory_gb: float = 1000.0
     request_gpus: bool = True  # ask Slurm for --gpus-per-node (fake GPUs on the local cluster)
     cpus_per_task: int = 1
     mem_gb: float | None = None
@@ -47,6 +51,8 @@ class ClusterConfig:
         require(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
         require(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
         require(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a number > 0")
+        require(self.host_memory_gb > 0, "cluster.host_memory_gb", self.host_memory_gb, "a number > 0 (GB per node)")
+        require(self.mem_gb is None or self.mem_gb > 0, "cluster.mem_gb", self.mem_gb, "a number > 0 or null")
         require(self.cpus_per_task >= 1, "cluster.cpus_per_task", self.cpus_per_task, "an integer >= 1")
         require(self.time_limit_min >= 1, "cluster.time_limit_min", self.time_limit_min, "minutes >= 1")
         require(

@@ -16,7 +16,10 @@ from tulu.plan.memory import (
     InferenceMemory,
     MemoryBreakdown,
     TrainingMemoryInputs,
+    inference_host_rows,
     inference_memory,
+    node_host_memory,
+    training_host_rows,
     training_memory,
 )
 from tulu.config.shapes import ARCHITECTURES, ModelShape, resolve_shape
@@ -89,6 +92,7 @@ class RankPlan:
     alternatives: list[Candidate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inference_engine: str = "vllm"
+    host_mem: MemoryBreakdown | None = None
 
     @property
     def world_size(self) -> int:
@@ -160,6 +164,8 @@ class RankPlan:
             im = self.inference_mem
             lines += ["", im.breakdown.table().rsplit("\n", 1)[0],
                       f"  KV cache holds ~{im.kv_tokens:,} tokens per engine"]
+        if self.host_mem:
+            lines += ["", self.host_mem.table()]
         if self.alternatives:
             same_tp = [c for c in self.alternatives if c.tp == self.training_tp]
             best = best_candidate(self.alternatives)
@@ -389,7 +395,44 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                 "distributed_optimizer=true, grad_dtype=bf16, or add nodes")
         raise PlanError("groups.training", f"TP{tr.tp} x PP{tr.pp} x DP{dp} does not fit in "
                         f"{cl.gpu_memory_gb:.0f} GB per GPU\n{mem.table()}\n{hint}")
+    plan.host_mem = host_memory(cfg, plan)
     if cfg.mode == "train":
+        _check_host_memory(cfg, plan)
         _check_batch_geometry(cfg, dp)
         _check_time_limit_warning(cfg, plan)
     return plan
+
+
+def host_memory(cfg: JobConfig, plan: RankPlan) -> MemoryBreakdown:
+    """Host RAM of the fullest node: its tasks by role (and, in training, DP rank 0 or not) x each
+    task's peak (tulu.plan.memory)."""
+    m = _memory_inputs(cfg, plan.shape, plan.training_tp, plan.training_pp, plan.training_dp)
+    nodes: dict[tuple[int, int, int], list] = {}
+    per_node = []
+    for node in range(plan.nodes):
+        roles = [plan.role_of(r) for r in range(node * plan.gpus_per_node, (node + 1) * plan.gpus_per_node)]
+        inf = sum(r.role == "inference" for r in roles)
+        dp0 = sum(r.role == "training" and r.dp_rank == 0 for r in roles)
+        key = (inf, dp0, len(roles) - inf - dp0)
+        if key not in nodes:
+            rows = inference_host_rows(plan.shape, plan.inference_tp, plan.inference_pp, plan.inference_engine,
+                                       inf) if inf else []
+            nodes[key] = rows + (training_host_rows(m, dp0, key[2]) if dp0 + key[2] else [])
+        per_node.append(nodes[key])
+    return node_host_memory(per_node, cfg.cluster.host_memory_gb)
+
+
+def _check_host_memory(cfg: JobConfig, plan: RankPlan) -> None:
+    """A node whose tasks need more host RAM than it has is OOM-killed at the first checkpoint save,
+    hours in: refused here, naming the key."""
+    mem, cl = plan.host_mem, cfg.cluster
+    hint = ("suggestion: more pipeline stages or TP (smaller shards per task: the save peak is "
+            "~24 B per parameter of a task's shard), or set cluster.host_memory_gb to what the nodes have")
+    if not mem.fits:
+        raise PlanError("cluster.host_memory_gb", f"got {cl.host_memory_gb:g}; the fullest node needs "
+                        f"{mem.total_gb:.0f} GB of host RAM, more than {mem.usable_gb:.0f} GB usable\n"
+                        f"{mem.table()}\n{hint}")
+    if cl.mem_gb is not None and mem.total_gb > cl.mem_gb:
+        raise PlanError("cluster.mem_gb", f"got {cl.mem_gb:g}; Slurm would limit each node to {cl.mem_gb:g} GB "
+                        f"but the fullest node needs {mem.total_gb:.0f} GB of host RAM\n{mem.table()}\n"
+                        f"suggestion: raise cluster.mem_gb to at least {math.ceil(mem.total_gb)} or unset it")
