@@ -68,20 +68,25 @@ def cmd_plan(args) -> int:
     from tulu.plan.layout import build_plan
     from tulu.plan.run_space import run_folder_space
 
+    from tulu.modes import prepare
+
     cfg = _load(args)
     plan = build_plan(cfg)
     print(plan.describe())
     space = run_folder_space(cfg, plan)
     if space is not None:
         print(space.describe())
+    data = prepare.describe(cfg)
+    if data:
+        print(data)
     return 0
 
 
 def cmd_submit(args) -> int:
     _require_job_config(args.config)
     from tulu.launch import executor
+    from tulu.modes import prepare
     from tulu.plan.layout import build_plan
-
     from tulu.plan.run_space import check_run_folder_space
 
     cfg = _load(args)
@@ -89,6 +94,9 @@ def cmd_submit(args) -> int:
     space = check_run_folder_space(cfg, plan)   # refuses a folder too small for the run
     if space is not None:
         print(space.describe())
+    data = prepare.describe(cfg)
+    if data:
+        print(data)
     if args.dry_run:
         if cfg.cluster.executor == "local":
             print("# cluster.executor is 'local': tasks run on this machine, no sbatch script")
@@ -96,8 +104,12 @@ def cmd_submit(args) -> int:
         else:
             print(executor.sbatch_script(cfg, plan))
         return 0
-    job = executor.submit(cfg, plan, args.config)
+    job, prep = prepare.submit_job(cfg, plan, args.config)
     paths = executor.run_paths(cfg)
+    if prep == "here":
+        print(f"prepared {cfg.data.train} here")
+    elif prep:
+        print(f"submitted data preparation job {prep}; the training job starts after it succeeds")
     print(f"submitted job {job.job_id} ({cfg.mode}, {plan.world_size} tasks on {plan.nodes} node(s))")
     print(f"  logs:   {paths.job_logs(str(job.job_id))}")
     print(f"  tail:   tulu logs {job.job_id} -f")

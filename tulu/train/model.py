@@ -87,6 +87,19 @@ def resolve_model(model_cfg, seed: int) -> ModelSource:
                        HFWeights(SafetensorsWeights(model_cfg.name_or_path), hf))
 
 
+def tokenizer_name(model_cfg) -> str | None:
+    """The tokenizer `resolve_model` will use, found without building or loading anything (for
+    the data preparation at submit time); None while an earlier stage's checkpoint is missing."""
+    if model_cfg.tokenizer:
+        return model_cfg.tokenizer
+    if model_cfg.init_from or model_cfg.name_or_path:
+        stage = StageCheckpoint.find(model_cfg.init_from or model_cfg.name_or_path)
+        if stage is not None:
+            return stage.model_source()["tokenizer"]
+        return None if model_cfg.init_from else model_cfg.name_or_path
+    return TINY_TOKENIZER if model_cfg.tiny is not None else None
+
+
 def _from_earlier_stage(model_cfg, seed: int) -> ModelSource:
     """``model.init_from``: the declared architecture, the earlier stage's weights and tokenizer."""
     import dataclasses
