@@ -6,6 +6,13 @@
    into reused 256 MB buckets (`tulu.dist.weight_sync._buckets`), GB/s.
 3. The transformers engine (`tulu.inference.hf_engine`): batched sampling tokens/s.
 
+`--bridge` instead runs the production weight-sync path (issue 15): 2 processes, a stage leader
+and an inference rank, `send_weights` -> `receive_weights` over a `BridgeGroup` made for CUDA
+(NCCL data groups, GPU buckets, no host copy), ~2 GB of Llama-shaped bf16 tensors, GB/s and an
+exactness check. NCCL refuses two ranks on one GPU, so it needs 2 GPUs; with one it measures the
+gloo bridge from GPU tensors instead (the host-copy path) and says so. `--tiny --bridge` runs the
+same on CPU (gloo).
+
 `--tiny` runs the same code on CPU with a small config, so the script is tested before it
 travels. Peak bf16 dense: H100 SXM 989 TFLOP/s, H200 989 TFLOP/s (same chip).
 """
@@ -31,11 +38,82 @@ def sync():
         torch.cuda.synchronize()
 
 
+def _bridge_rank(rank: int, port: int, device_type: str, gpus: int, mb: int, repeats: int, q) -> None:
+    from tulu.dist.groups import BridgeGroup
+    from tulu.dist.weight_sync import SyncStats, receive_weights, send_weights
+
+    if device_type == "cuda":
+        torch.cuda.set_device(rank % gpus)
+    bridge = BridgeGroup("127.0.0.1", port, rank, 2, num_stages=1, timeout_s=600, device=device_type)
+    dev = torch.device("cuda", rank % gpus) if gpus else torch.device("cpu")
+    g = torch.Generator(device=dev).manual_seed(0)
+    # Llama-3-8B-shaped layers in bf16 (~0.15 GB each); small ones for --tiny
+    hidden, ffn = (4096, 14336) if mb >= 1024 else (256, 1024)
+    named, size, i = [], 0, 0
+    while size < mb * 2**20:
+        for part, shape in (("self_attn.q_proj", (hidden, hidden)), ("mlp.up_proj", (ffn, hidden)),
+                            ("input_layernorm", (hidden,))):
+            t = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(torch.bfloat16)
+            named.append((f"model.layers.{i}.{part}.weight", t))
+            size += t.numel() * 2
+        i += 1
+    sums = [float(t.float().sum()) for _, t in named]
+    best, ok = None, True
+    for version in range(repeats):
+        bridge.barrier()
+        sync()
+        t0 = time.perf_counter()
+        if rank == 0:
+            send_weights(bridge, 0, named, version=version, bucket_bytes=256 << 20)
+        else:
+            stats = SyncStats()
+            got = [float(t.float().sum()) for _, t in receive_weights(bridge, version=version, stats=stats)]
+            ok = ok and got == sums and stats.buffers_allocated <= 3
+        sync()
+        bridge.barrier()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    q.put((rank, size, best, ok, bridge.backend))
+
+
+def bridge_check(tiny: bool) -> None:
+    import multiprocessing as mp
+    import socket
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device_type = "cuda" if gpus >= 2 else "cpu"
+    if gpus == 1:
+        emit(bench="weight_sync_bridge", note="one GPU: NCCL refuses two ranks on one device; "
+                                               "measuring the gloo bridge from GPU tensors (host copies) instead")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mb, repeats = (16, 2) if tiny else (2048, 3)
+    procs = [ctx.Process(target=_bridge_rank, args=(r, port, device_type, gpus, mb, repeats, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = sorted(q.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join()
+    _, nbytes, _, _, backend = res[0]
+    seconds = max(r[2] for r in res)
+    emit(bench="weight_sync_bridge", transport=backend, tensors_on="cuda" if gpus else "cpu", bytes=nbytes,
+         seconds=round(seconds, 4), gb_per_s=round(nbytes / seconds / 1e9, 2), exact=res[1][3],
+         note="tulu.dist.weight_sync send_weights -> receive_weights, 1 leader + 1 receiver, 256 MB buckets; best of "
+              f"{repeats}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--bridge", action="store_true", help="only the weight-sync bridge check (2 processes)")
     args = ap.parse_args()
+    if args.bridge:
+        bridge_check(args.tiny)
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     import torch.distributed as dist

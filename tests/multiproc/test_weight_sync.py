@@ -92,3 +92,65 @@ def test_routed_sync_gives_each_inference_rank_only_the_tensors_it_holds():
         # the engine-side check expects only what the rank holds: nothing reported missing
         assert res[r]["exact"] and res[r]["error"] is None
     assert res[1]["bytes"] + res[2]["bytes"] == res[3]["bytes"] == res[0]["bytes"]
+
+
+NODES = {1: "a", 2: "a", 3: "b", 4: "b"}   # bridge rank -> simulated node
+
+
+def _fanned(rank, world_size, port):
+    from tulu.dist.weight_sync import HeldWeights
+
+    bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=1, timeout_s=60, node=NODES.get(rank, "t"))
+    stage0 = HeldWeights(first_layer=0, end_layer=2, embedding=True, head=False)
+    stage1 = HeldWeights(first_layer=2, end_layer=4, embedding=False, head=True)
+    out = {}
+    for version in (1, 2):
+        if rank == 0:
+            st = send_weights(bridge, 0, _model_tensors(), version=version, bucket_bytes=4096)
+            out[version] = {"bytes": st.bytes, "sent": st.sent_bytes}
+            continue
+        # v1: every receiver holds everything; v2: node a is an engine's PP stage 0 (TP2), node b its stage 1
+        holds = None if version == 1 else (stage0 if NODES[rank] == "a" else stage1)
+        stats = SyncStats()
+        sent = dict(_model_tensors())
+        got = {n: torch.equal(t, sent[n]) for n, t in receive_weights(bridge, version=version, stats=stats, holds=holds)}
+        out[version] = {"names": sorted(got), "exact": all(got.values()), "bytes": stats.bytes,
+                        "relayed": stats.relayed_bytes}
+    return out
+
+
+def test_a_node_gets_each_bucket_once_and_passes_it_on_to_its_other_receivers():
+    res = run_distributed(_fanned, 5, free_port(), init_process_group=False, timeout=120)
+    every = sorted(n for n, _ in _model_tensors())
+    total = res[0][1]["bytes"]
+    # unrouted: both nodes need everything; the leader sends it once per node, not once per rank
+    assert res[0][1]["sent"] == 2 * total
+    for r in (1, 2, 3, 4):
+        assert res[r][1]["names"] == every and res[r][1]["exact"] and res[r][1]["bytes"] == total
+    # the first receiver of each node passes each bucket on to the other one
+    assert [res[r][1]["relayed"] for r in (1, 2, 3, 4)] == [total, 0, total, 0]
+    # routed + fanned out: each stage's bytes cross to one node, once; both ranks there get them
+    assert res[0][2]["sent"] == res[0][2]["bytes"] == total
+    assert res[1][2]["names"] == res[2][2]["names"] != res[3][2]["names"] == res[4][2]["names"]
+    assert res[1][2]["bytes"] + res[3][2]["bytes"] == total
+    assert all(res[r][2]["exact"] for r in (1, 2, 3, 4))
+    assert [res[r][2]["relayed"] for r in (1, 2, 3, 4)] == [res[1][2]["bytes"], 0, res[3][2]["bytes"], 0]
+
+
+def _mixed_transports(rank, world_size, port):
+    bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=1, timeout_s=60)
+    bridge.stage_group(0)
+    if rank == 1:
+        bridge.backend = "nccl"     # as a receiver made with device="cuda" says
+        receive_weights(bridge, version=1)
+        return None
+    try:
+        send_weights(bridge, 0, _model_tensors(), version=1)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_a_leader_refuses_receivers_on_another_transport_before_sending():
+    res = run_distributed(_mixed_transports, 2, free_port(), init_process_group=False, timeout=60)
+    assert "sends over gloo, but bridge rank(s) [1] receive over ['nccl']" in res[0]

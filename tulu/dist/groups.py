@@ -5,6 +5,11 @@ forms its own default world on its own rendezvous port. The bridge joins the tra
 group's pipeline-stage leaders with the inference ranks through a TCPStore-backed gloo group
 that lives outside both worlds (docs/design.md section 3). Call `pg.broadcast(...)` on it directly:
 `dist.broadcast(group=...)` rejects a group that is not registered in the default world.
+
+The bridge's transport is chosen once, when it is made, by where the weights live
+(:func:`bridge_device_type`): NCCL groups over GPU tensors (no host copy) on a GPU node, gloo
+groups over host buffers otherwise. Control traffic (barrier, all-reduce, the TCPStore's
+metadata) is gloo/TCP either way; only the weight buckets take the data groups (:meth:`BridgeGroup.group`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,37 @@ MAX_ENGINES_WITH_OWN_PORT = 12
 def backend() -> str:
     """Chosen once: NCCL where there is a GPU, gloo otherwise."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def bridge_device_type(local_rank: int, visible: str | None = None, cuda_built: bool | None = None) -> str:
+    """"cuda" where this task has a GPU and torch was built with CUDA, else "cpu".
+
+    Decided from the build and ``CUDA_VISIBLE_DEVICES`` only: asking CUDA itself
+    (``torch.cuda.is_available()``) would fix the visible GPUs before a single-GPU engine narrows
+    them (:func:`bind_task_gpu`). The local Slurm's fake GPUs on a CPU build give "cpu"."""
+    cuda_built = torch.backends.cuda.is_built() if cuda_built is None else cuda_built
+    return "cuda" if cuda_built and task_gpu(local_rank, visible) is not None else "cpu"
+
+
+def bridge_backend(device_type: str) -> str:
+    """The weight buckets' transport for tensors on ``device_type``: NCCL between GPU tensors,
+    gloo between host buffers."""
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"bridge device {device_type!r}: expected 'cuda' or 'cpu'")
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def _data_group(backend_name: str, store, rank: int, size: int, timeout: datetime.timedelta):
+    """A process group (backend object: call ``.broadcast`` on it) outside the default world."""
+    if backend_name == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    # GPU only: not run on the CPU machines the tests run on (bench/gpu_check.py --bridge runs it).
+    # Same construction as torch's own new_group for NCCL; the communicator is made lazily, at the
+    # group's first collective, on the process's current CUDA device.
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = False
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, opts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,19 +148,36 @@ def init_whole_job_world(env: TaskEnv, timeout_s: float = 1800.0) -> None:
 
 
 class BridgeGroup:
-    """Gloo group over the training leaders + inference ranks, independent of both worlds.
+    """The training leaders + inference ranks, independent of both worlds.
 
     Bridge ranks: pipeline-stage leaders first (stage s is bridge rank s), then inference ranks.
-    `stage_group(s)` is the sub-group {leader s} + inference ranks that weight sync uses, so a
-    stage's buckets never travel to the other stages' leaders."""
+    `stage_group(s)` is the sub-group {leader s} + inference ranks, so a stage's buckets never
+    travel to the other stages' leaders; `group(members)` any other sub-group weight sync routes
+    through. ``device`` ("cuda"/"cpu"; None: "cuda" where CUDA is available) picks the data
+    groups' transport once (:func:`bridge_backend`); on "cuda" the buffers live on the process's
+    current CUDA device at the time of the sync. ``node``: the node this rank runs on (ranks of one
+    node share a fast link: weight sync sends a node's bytes once and fans out there);
+    None: a node of its own."""
 
-    def __init__(self, host: str, port: int, rank: int, size: int, num_stages: int, timeout_s: float = 1800.0):
+    def __init__(self, host: str, port: int, rank: int, size: int, num_stages: int, timeout_s: float = 1800.0,
+                 device: str | None = None, node: int | str | None = None):
         self.rank, self.size, self.num_stages = rank, size, num_stages
+        self.device_type = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backend = bridge_backend(self.device_type)
+        if self.backend == "nccl" and not dist.is_nccl_available():
+            raise RuntimeError(f"bridge rank {rank}: device 'cuda' needs NCCL, and this torch "
+                               f"({torch.__version__}) has none; make the bridge with device='cpu'")
+        self.node = f"rank{rank}" if node is None else node
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout,
                                    wait_for_workers=False)
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge", self.store), rank, size, self.timeout)
-        self._stage_groups: dict[int, object] = {}
+        self._groups: dict[tuple[int, ...], tuple[object, int]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where weight buckets live: the host, or this process's current GPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")
 
     @classmethod
     def for_role(cls, plan: RankPlan, role: RankRole, env: TaskEnv, timeout_s: float = 1800.0) -> "BridgeGroup":
@@ -133,7 +186,8 @@ class BridgeGroup:
         first = plan.bridge_members()[0]
         host = env.hostnames[first // plan.gpus_per_node] if env.hostnames else env.hostname
         return cls(node_address(host), env.port_base() + BRIDGE_PORT_OFFSET, role.bridge_rank, plan.bridge_size,
-                   plan.training_pp, timeout_s)
+                   plan.training_pp, timeout_s, device=bridge_device_type(env.local_rank),
+                   node=role.global_rank // plan.gpus_per_node)
 
     @property
     def is_inference(self) -> bool:
@@ -141,12 +195,18 @@ class BridgeGroup:
 
     def stage_group(self, stage: int):
         """(process group, my rank in it) for {leader of `stage`} + inference ranks."""
-        if stage not in self._stage_groups:
-            size = 1 + self.size - self.num_stages
-            my = 0 if self.rank == stage else 1 + self.rank - self.num_stages
-            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"bridge/stage{stage}", self.store), my, size, self.timeout)
-            self._stage_groups[stage] = (pg, my)
-        return self._stage_groups[stage]
+        return self.group((stage, *range(self.num_stages, self.size)))
+
+    def group(self, members: tuple[int, ...]):
+        """(data group, my rank in it) over bridge ranks ``members`` (in that order: a broadcast's
+        root is usually the first), on the bridge's transport; made once, by every member, the
+        first time it is used (gloo connects there; NCCL at the first collective)."""
+        members = tuple(members)
+        if members not in self._groups:
+            store = dist.PrefixStore(f"bridge/{self.backend}/{'.'.join(map(str, members))}", self.store)
+            my = members.index(self.rank)
+            self._groups[members] = (_data_group(self.backend, store, my, len(members), self.timeout), my)
+        return self._groups[members]
 
     def broadcast(self, tensor: torch.Tensor, src: int, pg=None) -> torch.Tensor:
         opts = dist.BroadcastOptions()

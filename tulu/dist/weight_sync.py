@@ -25,11 +25,20 @@ buffers of a bucket's size (or of the largest tensor, when one is larger; those 
 the sync) whatever the model size. The bucket-sized buffers stay allocated between syncs.
 
 Routing: each receiver says what it holds (``receive_weights(..., holds=engine.held_weights())``,
-a :class:`HeldWeights`: a vLLM pipeline stage's layers, embedding, head; None = everything). A
-tensor is then broadcast only to the receivers that hold it, in a gloo group of the stage leader
-and them; buckets never mix destinations. Still sent to every receiver of an engine: a PP stage's
-tensors go to all of its TP ranks as full tensors (vLLM's loader slices them), and an unrouted
-receiver (``holds=None``, the default) gets the whole model.
+a :class:`HeldWeights`: a vLLM pipeline stage's layers, embedding, head; None = everything) and
+on which node it runs (``BridgeGroup(node=...)``). A tensor goes only to the receivers that hold
+it, and once per node: the leader broadcasts the bucket to the first of them on each node (its
+*head*), which broadcasts it on to the others of its node (:func:`_fan_out`); buckets never mix
+destinations. ``SyncStats.sent_bytes`` counts the leader's bytes x receiving nodes,
+``relayed_bytes`` a head's bytes x its node's other receivers. Still sent to every receiver of an
+engine: a PP stage's tensors go to all of its TP ranks as full tensors (vLLM's loader slices
+them), and an unrouted receiver (``holds=None``, the default) gets the whole model.
+
+Transport: the bridge's data groups (:meth:`BridgeGroup.group`) are NCCL when the bridge was made
+for CUDA (buffers on the process's GPU; a GPU tensor is sent as is, a host one copied into a GPU
+bucket) and gloo otherwise (host buffers; a GPU tensor is copied into a host bucket). The code
+path is the same; only the group and the buffers' device differ. The NCCL case runs only on GPU
+nodes (``bench/gpu_check.py --bridge``); the tests here run gloo.
 
 Contiguous tensors of 4 MiB or a quarter bucket or more are sent as is, from their own memory; smaller
 ones are packed, into one of two reused buffers, while the previous bucket is on the wire (two
@@ -72,6 +81,8 @@ class SyncStats:
     seconds: float = 0.0
     per_stage_seconds: dict[int, float] = field(default_factory=dict)
     copied_bytes: int = 0          # sender: bytes packed into bucket buffers (the rest went as is)
+    sent_bytes: int = 0            # sender: bytes it broadcast, once per receiving node (bucket x nodes)
+    relayed_bytes: int = 0         # receiver: bytes it passed on to the other receivers of its node
     buffers_allocated: int = 0     # receiver: receive buffers allocated (the rest were reused)
 
     @property
@@ -91,14 +102,15 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _sendable_as_is(t: torch.Tensor) -> bool:
-    """Broadcast from its own memory: contiguous and in host memory (the bridge's buffers are; a
-    GPU tensor is copied into a host bucket buffer)."""
-    return t.is_contiguous() and t.device.type == "cpu"
+def _sendable_as_is(t: torch.Tensor, device: torch.device = torch.device("cpu")) -> bool:
+    """Broadcast from its own memory: contiguous and on the bridge's device (host memory on a gloo
+    bridge, the process's GPU on an NCCL one); otherwise it is copied into a bucket buffer there."""
+    return t.is_contiguous() and t.device == device
 
 
 def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-             alone_bytes: int | None = None, key=None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+             alone_bytes: int | None = None, key=None,
+             device: torch.device = torch.device("cpu")) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group the stream into buckets of at most ``bucket_bytes`` (aligned offsets; any dtypes).
     A tensor of ``bucket_bytes`` or more is a bucket of its own, and so is a contiguous tensor
     of ``alone_bytes`` or more (it is sent from its own memory: packing it would only copy it).
@@ -108,7 +120,7 @@ def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     size = 0
     for name, t in named:
         nbytes = _nbytes(t)
-        if nbytes >= bucket_bytes or (nbytes >= alone and _sendable_as_is(t)):
+        if nbytes >= bucket_bytes or (nbytes >= alone and _sendable_as_is(t, device)):
             if bucket:
                 yield bucket
                 bucket, size = [], 0
@@ -154,16 +166,19 @@ class HeldWeights:
         return True
 
 
-def _route_group(bridge: BridgeGroup, stage: int, to: tuple[int, ...]):
-    """The gloo group of {leader of `stage`} + the inference ranks `to` (bridge ranks), made once."""
-    groups = _ROUTE_GROUPS.setdefault(bridge, {})
-    if (stage, to) not in groups:
-        import torch.distributed as dist
-
-        my = 0 if bridge.rank == stage else 1 + to.index(bridge.rank)
-        store = dist.PrefixStore(f"bridge/stage{stage}/to{'.'.join(map(str, to))}", bridge.store)
-        groups[(stage, to)] = dist.ProcessGroupGloo(store, my, 1 + len(to), bridge.timeout)
-    return groups[(stage, to)]
+def _fan_out(to: tuple[int, ...], node_of: Mapping[int, object]) -> dict[int, tuple[int, ...]]:
+    """{node head: the other receivers of ``to`` on its node}: the head is the first receiver of
+    ``to`` on each node; it takes the bucket from the sender and re-broadcasts it on its node."""
+    out: dict[int, list[int]] = {}
+    head_of: dict[object, int] = {}
+    for r in to:
+        node = node_of[r]
+        if node in head_of:
+            out[head_of[node]].append(r)
+        else:
+            head_of[node] = r
+            out[r] = []
+    return {h: tuple(p) for h, p in out.items()}
 
 
 def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, torch.Tensor]] | Mapping, *,
@@ -180,12 +195,19 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     index = index if index is not None else _index_of(named)
     # before joining the stage group: receivers may read every stage's index first
     bridge.store.set(_key(version, stage, "index"), json.dumps({"bucket_bytes": bucket_bytes, "tensors": index}))
-    pg, _ = bridge.stage_group(stage)
+    bridge.stage_group(stage)           # every receiver joins it first
     # Routing: each receiver said what it holds (receive_weights); a tensor goes only to those
-    # that hold it, in a group of the leader and them (the stage group when that is everyone).
+    # that hold it, once per node: to the first of them on each node, which passes it on there.
     receivers = tuple(range(bridge.num_stages, bridge.size))
-    holds = {r: json.loads(bridge.store.get(_key(version, "holds", r))) for r in receivers}
-    holds = {r: None if h is None else HeldWeights(**h) for r, h in holds.items()}
+    said = {r: json.loads(bridge.store.get(_key(version, "holds", r))) for r in receivers}
+    wrong = {r: x["transport"] for r, x in said.items() if x["transport"] != bridge.backend}
+    if wrong:
+        raise RuntimeError(f"weight sync v{version}: stage {stage}'s leader sends over {bridge.backend}, but bridge "
+                           f"rank(s) {sorted(wrong)} receive over {sorted(set(wrong.values()))}: every bridge member "
+                           "must be made with the same device (BridgeGroup(device=...))")
+    holds = {r: None if x["holds"] is None else HeldWeights(**x["holds"]) for r, x in said.items()}
+    node_of = {r: x["node"] for r, x in said.items()}
+    device = bridge.device
 
     def route(name: str) -> tuple[int, ...]:
         return tuple(r for r in receivers if holds[r] is None or holds[r].holds(name))
@@ -193,7 +215,7 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     to_counts = dict.fromkeys(receivers, 0)
     # Two pack buffers; at most two broadcasts in flight, so bucket i is packed (or, sent as is,
     # posted) while i - 1 is on the wire; a pack buffer is refilled once its broadcast is done.
-    buffers = _SEND_BUFFERS.setdefault(bridge, [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)])
+    buffers = _SEND_BUFFERS.setdefault(bridge, [torch.empty(0, dtype=torch.uint8, device=device)] * 2)
     buffer_work: list = [None, None]
     in_flight: deque = deque()
     packed = 0
@@ -207,30 +229,33 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
                 sent.append(name)           # no receiver holds it: not sent
 
     alone = min(bucket_bytes // 4, _ALONE_BYTES)
-    for i, bucket in enumerate(_buckets(held_somewhere(), bucket_bytes, alone, key=route)):
+    for i, bucket in enumerate(_buckets(held_somewhere(), bucket_bytes, alone, key=route, device=device)):
         to = route(bucket[0][0])
+        fan = _fan_out(to, node_of)
         entries, offset = [], 0
         for name, t in bucket:
             entries.append([name, list(t.shape), str(t.dtype), offset])
             offset = _aligned(offset + _nbytes(t))
         size = entries[-1][3] + _nbytes(bucket[-1][1])
         slot = None
-        if len(bucket) == 1 and _sendable_as_is(bucket[0][1]):
+        if len(bucket) == 1 and _sendable_as_is(bucket[0][1], device):
             flat = bucket[0][1].reshape(-1).view(torch.uint8)     # as is: no copy
         else:
             slot, packed = packed % 2, packed + 1
             if buffer_work[slot] is not None:
                 buffer_work[slot].wait()
             if buffers[slot].numel() < size:
-                buffers[slot] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8)
+                buffers[slot] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8, device=device)
             flat = buffers[slot][:size]
             for (_, t), (_, _, _, off) in zip(bucket, entries):
                 flat[off:off + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t)
             stats.copied_bytes += size
-        bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries, "to": to}))
+        bridge.store.set(_key(version, stage, i), json.dumps({"bytes": size, "entries": entries, "to": to,
+                                                              "fan_out": [[h, list(p)] for h, p in fan.items()]}))
         while len(in_flight) >= 2:
             in_flight.popleft().wait()
-        work = _broadcast_async(pg if to == receivers else _route_group(bridge, stage, to), flat)
+        work = _broadcast_async(bridge.group((stage, *fan))[0], flat)
+        stats.sent_bytes += size * len(fan)
         for r in to:
             to_counts[r] += len(bucket)
         in_flight.append(work)
@@ -264,7 +289,6 @@ def _broadcast_async(pg, tensor: torch.Tensor):
 # sender's two pack buffers and a receiver's pool, per bridge.
 _SEND_BUFFERS: "weakref.WeakKeyDictionary[object, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
 _RECEIVE_POOLS: "weakref.WeakKeyDictionary[object, _BufferPool]" = weakref.WeakKeyDictionary()
-_ROUTE_GROUPS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 class _BufferPool:
@@ -293,7 +317,7 @@ class _BufferPool:
                 return buf[:nbytes]
         return None
 
-    def take(self, nbytes: int, hint: int) -> torch.Tensor:
+    def take(self, nbytes: int, hint: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         view = self._reuse(nbytes)
         # gloo's worker thread drops its reference to a finished broadcast's tensor a moment after
         # wait() returns: give it that moment before allocating another buffer
@@ -304,7 +328,7 @@ class _BufferPool:
         if view is not None:
             return view
         # Forget the oldest buffers beyond `keep`: a loader still holding views frees them later.
-        buf = torch.empty(max(nbytes, hint), dtype=torch.uint8)
+        buf = torch.empty(max(nbytes, hint), dtype=torch.uint8, device=device)
         self.allocated += 1
         self.free = self.free[-(self.keep - 1):] if self.keep > 1 else []
         self.free.append((buf, self._uses(buf)))
@@ -320,8 +344,11 @@ class WeightStream:
                  holds: HeldWeights | None = None) -> None:
         self.bridge, self.version, self.stats = bridge, version, stats
         self.holds = holds
-        # the senders route by it; they wait for every receiver's answer
-        bridge.store.set(_key(version, "holds", bridge.rank), json.dumps(None if holds is None else asdict(holds)))
+        # the senders route by it (what it holds, its node) and check the transport; they wait for
+        # every receiver's answer
+        bridge.store.set(_key(version, "holds", bridge.rank), json.dumps({
+            "holds": None if holds is None else asdict(holds), "node": bridge.node, "transport": bridge.backend}))
+        self._relays: deque = deque()       # a node head's broadcasts to its node, in flight
         self._pool = _RECEIVE_POOLS.setdefault(bridge, _BufferPool())
         self._allocated_before = self._pool.allocated
         self._hint = bucket_hint
@@ -411,6 +438,7 @@ class WeightStream:
                 pending, work, flat = posted[0], None, None
                 if isinstance(pending, dict):            # the end marker
                     meta, pending = pending, None
+            self._settle_relays(keep=0)
             sent = meta["tensors"].get(str(bridge.rank))
             if sent != arrived:
                 raise RuntimeError(f"weight sync v{self.version} stage {stage}: the sender sent this rank "
@@ -423,10 +451,26 @@ class WeightStream:
         self.finished = True
 
     def _post(self, stage: int, receivers: tuple[int, ...], meta: dict):
-        to = tuple(meta["to"])
-        pg = self.bridge.stage_group(stage)[0] if to == receivers else _route_group(self.bridge, stage, to)
-        flat = self._pool.take(meta["bytes"], self._hint)
-        return meta, _broadcast_async(pg, flat), flat
+        """Post the receive of a bucket: from the stage leader (a node head) or from this node's
+        head (the others of a node). A head passes each bucket on once it has arrived."""
+        self._settle_relays(keep=1)
+        bridge, me = self.bridge, self.bridge.rank
+        fan = {h: tuple(p) for h, p in meta["fan_out"]}
+        flat = self._pool.take(meta["bytes"], self._hint, bridge.device)
+        if me in fan:
+            work = _broadcast_async(bridge.group((stage, *fan))[0], flat)
+            if fan[me]:
+                work = _Relay(work, bridge.group((me, *fan[me]))[0], flat, self, len(fan[me]))
+        else:
+            head = next(h for h, peers in fan.items() if me in peers)
+            work = _broadcast_async(bridge.group((head, *fan[head]))[0], flat)
+        return meta, work, flat
+
+    def _settle_relays(self, keep: int) -> None:
+        """Wait for this head's broadcasts to its node until ``keep`` are left in flight (each holds
+        a receive buffer: they are part of the two or three)."""
+        while len(self._relays) > keep:
+            self._relays.popleft().wait()
 
     def _views(self, work, flat: torch.Tensor, entries: list, post_next) -> Iterator[tuple[str, torch.Tensor]]:
         """The bucket's tensors. The next bucket's broadcast is posted once the loader asks for
@@ -441,6 +485,23 @@ class WeightStream:
                 n *= d
             self.stats.tensors += 1
             yield name, flat[off:off + n * _ITEMSIZE[dt]].view(dt).view(shape)
+
+
+class _Relay:
+    """A node head's receive: once the bucket has arrived from the sender, it is broadcast on to
+    the head's node (the head's wait() returns then; the relay completes in the background)."""
+
+    def __init__(self, first, pg, flat: torch.Tensor, stream: "WeightStream", peers: int) -> None:
+        self.first, self.pg, self.flat, self.stream, self.peers = first, pg, flat, stream, peers
+
+    def wait(self) -> None:
+        if self.first is None:
+            return
+        self.first.wait()
+        self.first = None
+        self.stream._relays.append(_broadcast_async(self.pg, self.flat))
+        self.stream.stats.relayed_bytes += self.flat.numel() * self.peers
+        self.flat = None
 
 
 def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None,
