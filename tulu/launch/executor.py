@@ -199,7 +199,9 @@ def submit_call(fn, *args, name: str, run_dir: Path, cluster, after_ok: str | No
                   # one thread per core we asked for: a tiny model gains nothing from more and
                   # oversubscribed cores stall sampling (12 vs 183 samples/s seen on 2 busy cores)
                   setup=[f"export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false "
-                         f"OMP_NUM_THREADS={cluster.cpus_per_task}"],
+                         f"OMP_NUM_THREADS={cluster.cpus_per_task}",
+                         # the job's own environment (e.g. HF_HUB_CACHE/HF_HUB_OFFLINE), as its tasks get it
+                         *(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items())],
                   additional_parameters=dependency_parameters(after_ok))
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cluster, key):

@@ -9,6 +9,8 @@ every rank then reads offline). See `tulu.train.data` for the prepared folder.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 from tulu.config.job import JobConfig, config_from_dict
@@ -43,11 +45,27 @@ def describe(cfg: JobConfig) -> str | None:
     return f"data: {cfg.data.train}: training rank 0 tokenizes it ({where})"
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """``cluster.env`` as the job's tasks see it (e.g. HF_HUB_CACHE, HF_HUB_OFFLINE), undone after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def prepare(cfg_dict: dict) -> dict:
     """The preparation job's task (also run in-process for the local executor)."""
     cfg = config_from_dict(cfg_dict)
     t0 = time.perf_counter()
-    summary = prepare_stage_data(cfg, tokenizer_name(cfg.model), num_proc=cfg.cluster.cpus_per_task)
+    with _environment(cfg.cluster.env):
+        summary = prepare_stage_data(cfg, tokenizer_name(cfg.model), num_proc=cfg.cluster.cpus_per_task)
     print(f"prepared {summary['rows']} rows of {cfg.data.train} ({time.perf_counter() - t0:.1f} s; "
           f"skipped {summary['skipped'] or 'none'})", flush=True)
     return summary
