@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["hf_state_dict_to_megatron", "iter_hf_weights", "megatron_to_hf_state_dict"]
+__all__ = ["hf_state_dict_to_megatron", "hf_weight_index", "iter_hf_weights", "megatron_to_hf_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,52 @@ def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
         if mname.endswith("_extra_state") or t is None:
             continue
         yield from _hf_tensors(_strip_prefix(mname), t, layer_of, s)
+
+
+def _hf_shapes(mname: str, t: torch.Tensor, layer_of: dict[int, int], s: _Shapes) -> list[tuple[str, list[int]]]:
+    """The HF names and full shapes :func:`_hf_tensors` yields for ``mname``, from the local
+    shard's shape alone (no gather)."""
+    shape = list(t.shape)
+    if mname in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return [("model.embed_tokens.weight" if mname.startswith("embedding") else "lm_head.weight",
+                 [s.vocab, *shape[1:]])]
+    if mname == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", shape)]
+    parts = mname.split(".")
+    local, rest = int(parts[2]), ".".join(parts[3:])
+    p = f"model.layers.{layer_of[local]}."
+    if rest == "input_layernorm.weight":
+        return [(p + "input_layernorm.weight", shape)]
+    if rest == "pre_mlp_layernorm.weight":
+        return [(p + "post_attention_layernorm.weight", shape)]
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind, tail = rest.rsplit(".", 1)[1], shape[1:]
+        return [(f"{p}self_attn.q_proj.{kind}", [s.heads * s.head_dim, *tail]),
+                (f"{p}self_attn.k_proj.{kind}", [s.groups * s.head_dim, *tail]),
+                (f"{p}self_attn.v_proj.{kind}", [s.groups * s.head_dim, *tail])]
+    if rest in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
+        name = "self_attn.o_proj.weight" if rest.startswith("self") else "mlp.down_proj.weight"
+        return [(p + name, [shape[0], shape[1] * s.tp])]
+    if rest == "mlp.linear_fc1.weight":
+        half = [shape[0] // 2 * s.tp, *shape[1:]]
+        return [(p + "mlp.gate_proj.weight", half), (p + "mlp.up_proj.weight", list(half))]
+    raise KeyError(f"no HF mapping for Megatron tensor {mname!r}")
+
+
+def hf_weight_index(model, hf_config) -> list[list]:
+    """``[hf_name, shape, dtype]`` of every tensor :func:`iter_hf_weights` yields for this
+    pipeline stage, in the same order, without gathering anything: the weight sync's up-front
+    index (``send_weights(..., index=...)``), so receivers check and size the whole update before
+    the first bucket."""
+    s = _shapes(hf_config)
+    model = getattr(model, "module", model)
+    layer_of = _local_layers(model)
+    out = []
+    for mname, t in model.state_dict(keep_vars=True).items():
+        if mname.endswith("_extra_state") or t is None:
+            continue
+        out.extend([name, shape, str(t.dtype)] for name, shape in _hf_shapes(_strip_prefix(mname), t, layer_of, s))
+    return out
 
 
 def megatron_to_hf_state_dict(model, hf_config) -> dict[str, torch.Tensor]:

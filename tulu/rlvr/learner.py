@@ -46,7 +46,7 @@ from tulu.checkpoint import CheckpointManager, fingerprint
 from tulu.config.job import ConfigError
 from tulu.dist import groups as tdist
 from tulu.dist.weight_sync import send_weights
-from tulu.models.convert import iter_hf_weights
+from tulu.models.convert import hf_weight_index, iter_hf_weights
 from tulu.rewards import RewardConfig, RewardScorer
 from tulu.rl.advantages import grpo_advantages
 from tulu.rl.reward import verifier_accuracy
@@ -258,8 +258,10 @@ class Learner:
             return {}
         named = iter_hf_weights(self.policy.module, self.source.hf_config)
         if self.sends_weights:
+            # the stage's whole [name, shape, dtype] list goes first: engines check it up front
             st = send_weights(self.bridge, self.ctx.role.pp_rank, named, version=self.step,
-                              bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20))
+                              bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
+                              index=hf_weight_index(self.policy.module, self.source.hf_config))
             return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets,
                     "weight_sync_send_s": st.seconds}
         for _ in named:  # TP peers: the gather is collective
@@ -274,7 +276,8 @@ class Learner:
         named = iter_hf_weights(self.reference, self.source.hf_config)
         if self.sends_weights:
             send_weights(self.bridge, self.ctx.role.pp_rank, named, version=protocol.REFERENCE_VERSION,
-                         bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20))
+                         bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
+                         index=hf_weight_index(self.reference, self.source.hf_config))
         else:
             for _ in named:  # TP peers: the gather is collective
                 pass
