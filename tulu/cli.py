@@ -278,27 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group", choices=["inference", "training"], help="only this group's ranks")
     sp.set_defaults(func=cmd_logs)
 
-    sp = add("status", "state, restarts, nodes, last step and the monitor's last report")
-    sp.add_argument("job", help=job_help)
-    sp.set_defaults(func=cmd_status)
+    for name, help_, func in (("status", "state, restarts, nodes, last step and the monitor's last report", cmd_status),
+                              ("cancel", "cancel a Slurm job", cmd_cancel)):
+        sp = add(name, help_)
+        sp.add_argument("job", help=job_help)
+        sp.set_defaults(func=func)
 
-    sp = add("cancel", "cancel a Slurm job")
-    sp.add_argument("job", help=job_help)
-    sp.set_defaults(func=cmd_cancel)
-
-    sp = add("score", "score a jsonl of completions with the RLVR verifiers",
-             description="Score a JSONL of completions (dataset, ground_truth, completion per line) with the\n"
-                         "RLVR verifiers; --out gets each row with reward and verified added (never the input).",
-             epilog="example:\n  tulu score completions.jsonl --out scored.jsonl --workers 2")
-    score_cli.add_arguments(sp)
-    sp.set_defaults(func=cmd_score)
-
-    sp = add("export", "export a verified checkpoint as a Hugging Face folder",
-             description="Export a verified training checkpoint as a Hugging Face model folder that transformers\n"
-                         "and vLLM load. OUT must be new or empty (--force replaces it); it appears whole.",
-             epilog="example:\n  tulu export runs/tiny-cpu/rlvr/checkpoints hf/tiny-rlvr")
-    export.add_arguments(sp)
-    sp.set_defaults(func=cmd_export)
+    # subcommands whose module owns its arguments
+    for name, module, func, help_, description, example in (
+            ("score", score_cli, cmd_score, "score a jsonl of completions with the RLVR verifiers",
+             "Score a JSONL of completions (dataset, ground_truth, completion per line) with the\n"
+             "RLVR verifiers; --out gets each row with reward and verified added (never the input).",
+             "tulu score completions.jsonl --out scored.jsonl --workers 2"),
+            ("export", export, cmd_export, "export a verified checkpoint as a Hugging Face folder",
+             "Export a verified training checkpoint as a Hugging Face model folder that transformers\n"
+             "and vLLM load. OUT must be new or empty (--force replaces it); it appears whole.",
+             "tulu export runs/tiny-cpu/rlvr/checkpoints hf/tiny-rlvr")):
+        sp = add(name, help_, description=description, epilog=f"example:\n  {example}")
+        module.add_arguments(sp)
+        sp.set_defaults(func=func)
     return p
 
 
