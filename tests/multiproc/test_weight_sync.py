@@ -154,3 +154,37 @@ def _mixed_transports(rank, world_size, port):
 def test_a_leader_refuses_receivers_on_another_transport_before_sending():
     res = run_distributed(_mixed_transports, 2, free_port(), init_process_group=False, timeout=60)
     assert "sends over gloo, but bridge rank(s) [1] receive over ['nccl']" in res[0]
+
+
+def _slow_stage0(rank, world_size, port):
+    import time
+
+    from tulu.dist.weight_sync import HeldWeights
+
+    bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=2, timeout_s=60)
+    model = _model_tensors()
+    stages = [[x for x in model if not x[0].startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))],
+              [x for x in model if x[0].startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))]]
+    if rank < 2:
+        def slow(named):            # stage 0's gather takes 3 s before its first tensor
+            if rank == 0:
+                time.sleep(3.0)
+            yield from named
+        index = [[n, list(t.shape), str(t.dtype)] for n, t in stages[rank]]
+        send_weights(bridge, rank, slow(stages[rank]), version=1, bucket_bytes=4096, index=index)
+        return time.monotonic()
+    holds = (HeldWeights(first_layer=2, end_layer=4, embedding=False, head=True) if rank == 2 else   # engine PP 1
+             HeldWeights(first_layer=0, end_layer=2, embedding=True, head=False))                   # engine PP 0
+    names = sorted(n for n, _ in receive_weights(bridge, version=1, holds=holds))
+    return {"names": names, "done": time.monotonic()}
+
+
+def test_an_engine_stage_does_not_wait_for_training_stages_that_hold_none_of_its_layers():
+    res = run_distributed(_slow_stage0, 4, free_port(), init_process_group=False, timeout=120)
+    stage0_done = res[0]
+    assert res[2]["names"] == sorted(["model.layers.2.input_layernorm.weight", "model.layers.2.mlp.down_proj.weight",
+                                      "model.layers.3.input_layernorm.weight", "model.layers.3.mlp.down_proj.weight",
+                                      "model.norm.weight", "lm_head.weight"])
+    assert res[2]["done"] < stage0_done - 1.5         # it finished while stage 0 was still gathering
+    assert res[3]["done"] > stage0_done - 0.5         # engine PP 0 needed stage 0
+    assert len(res[2]["names"]) + len(res[3]["names"]) == len(_model_tensors())

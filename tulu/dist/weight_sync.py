@@ -221,8 +221,15 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
     packed = 0
     sent: list[str] = []
 
+    announced = None if index is None else {e[0] for e in index}
+
     def held_somewhere():
         for name, t in named:
+            if announced is not None and name not in announced:
+                # receivers that hold nothing announced skip the stage: sending it would hang them
+                raise RuntimeError(f"weight sync stage {stage} v{version}: {name!r} is not in the stage's "
+                                   f"announced index of {len(index)} tensors (send_weights(index=...) must "
+                                   "list every tensor sent)")
             if route(name):
                 yield name, t
             else:
@@ -411,9 +418,15 @@ class WeightStream:
     def _receive(self):
         stats, bridge = self.stats, self.bridge
         t0 = time.perf_counter()
+        for stage in range(bridge.num_stages):           # every receiver joins every stage's group first
+            bridge.stage_group(stage)                    # (their senders wait), so none waits on another
         for stage in range(bridge.num_stages):
-            bridge.stage_group(stage)                    # every receiver joins it (the sender waits)
-            self._stage_index(stage)
+            index = self._stage_index(stage)
+            if index is not None and self.holds is not None and not any(self.holds.holds(n) for n, _, _ in index):
+                # announced, and none of it is ours: no need to wait for this stage's end (a
+                # vLLM PP rank starts on the training stages that hold its layers at once)
+                stats.per_stage_seconds[stage] = 0.0
+                continue
             receivers = tuple(range(bridge.num_stages, bridge.size))
             mine = self._mine(stage)
             arrived = 0
