@@ -92,8 +92,9 @@ def model_plan_lines(configs: list[str], links) -> list[dict]:
     from tulu.dist.sync_model import TP_SHARDING_LIMITS, model_sync
 
     out = []
+    root = Path(__file__).resolve().parents[1]
     for config in configs:
-        cfg = load_config(config)
+        cfg = load_config(config if Path(config).exists() else str(root / config))
         m = model_sync(cfg, links=links)
         out.append({"bench": "weight_sync_scale", "config": config, "model": cfg.model.name_or_path, **m["facts"]})
         for p in m["designs"].values():
@@ -134,8 +135,7 @@ def main() -> None:
 
         links = Links(ib_gbit_per_nic=a.ib_gbit, nics_per_node=a.nics_per_node, nvlink_gbyte=a.nvlink_gbyte,
                       gloo_tcp_gbyte=a.tcp_gbyte, efficiency=a.efficiency)
-        root = Path(__file__).resolve().parents[1]
-        configs = a.model_plan or [str(root / "configs/tulu3-405b-rlvr.yaml"), str(root / "configs/tulu3-8b-rlvr.yaml")]
+        configs = a.model_plan or ["configs/tulu3-405b-rlvr.yaml", "configs/tulu3-8b-rlvr.yaml"]
         lines = model_plan_lines(configs, links)
         out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
                                          f"weight_sync_scale-{time.strftime('%Y-%m-%d')}.jsonl")
