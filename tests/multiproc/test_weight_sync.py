@@ -23,7 +23,7 @@ def _sync(rank, world_size, port, bucket_bytes):
         # stage 0 sends a list (its index is announced up front), stage 1 a generator (it is not)
         named = _stage_tensors(rank) if rank == 0 else iter(_stage_tensors(rank))
         st = send_weights(bridge, rank, named, version=1, bucket_bytes=bucket_bytes)
-        return {"buckets": st.buckets, "copied": st.copied_bytes}
+        return {"buckets": st.buckets, "copied": st.copied_bytes, "inline": st.inline_tensors}
     stats = SyncStats()
     expected = dict(_stage_tensors(0) + _stage_tensors(1))
     names, exact = [], []
@@ -33,7 +33,7 @@ def _sync(rank, world_size, port, bucket_bytes):
         names.append(name)
         exact.append(t.dtype == expected[name].dtype and torch.equal(t, expected[name]))
     return {"names": names, "exact": exact, "buckets": stats.buckets, "announced": announced,
-            "tensors": stats.tensors}
+            "tensors": stats.tensors, "inline": stats.inline_tensors}
 
 
 def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
@@ -45,11 +45,13 @@ def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
         assert res[r]["announced"] == [True, False]
         assert res[r]["tensors"] == 8
     # 20 kB buckets: contiguous tensors of a quarter bucket or more (the 12 kB matrices, the 77 kB
-    # lm_head) go alone, from their own memory; the tiny bf16 vector too (nothing to pack it with);
-    # only the strided norm (64 floats) is copied into a bucket buffer.
-    assert res[0]["buckets"] == 3 and res[1]["buckets"] == 5
-    assert res[0]["copied"] == 0 and res[1]["copied"] == 64 * 4
-    assert res[2]["buckets"] == 8
+    # lm_head) go alone, from their own memory; buckets of a 64th of that or less (the 128 B bf16
+    # vector, the strided 256 B norm) ride in the next bucket's metadata (or, last, alone in the
+    # store): nothing is copied into a bucket buffer.
+    assert res[0]["buckets"] == 2 and res[1]["buckets"] == 3
+    assert res[0]["inline"] == 1 and res[1]["inline"] == 2
+    assert res[0]["copied"] == 0 and res[1]["copied"] == 0
+    assert res[2]["buckets"] == 5 and res[2]["inline"] == 3
 
 
 def _model_tensors() -> list[tuple[str, torch.Tensor]]:
@@ -107,7 +109,7 @@ def _fanned(rank, world_size, port):
     for version in (1, 2):
         if rank == 0:
             st = send_weights(bridge, 0, _model_tensors(), version=version, bucket_bytes=4096)
-            out[version] = {"bytes": st.bytes, "sent": st.sent_bytes}
+            out[version] = {"bytes": st.bytes, "sent": st.sent_bytes, "wire": st.bytes - st.inline_bytes}
             continue
         # v1: every receiver holds everything; v2: node a is an engine's PP stage 0 (TP2), node b its stage 1
         holds = None if version == 1 else (stage0 if NODES[rank] == "a" else stage1)
@@ -115,26 +117,27 @@ def _fanned(rank, world_size, port):
         sent = dict(_model_tensors())
         got = {n: torch.equal(t, sent[n]) for n, t in receive_weights(bridge, version=version, stats=stats, holds=holds)}
         out[version] = {"names": sorted(got), "exact": all(got.values()), "bytes": stats.bytes,
-                        "relayed": stats.relayed_bytes}
+                        "relayed": stats.relayed_bytes, "wire": stats.bytes - stats.inline_bytes}
     return out
 
 
 def test_a_node_gets_each_bucket_once_and_passes_it_on_to_its_other_receivers():
     res = run_distributed(_fanned, 5, free_port(), init_process_group=False, timeout=120)
     every = sorted(n for n, _ in _model_tensors())
-    total = res[0][1]["bytes"]
+    total, wire = res[0][1]["bytes"], res[0][1]["wire"]     # wire: not carried in the store (the norms)
+    assert 0 < wire < total
     # unrouted: both nodes need everything; the leader sends it once per node, not once per rank
-    assert res[0][1]["sent"] == 2 * total
+    assert res[0][1]["sent"] == 2 * wire
     for r in (1, 2, 3, 4):
         assert res[r][1]["names"] == every and res[r][1]["exact"] and res[r][1]["bytes"] == total
     # the first receiver of each node passes each bucket on to the other one
-    assert [res[r][1]["relayed"] for r in (1, 2, 3, 4)] == [total, 0, total, 0]
+    assert [res[r][1]["relayed"] for r in (1, 2, 3, 4)] == [wire, 0, wire, 0]
     # routed + fanned out: each stage's bytes cross to one node, once; both ranks there get them
-    assert res[0][2]["sent"] == res[0][2]["bytes"] == total
+    assert res[0][2]["sent"] == res[0][2]["wire"] == wire
     assert res[1][2]["names"] == res[2][2]["names"] != res[3][2]["names"] == res[4][2]["names"]
     assert res[1][2]["bytes"] + res[3][2]["bytes"] == total
     assert all(res[r][2]["exact"] for r in (1, 2, 3, 4))
-    assert [res[r][2]["relayed"] for r in (1, 2, 3, 4)] == [res[1][2]["bytes"], 0, res[3][2]["bytes"], 0]
+    assert [res[r][2]["relayed"] for r in (1, 2, 3, 4)] == [res[1][2]["wire"], 0, res[3][2]["wire"], 0]
 
 
 def _mixed_transports(rank, world_size, port):
