@@ -65,6 +65,7 @@ class MonitorConfig:
     log_globs: list[str] = field(default_factory=list)  # rank logs scanned for NCCL verdicts (set by the job)
     stack_wait_s: float = 3.0              # how long to wait for faulthandler dumps
     use_py_spy: bool = True
+    agent_wait_s: float = 15.0             # how long the sidecar waits for a node agent's stacks
     act: bool = True                       # False: report only (never requeue or cancel)
     kill_ranks_on_fault: bool = False      # without Slurm: SIGKILL local ranks after the report
     sidecar_wait_s: float = 30.0           # on_exit waits this long for a busy sidecar

@@ -41,7 +41,7 @@ from monitoring.detect import Detector, Fault
 from monitoring.logscan import LogFinding, scan_logs, srun_failed_tasks
 from monitoring.progress import meta_path
 from monitoring.record import STATE_EXITED, STATE_FAILED, RankRecord
-from monitoring.stacks import RankStack, collect_stacks, innermost_frame
+from monitoring.stacks import RankStack, collect_stacks, innermost_frame, on_node
 from monitoring.storage import StorageFault, fault_from_text, files_for, say
 
 __all__ = ["Culprit", "HangReport", "name_culprits", "diagnose", "write_report",
@@ -175,6 +175,7 @@ class HangReport:
     files: dict = field(default_factory=dict)
     storage: dict = field(default_factory=dict)   # kind "storage": the StorageFault; always:
     #                                               the monitor's own failed writes
+    agents: dict = field(default_factory=dict)    # node -> did its monitor agent answer
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -205,10 +206,16 @@ class HangReport:
             lines += ["", "log findings:"]
             lines += [f"  [{f['kind']}] rank {f['rank']} {Path(f['file']).name}:{f['line_no']}: "
                       f"{f['line'][:200]}" for f in self.log_findings[:30]]
+        if self.agents:
+            lines += ["", "node agents:"]
+            lines += [f"  {n}: " + (f"answered in {a.get('seconds')} s (ranks {a.get('ranks')})"
+                                    if a.get("answered") else f"NO ANSWER: {a.get('note', '')}")
+                      for n, a in sorted(self.agents.items())]
         if self.stacks:
             lines += ["", "stacks:"]
             for rank, s in sorted(self.stacks.items(), key=lambda kv: int(kv[0])):
-                lines.append(f"--- rank {rank} ({s['method']}) {s['proc_state']} {s['note']}")
+                on = f" on {s['node']}" if s.get("node") else ""
+                lines.append(f"--- rank {rank}{on} ({s['method']}) {s['proc_state']} {s['note']}")
                 lines += ["    " + t for t in s["text"].rstrip().splitlines()[:60]]
         return "\n".join(lines) + "\n"
 
@@ -282,8 +289,12 @@ def storage_fault_of(records: list[RankRecord | None],
 def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str | os.PathLike,
              cfg: MonitorConfig, detector: Detector | None = None,
              alive: dict[int, bool | None] | None = None, job_id: str | None = None,
-             attempt: int = 0, collect: bool = True, host: str | None = None) -> HangReport:
-    """Collect the evidence for ``fault`` and build its report (does not write it)."""
+             attempt: int = 0, collect: bool = True, host: str | None = None,
+             node: str | None = None) -> HangReport:
+    """Collect the evidence for ``fault`` and build its report (does not write it). With
+    ``node`` (the sidecar's Slurm node: node agents run), the stacks of ranks on other nodes
+    come from their nodes' agents (`monitoring.agent`); an agent that does not answer within
+    ``cfg.agent_wait_s`` is named in ``agents`` and in those ranks' stack notes."""
     host = host or socket.gethostname()
     present = [r for r in records if r is not None]
     alive = alive or {}
@@ -291,10 +302,19 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
     fr: dict = {}
     live = [r for r in present if r.state not in (STATE_EXITED, STATE_FAILED)
             and alive.get(r.rank) is not False]
+    agents: dict = {}
     if collect and fault.kind != "crash" and live:
+        from monitoring import agent
+
+        remote = [r for r in live if node and not on_node(r, host, node)]
+        asked = (agent.request_stacks(monitor_dir, remote, wait_s=cfg.stack_wait_s,
+                                      use_py_spy=cfg.use_py_spy) if remote else None)
         fr = request_flight_recorder_dumps(monitor_dir, live)
         stacks = collect_stacks(monitor_dir, live, host, wait_s=cfg.stack_wait_s,
-                                use_py_spy=cfg.use_py_spy)
+                                use_py_spy=cfg.use_py_spy, node=node)
+        if asked is not None:
+            theirs, agents = agent.gather_stacks(monitor_dir, asked, cfg.agent_wait_s)
+            stacks.update(theirs)
     # "{job_id}" in a glob narrows the scan to this job's logs: a run folder collects the logs
     # of every job submitted into it, and another job's srun lines must not name the culprit.
     globs = [g.replace("{job_id}", str(job_id)) if job_id else g for g in cfg.log_globs]
@@ -328,6 +348,10 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
     else:
         summary = (f"{fault.kind}: no culprit rank identified; {fault.detail}. All ranks wait in "
                    f"the same place: suspect the network/collective (see the NCCL findings).")
+    silent = sorted(n for n, a in agents.items() if not a.get("answered"))
+    if silent:
+        summary += (f" The monitor agent(s) on {', '.join(silent)} did not answer within "
+                    f"{cfg.agent_wait_s:.0f} s: those ranks' stacks and states are unknown.")
     timeouts = {}
     if detector is not None:
         timeouts = {"learned": detector.learned_timeouts(),
@@ -341,7 +365,8 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
         ranks=[r.to_dict() for r in present], stacks={str(k): v.to_dict() for k, v in
                                                       stacks.items()},
         log_findings=[f.to_dict() for f in findings], timeouts=timeouts, flight_recorder=fr,
-        reporter={"host": host, "pid": os.getpid()}, storage=storage)
+        reporter={"host": host, "node": node or "", "pid": os.getpid()}, storage=storage,
+        agents=agents)
 
 
 def write_report(monitor_dir: str | os.PathLike, report: HangReport) -> Path | None:

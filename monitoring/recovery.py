@@ -459,11 +459,13 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
     1. export ``TULU_MONITOR_DIR`` and ``TULU_ATTEMPT`` (srun passes them to every task, so
        ``ProgressTracker.from_env`` finds the monitor) and ``TULU_MONITOR_START`` (records older
        than it were left by an earlier job in the same run folder);
-    2. start the sidecar in the background, its log in the monitor dir;
+    2. start the sidecar in the background, its log in the monitor dir; under Slurm also one
+       monitor agent per node (`monitoring.agent`: one ``srun --overlap`` step, its log beside
+       the sidecar's), which reads its node's pids and stacks for the sidecar;
     3. ``trap 'exit 143' TERM`` (without it, bash killed by Slurm's SIGTERM runs the EXIT trap
        with ``$?`` = 0, the last command's status) and an EXIT trap that passes srun's status
        to ``python -m monitoring.on_exit`` (the crash -> requeue decision), stops the sidecar,
-       and exits with on_exit's status.
+       and exits with on_exit's status (the agents' step ends with it, or with the job).
 
     Every path is shell-quoted; python is ``sys.executable`` unless given."""
     cfg = cfg or MonitorConfig()
@@ -476,6 +478,14 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
               f"--job-id \"${{SLURM_JOB_ID:-}}\" --attempt \"$TULU_ATTEMPT\" "
               f"--config-json {q(cfg.to_json())}")
     log = f"{d}/\"monitor_${{SLURM_JOB_ID:-local}}_${{TULU_ATTEMPT}}.log\""
+    agent_log = f"{d}/\"agents_${{SLURM_JOB_ID:-local}}_${{TULU_ATTEMPT}}.log\""
+    # One task per node, sharing the job's CPUs and memory (--overlap), no stdin, never
+    # ending the job (--kill-on-bad-exit=0); the main step does not wait for it. srun's own
+    # messages go to the agents' log: "task 1: Killed" in the batch log would blame a rank.
+    agents = (f"srun --overlap --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks=\"$SLURM_JOB_NUM_NODES\" "
+              f"--ntasks-per-node=1 --cpus-per-task=1 --mem-per-cpu=0 --kill-on-bad-exit=0 "
+              f"--job-name=tulu-monitor-agents --output={agent_log} --open-mode=append --input=none "
+              f"env {env} {py} -m monitoring.agent {common} </dev/null 2>> {agent_log} &")
     return [
         "# tulu-hpc health monitor (monitoring.recovery.setup_lines)",
         f"export TULU_MONITOR_DIR={d}",
@@ -486,13 +496,15 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
         f"mkdir -p {d}",
         f"{env} {py} -m monitoring.sidecar {common} >> {log} 2>&1 &",
         "TULU_SIDECAR_PID=$!",
+        "TULU_AGENTS_PID=",
+        f"if [ -n \"${{SLURM_JOB_ID:-}}\" ]; then {agents} TULU_AGENTS_PID=$!; fi",
         "_tulu_on_exit() {",
         "  local rc=$?",
         "  trap - EXIT TERM",
         f"  {env} {py} -m monitoring.on_exit --rc \"$rc\" --sidecar-pid \"$TULU_SIDECAR_PID\" "
         f"{common} >> {log} 2>&1",
         "  local decided=$?",
-        "  kill \"$TULU_SIDECAR_PID\" 2>/dev/null",
+        "  kill \"$TULU_SIDECAR_PID\" $TULU_AGENTS_PID 2>/dev/null",
         "  exit \"$decided\"",
         "}",
         "trap 'exit 143' TERM",

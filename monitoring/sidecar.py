@@ -4,8 +4,8 @@
                                  [--config-json '{"check_interval_s": 5, ...}']
 
 Every ``check_interval_s`` it reads the records (plain ``pread``s: a stopped, deadlocked or
-dead rank cannot block it), checks which local pids are still alive, and runs the
-`Detector`. On the first fault it diagnoses (stacks, logs, culprits), writes the report, and
+dead rank cannot block it), checks which pids on its node are still alive (those on other
+nodes: from their node agents' heartbeats, `monitoring.agent`), and runs the `Detector`. On the first fault it diagnoses (stacks, logs, culprits), writes the report, and
 hands the decision to `monitoring.recovery.handle_fault` (requeue / stop). Then it exits:
 after a requeue Slurm ends the job anyway, and one report per attempt is enough.
 
@@ -33,9 +33,11 @@ from pathlib import Path
 
 from monitoring.config import MonitorConfig
 from monitoring.detect import Detector, Fault
+from monitoring.agent import agent_liveness, rank_alive
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
 from monitoring.recovery import handle_fault, settle_pending_requeues
+from monitoring.stacks import on_node
 from monitoring import slurm, storage
 
 __all__ = ["Sidecar", "pid_alive", "main", "EXIT_FAULT", "EXIT_REQUEUE_FAILED"]
@@ -50,22 +52,12 @@ def _no_logs(cfg: MonitorConfig) -> MonitorConfig:
     return MonitorConfig.from_dict({**cfg.to_dict(), "log_globs": []})
 
 
-def pid_alive(r: RankRecord, host: str) -> bool | None:
+def pid_alive(r: RankRecord, host: str, node: str | None = None) -> bool | None:
     """False if rank r's process is known gone (or a zombie, or the pid was reused), None if
-    it runs on another host (cannot tell), True otherwise."""
-    if r.host != host:
+    it runs on another host or node (cannot tell from here), True otherwise."""
+    if not on_node(r, host, node):
         return None
-    try:
-        import psutil
-
-        p = psutil.Process(r.pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if r.proc_start and abs(p.create_time() - r.proc_start) > 1.0:
-            return False   # the pid now belongs to another process
-        return True
-    except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied on a dying process
-        return os.path.exists(f"/proc/{r.pid}")
+    return rank_alive(r)
 
 
 def log(msg: str, **fields) -> None:
@@ -87,10 +79,12 @@ def log(msg: str, **fields) -> None:
 class Sidecar:
     def __init__(self, monitor_dir: str | os.PathLike, world_size: int, cfg: MonitorConfig,
                  *, job_id: str | None = None, attempt: int = 0, host: str | None = None,
-                 clock=time.time) -> None:
+                 node: str | None = None, clock=time.time) -> None:
         self.dir = Path(monitor_dir)
         self.world_size, self.cfg, self.job_id, self.attempt = world_size, cfg, job_id, attempt
         self.host = host or socket.gethostname()
+        # Under Slurm, the node it runs on: ranks of other nodes are the node agents' to see.
+        self.node = node if node is not None else os.environ.get("SLURMD_NODENAME") or None
         self.clock = clock
         self.since = monitor_start()   # records older than this job's start are not its own
         self.detector = Detector(cfg, world_size, attempt, start_time=clock())
@@ -127,8 +121,13 @@ class Sidecar:
 
     def snapshot(self) -> tuple[list[RankRecord | None], dict[int, bool | None]]:
         records = read_all(self.dir, self.world_size, since=self.since)
-        alive = {r.rank: pid_alive(r, self.host) for r in records
-                 if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING}
+        running = [r for r in records
+                   if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING]
+        alive = {r.rank: pid_alive(r, self.host, self.node) for r in running}
+        remote = [r for r in running if alive[r.rank] is None and self.node]
+        if remote:   # a heartbeat older than 3 rounds (and 10 s) says nothing any more
+            alive.update(agent_liveness(self.dir, remote,
+                                        max(3 * self.cfg.check_interval_s, 10.0)))
         return records, alive
 
     def check_once(self) -> list[Fault]:
@@ -146,7 +145,7 @@ class Sidecar:
             records = [r if r is not None and r.attempt == self.attempt else None
                        for r in records]
             kw = dict(monitor_dir=self.dir, cfg=self.cfg, detector=self.detector, alive=alive,
-                      job_id=self.job_id, attempt=self.attempt, host=self.host)
+                      job_id=self.job_id, attempt=self.attempt, host=self.host, node=self.node)
             try:
                 report = diagnose(fault, records, **kw)
             except OSError as e:   # stacks or logs unreadable/unwritable: decide without them
@@ -176,14 +175,14 @@ class Sidecar:
         is delivered asynchronously, and a rank must not step between this and the requeue."""
         killed = []
         for r in records:
-            if r is not None and r.host == self.host and pid_alive(r, self.host):
+            if r is not None and pid_alive(r, self.host, self.node):
                 try:
                     os.kill(r.pid, signal.SIGKILL)
                     killed.append(r)
                 except OSError:
                     pass
         deadline = time.monotonic() + wait_s
-        while any(pid_alive(r, self.host) for r in killed) and time.monotonic() < deadline:
+        while any(pid_alive(r, self.host, self.node) for r in killed) and time.monotonic() < deadline:
             time.sleep(0.01)
         return [f"rank {r.rank} pid {r.pid}" for r in killed]
 
@@ -203,7 +202,8 @@ class Sidecar:
 
     def run(self, max_seconds: float | None = None) -> int:
         log("watching", monitor_dir=str(self.dir), world_size=self.world_size,
-            job_id=self.job_id, attempt=self.attempt, host=self.host, pid=os.getpid())
+            job_id=self.job_id, attempt=self.attempt, host=self.host, node=self.node,
+            pid=os.getpid())
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         while deadline is None or time.monotonic() < deadline:
             try:

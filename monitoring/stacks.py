@@ -6,7 +6,9 @@
   so faulthandler is useless. ``py-spy dump --nonblocking`` reads its memory without resuming
   it, when py-spy is installed and ptrace is allowed; otherwise /proc's state and wchan say
   at least where the kernel holds it.
-- A rank on another host: not reachable from the sidecar (noted in the report).
+- A rank on another node: its pid means nothing here (another host, or another PID namespace
+  on the isolated local Slurm); that node's agent gathers it the same way (`monitoring.agent`).
+  A process is local when its record names this host and, under Slurm, this node (`on_node`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from monitoring.progress import STACK_DUMP_SIGNAL, stack_file
 from monitoring.record import RankRecord
 
-__all__ = ["RankStack", "collect_stacks", "proc_state", "innermost_frame"]
+__all__ = ["RankStack", "collect_stacks", "on_node", "proc_state", "innermost_frame"]
 
 
 @dataclass(slots=True)
@@ -32,10 +34,17 @@ class RankStack:
     text: str = ""
     note: str = ""
     proc_state: str = ""  # /proc/<pid>/status State, e.g. "S (sleeping)", "T (stopped)"
+    node: str = ""        # the node whose process table it was read from ("" = the sidecar's)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "method": self.method, "proc_state": self.proc_state,
-                "note": self.note, "text": self.text}
+                "note": self.note, "text": self.text, "node": self.node}
+
+
+def on_node(r: RankRecord, host: str, node: str | None) -> bool:
+    """Whether rank r's pid is meaningful here: same host and, when this process knows its
+    Slurm node (``node``), the same node (local Slurm nodes share a host, not a PID namespace)."""
+    return r.host == host and (not node or r.node == node)
 
 
 def proc_state(pid: int) -> str:
@@ -73,14 +82,17 @@ def _py_spy(pid: int, timeout: float = 10.0) -> tuple[str, str]:
 
 
 def collect_stacks(monitor_dir: str | os.PathLike, records: list[RankRecord], host: str,
-                   wait_s: float = 3.0, use_py_spy: bool = True) -> dict[int, RankStack]:
-    """Stacks of the given ranks; signals are sent to all local ranks at once, then gathered."""
+                   wait_s: float = 3.0, use_py_spy: bool = True,
+                   node: str | None = None) -> dict[int, RankStack]:
+    """Stacks of the given ranks; signals are sent to all local ranks at once, then gathered.
+    A rank not on this host/node (`on_node`) gets a "none" stack saying so."""
     result: dict[int, RankStack] = {}
     pending: dict[int, Path] = {}
     for r in records:
-        if r.host != host:
-            result[r.rank] = RankStack(r.rank, "none", note=f"on host {r.host}, not reachable "
-                                       f"from the sidecar's host {host}")
+        if not on_node(r, host, node):
+            where = f"node {r.node}" if node and r.host == host else f"host {r.host}"
+            result[r.rank] = RankStack(r.rank, "none", note=f"on {where}, not reachable from "
+                                       f"{('node ' + node) if node else 'host ' + host}")
             continue
         state = proc_state(r.pid)
         if not state:
@@ -113,7 +125,7 @@ def collect_stacks(monitor_dir: str | os.PathLike, records: list[RankRecord], ho
                 result[rank].text = text
                 del pending[rank]
     by_rank = {r.rank: r for r in records}
-    for rank, path in pending.items():   # no dump: signal blocked, D state, or a C-level wedge
+    for rank, path in list(pending.items()):   # no dump: signal blocked, D state, or a C-level wedge
         rec = by_rank[rank]
         text, why = _py_spy(rec.pid) if use_py_spy else ("", "py-spy disabled")
         partial = path.read_text(errors="replace") if path.exists() else ""
@@ -122,6 +134,9 @@ def collect_stacks(monitor_dir: str | os.PathLike, records: list[RankRecord], ho
             note=f"no faulthandler dump within {wait_s:.1f} s (state {proc_state(rec.pid)}, "
                  f"wchan={_wchan(rec.pid)})" + (f"; {why}" if why else ""),
             proc_state=proc_state(rec.pid))
+    for r in records:
+        if on_node(r, host, node):
+            result[r.rank].node = node or ""
     return result
 
 
