@@ -57,8 +57,11 @@ def _bridge_rank(rank: int, port: int, device_type: str, gpus: int, mb: int, rep
             named.append((f"model.layers.{i}.{part}.weight", t))
             size += t.numel() * 2
         i += 1
-    sums = [float(t.float().sum()) for _, t in named]
-    best, ok = None, True
+    def checksum(t):        # exact on any device, in any reduction order
+        return int(t.reshape(-1).view(torch.int16).to(torch.int64).sum())
+
+    sums = [checksum(t) for _, t in named]
+    best, ok, buffers = None, True, 0
     for version in range(repeats):
         bridge.barrier()
         sync()
@@ -67,13 +70,14 @@ def _bridge_rank(rank: int, port: int, device_type: str, gpus: int, mb: int, rep
             send_weights(bridge, 0, named, version=version, bucket_bytes=256 << 20)
         else:
             stats = SyncStats()
-            got = [float(t.float().sum()) for _, t in receive_weights(bridge, version=version, stats=stats)]
-            ok = ok and got == sums and stats.buffers_allocated <= 3
+            got = [checksum(t) for _, t in receive_weights(bridge, version=version, stats=stats)]
+            ok = ok and got == sums
+            buffers = max(buffers, stats.buffers_allocated)
         sync()
         bridge.barrier()
         dt = time.perf_counter() - t0
         best = dt if best is None else min(best, dt)
-    q.put((rank, size, best, ok, bridge.backend))
+    q.put((rank, size, best, ok, bridge.backend, buffers))
 
 
 def bridge_check(tiny: bool) -> None:
@@ -97,10 +101,11 @@ def bridge_check(tiny: bool) -> None:
     res = sorted(q.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    _, nbytes, _, _, backend = res[0]
+    _, nbytes, _, _, backend, _ = res[0]
     seconds = max(r[2] for r in res)
     emit(bench="weight_sync_bridge", transport=backend, tensors_on="cuda" if gpus else "cpu", bytes=nbytes,
          seconds=round(seconds, 4), gb_per_s=round(nbytes / seconds / 1e9, 2), exact=res[1][3],
+         receive_buffers_allocated_max=res[1][5],
          note="tulu.dist.weight_sync send_weights -> receive_weights, 1 leader + 1 receiver, 256 MB buckets; best of "
               f"{repeats}")
 
