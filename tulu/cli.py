@@ -68,6 +68,7 @@ def cmd_plan(args) -> int:
     from tulu.plan.layout import build_plan
     from tulu.plan.run_space import run_folder_space
 
+    from tulu.dist.sync_model import sync_plan_lines
     from tulu.modes import prepare
 
     cfg = _load(args)
@@ -79,6 +80,8 @@ def cmd_plan(args) -> int:
     data = prepare.describe(cfg)
     if data:
         print(data)
+    for line in sync_plan_lines(cfg, plan):
+        print(line)
     return 0
 
 

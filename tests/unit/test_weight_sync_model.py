@@ -66,3 +66,13 @@ def test_a_job_without_engines_has_no_sync_line_and_no_prediction():
     assert sync_plan_lines(sft) == []
     with pytest.raises(ValueError, match="no inference engines"):
         predicted_sync_seconds(sft)
+
+
+def test_the_tulu_command_prints_the_prediction_for_rlvr_only(capsys):
+    from tulu.cli import main
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert main(["plan", str(configs / "tulu3-405b-rlvr.yaml")]) == 0
+    assert "weight sync: 811.7 GB per sync, predicted" in capsys.readouterr().out
+    assert main(["plan", str(configs / "tulu3-405b-sft.yaml")]) == 0
+    assert "weight sync:" not in capsys.readouterr().out
