@@ -494,7 +494,7 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
         # srun's verdicts accumulate in this log across requeues: mark where an attempt starts
         "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
         f"mkdir -p {d}",
-        f"{env} {py} -m monitoring.sidecar {common} >> {log} 2>&1 &",
+        f"{env} {py} -m monitoring.sidecar {common} --node \"${{SLURMD_NODENAME:-}}\" >> {log} 2>&1 &",
         "TULU_SIDECAR_PID=$!",
         "TULU_AGENTS_PID=",
         f"if [ -n \"${{SLURM_JOB_ID:-}}\" ]; then {agents} TULU_AGENTS_PID=$!; fi",

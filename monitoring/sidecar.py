@@ -83,8 +83,9 @@ class Sidecar:
         self.dir = Path(monitor_dir)
         self.world_size, self.cfg, self.job_id, self.attempt = world_size, cfg, job_id, attempt
         self.host = host or socket.gethostname()
-        # Under Slurm, the node it runs on: ranks of other nodes are the node agents' to see.
-        self.node = node if node is not None else os.environ.get("SLURMD_NODENAME") or None
+        # The Slurm node it runs on (the batch script passes it; node agents run there): ranks
+        # of other nodes are the agents' to see. None: every rank on this host is local.
+        self.node = node or None
         self.clock = clock
         self.since = monitor_start()   # records older than this job's start are not its own
         self.detector = Detector(cfg, world_size, attempt, start_time=clock())
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attempt", type=int, default=None,
                     help="restart count (default: $SLURM_RESTART_COUNT or 0)")
     ap.add_argument("--config-json", default=None, help="MonitorConfig fields as JSON")
+    ap.add_argument("--node", default=None, help="the Slurm node it runs on, when node agents "
+                    "run on every node of the job (the batch script passes $SLURMD_NODENAME)")
     ap.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args(argv)
     cfg, job_id, attempt = job_settings(args)
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.monitor_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         log(f"cannot create the monitor dir: {e}")
-    sidecar = Sidecar(args.monitor_dir, args.world_size, cfg, job_id=job_id, attempt=attempt)
+    sidecar = Sidecar(args.monitor_dir, args.world_size, cfg, job_id=job_id, attempt=attempt,
+                      node=args.node)
     return sidecar.run(args.max_seconds)
 
 

@@ -23,7 +23,7 @@ from monitoring.detect import Fault
 from monitoring.diagnosis import diagnose
 from monitoring.record import read_record, record_path
 from monitoring.recovery import setup_lines
-from monitoring.sidecar import pid_alive
+from monitoring.sidecar import Sidecar, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 3
@@ -139,6 +139,18 @@ def test_the_sidecar_does_not_judge_pids_of_another_node_on_its_own_host(tmp_pat
     assert pid_alive(r1, host) is True                # no Slurm node known: the host decides
 
 
+def test_the_sidecar_sees_a_rank_killed_on_another_node_through_that_nodes_heartbeat(tmp_path, ranks):
+    host = records(tmp_path)[0].host
+    side = Sidecar(tmp_path, WORLD, CFG, host=host, node="n1")
+    n2 = NodeAgent(tmp_path, WORLD, CFG, node="n2")
+    n2.heartbeat()
+    assert side.snapshot()[1] == {0: True, 1: True, 2: None}   # n3 has no agent: unknown
+    ranks[1].kill()
+    ranks[1].wait()
+    n2.heartbeat()
+    assert side.snapshot()[1][1] is False
+
+
 def test_the_hang_report_holds_stacks_from_every_node_and_names_a_silent_agent(tmp_path, ranks):
     ranks[1].send_signal(signal.SIGSTOP)
     start_agent(tmp_path, "n2")                       # n3's agent never started
@@ -166,3 +178,6 @@ def test_the_batch_script_starts_one_agent_per_node_beside_the_main_step_and_end
     assert "'/runs/a b/monitor'" in start
     assert any("kill \"$TULU_SIDECAR_PID\" $TULU_AGENTS_PID" in line for line in lines)
     assert lines.index(start) < lines.index("trap _tulu_on_exit EXIT")
+    # The sidecar learns its node from the batch script (empty outside Slurm: host-only view).
+    (sidecar,) = [line for line in lines if "monitoring.sidecar" in line]
+    assert '--node "${SLURMD_NODENAME:-}"' in sidecar
