@@ -56,6 +56,16 @@ def _pypi_reachable() -> bool:
         return False
 
 
+def _check_or_skip(requirements) -> subprocess.CompletedProcess:
+    """The check on a planted set; exit 3 (pip or the network failed, no verdict) skips, so a
+    registry hiccup is reported as such instead of as a wrong resolution."""
+    r = subprocess.run([sys.executable, str(CHECK), "-r", str(requirements), "--no-project"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode == 3:
+        pytest.skip(f"the resolution check could not reach a verdict (exit 3): {r.stderr.strip()[-300:]}")
+    return r
+
+
 needs_pypi = pytest.mark.skipif(not _pypi_reachable(),
                                 reason="PyPI (https://pypi.org) is not reachable from here")
 
@@ -156,8 +166,7 @@ def test_conflict_message_is_pips_cause_lines():
 def test_check_fails_on_a_planted_torch_conflict_naming_both_packages(tmp_path):
     bad = tmp_path / "req.txt"
     bad.write_text("torch==2.12.0\nvllm==0.32.0\n")
-    r = subprocess.run([sys.executable, str(CHECK), "-r", str(bad), "--no-project"],
-                       capture_output=True, text=True, timeout=120)
+    r = _check_or_skip(bad)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "does not resolve" in r.stderr
     assert "torch==2.12.0" in r.stderr and "vllm 0.32.0 depends on torch==2.13.0" in r.stderr
@@ -167,7 +176,6 @@ def test_check_fails_on_a_planted_torch_conflict_naming_both_packages(tmp_path):
 def test_check_fails_when_the_te_core_is_for_another_cuda(tmp_path):
     bad = tmp_path / "req.txt"
     bad.write_text("torch==2.13.0\ntransformer-engine-cu12==2.20.2\n")
-    r = subprocess.run([sys.executable, str(CHECK), "-r", str(bad), "--no-project"],
-                       capture_output=True, text=True, timeout=120)
+    r = _check_or_skip(bad)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "transformer-engine-cu12" in r.stderr and "transformer-engine-cu13" in r.stderr
