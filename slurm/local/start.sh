@@ -22,8 +22,8 @@
 # The network, file systems and hostname stay shared. --shared-nodes (the default for a new
 # cluster) runs them as plain processes. Without either flag, a cluster keeps the mode its
 # slurm.conf was generated with. env.sh exports TULU_SLURM_ISOLATED=1|0.
-# Opt-in because a pid read from a rank's progress record is a namespace pid: code that
-# signals it from the host (tests/slurm/test_pipeline.py) would hit another process.
+# A pid read from a rank's progress record is then its node's pid: signal it inside the node
+# (`nsenter -t <host pid of the node's slurmd> -p -m kill ...`), never from the host.
 # Env: TULU_SLURM_HOME, TULU_SLURM_START_TIMEOUT (seconds to wait for nodes, 60).
 set -euo pipefail
 
@@ -312,12 +312,19 @@ host_slurmd_pid() {
   return 1
 }
 started=0
+if ((ISOLATE)); then
+  # Mounts made on the host reach the nodes only from a shared mount (a private / is the default
+  # in many containers and VMs: then nothing mounted after start would be visible on a node).
+  mount --make-rshared / || die "isolated nodes need 'mount --make-rshared /' (root, a mount namespace of our own)"
+fi
 for ((i = 1; i <= NODES; i++)); do
   if alive "$RUN/slurmd-n$i.pid" slurmd; then continue; fi
   if ((ISOLATE)); then
     # node_init.py is the namespace's pid 1: it reaps orphans and, when slurmd exits, ends
-    # (the kernel then kills whatever is left in the namespace).
-    setsid unshare --pid --fork --mount-proc /usr/bin/python3 "$HERE/node_init.py" \
+    # (the kernel then kills whatever is left in the namespace). The node's mounts follow the
+    # host's (slave propagation from an rshared /): a file system mounted after start (a test's
+    # tmpfs or loop ext4) is seen by the node's jobs, as a cluster's shared file systems are.
+    setsid unshare --pid --fork --mount-proc --propagation slave /usr/bin/python3 "$HERE/node_init.py" \
       slurmd -D -N "n$i" -f "$ETC/slurm.conf" 9>&- </dev/null >>"$LOG/slurmd-n$i.out" 2>&1 &
     pid=""
     for ((k = 0; k < 100; k++)); do pid=$(host_slurmd_pid "n$i") && break; sleep 0.05; done

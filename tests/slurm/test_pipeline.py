@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import read_env_sh, slurm_home
 from test_launch import REPO, TULU
 
 SMALL = [
@@ -37,12 +38,22 @@ def _train_steps(metrics: Path) -> list[int]:
     return [r["step"] for r in rows if r.get("kind") == "train"]
 
 
-def _training_rank_pid(run_dir: Path) -> int | None:
+def _training_rank(run_dir: Path) -> dict | None:
     for meta in sorted((run_dir / "monitor" / "progress").glob("rank_*.json")):
         info = json.loads(meta.read_text())
         if info.get("role") == "training":
-            return info["pid"]
+            return info
     return None
+
+
+def _kill_rank(info: dict) -> None:
+    """SIGKILL a rank by its record. Its pid is its node's: on isolated nodes (own PID namespace)
+    the kill runs inside that node, where the number means that rank."""
+    if read_env_sh(slurm_home() / "env.sh").get("TULU_SLURM_ISOLATED") == "1":
+        slurmd = (slurm_home() / "run" / f"slurmd-{info['node']}.pid").read_text().strip()
+        subprocess.run(["nsenter", "-t", slurmd, "-p", "-m", "kill", "-KILL", str(info["pid"])], check=True)
+    else:
+        os.kill(info["pid"], signal.SIGKILL)
 
 
 def test_pipeline_chains_stage_jobs_and_finishes_after_rlvr_rank_is_killed(slurm_cluster, tmp_path):
@@ -53,9 +64,9 @@ def test_pipeline_chains_stage_jobs_and_finishes_after_rlvr_rank_is_killed(slurm
     while time.time() < deadline and proc.poll() is None and max(_train_steps(rlvr / "metrics.jsonl"), default=0) < 3:
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()[-5000:]
-    pid = _training_rank_pid(rlvr)
-    assert pid, "no training rank record"
-    os.kill(pid, signal.SIGKILL)  # the local cluster's nodes are this host
+    rank = _training_rank(rlvr)
+    assert rank, "no training rank record"
+    _kill_rank(rank)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-6000:]
 
