@@ -20,7 +20,7 @@
 # --fork --mount-proc`, under slurm/local/node_init.py as the namespace's init), so a process
 # started on n2 is invisible from n1, as on real nodes (its pid there means nothing on n1).
 # The network, file systems and hostname stay shared. --shared-nodes (the default for a new
-# cluster) runs them as plain processes. Without either flag, a cluster keeps the mode its
+# cluster; scripts/test.sh asks for isolated ones) runs them as plain processes. Without either flag, a cluster keeps the mode its
 # slurm.conf was generated with. env.sh exports TULU_SLURM_ISOLATED=1|0.
 # A pid read from a rank's progress record is then its node's pid: signal it inside the node
 # (`nsenter -t <host pid of the node's slurmd> -p -m kill ...`), never from the host.
