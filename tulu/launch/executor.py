@@ -9,12 +9,12 @@ The job index `${TULU_HOME:-~/.tulu}/jobs/<job_id>.json` maps a job id back to i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from tulu.config.shapes import ModelShape
 
 GB = 1e9
+OPTIMIZER_STATE_BYTES = 12  # per parameter: fp32 master copy, Adam m and v
 # CUDA context, NCCL buffers and library workspaces. Measured order of magnitude on H100s with
 # NCCL 2.2x: 3-6 GB; we take the high end so a layout that "fits" really does.
 RUNTIME_OVERHEAD_GB = 5.0
@@ -111,7 +112,7 @@ def activation_bytes_per_layer(shape: ModelShape, s: int, b: int, t: int, sp: bo
 def training_stage_memory(m: TrainingMemoryInputs, stage: int, capacity_gb: float) -> MemoryBreakdown:
     shards = m.tp
     p_gpu = stage_params(m.shape, m.layers_per_stage, stage) / shards
-    opt_full = p_gpu * 12
+    opt_full = p_gpu * OPTIMIZER_STATE_BYTES
     opt = opt_full / m.dp if m.distributed_optimizer else opt_full
     out = MemoryBreakdown(f"training GPU, pipeline stage {stage} ({m.layers_per_stage[stage]} layers)",
                           capacity_gb=capacity_gb)
@@ -126,7 +127,7 @@ def training_stage_memory(m: TrainingMemoryInputs, stage: int, capacity_gb: floa
     if m.value_shape is not None:
         # The value model's stages follow its own layer count; count an even share per stage.
         v_gpu = m.value_shape.num_params / m.pp / shards
-        v_opt = v_gpu * 12 / (m.dp if m.distributed_optimizer else 1)
+        v_opt = v_gpu * OPTIMIZER_STATE_BYTES / (m.dp if m.distributed_optimizer else 1)
         out.rows.append(MemoryRow(f"value model ({m.value_shape.name}: weights, grads, optimizer)",
                                   (v_gpu * (m.weight_bytes + m.grad_bytes) + v_opt) / GB))
     in_flight = m.pp - stage  # 1F1B warm-up depth on this stage
@@ -223,7 +224,7 @@ def save_gpu_row(params: float, dp: int, distributed_optimizer: bool) -> MemoryR
 
 def save_host_bytes(params: float, dp: int, distributed_optimizer: bool) -> float:
     """Host-RAM peak of the training rank that writes its shard's optimizer state (DP rank 0)."""
-    state = 12 * params
+    state = OPTIMIZER_STATE_BYTES * params
     if not distributed_optimizer:
         return state
     return max(state + state / dp + 8 * params, 2 * state)
@@ -251,16 +252,16 @@ def training_host_rows(m: TrainingMemoryInputs, dp_rank0: int, others: int) -> l
     gather and write) and `others` of other DP ranks, in a save or in a load, whichever is larger;
     each task counted with the largest shard of any stage."""
     params = max(optimizer_shard_params(m, st) for st in range(m.pp))
-    state = 12 * params
+    state = OPTIMIZER_STATE_BYTES * params
     own = state / m.dp if m.distributed_optimizer else 0.0
-    save = dp_rank0 * save_host_bytes(params, m.dp, m.distributed_optimizer) + others * own
+    writer = save_host_bytes(params, m.dp, m.distributed_optimizer)   # each DP-rank-0 task
+    save = dp_rank0 * writer + others * own
     load = (dp_rank0 + others) * state
     n = dp_rank0 + others
     if save >= load:
         how = ("gathered over gloo, then cloned by the writer" if m.distributed_optimizer else "staged to host")
         rows = [MemoryRow(f"training {dp_rank0} x checkpoint save peak on DP rank 0 ({state / GB:.1f} GB of "
-                          f"fp32 state {how})", dp_rank0 * save_host_bytes(params, m.dp, m.distributed_optimizer) / GB,
-                          f"{save_host_bytes(params, m.dp, m.distributed_optimizer) / GB:.1f} GB each")]
+                          f"fp32 state {how})", dp_rank0 * writer / GB, f"{writer / GB:.1f} GB each")]
         if others and own:
             rows.append(MemoryRow(f"training {others} x checkpoint save, other DP ranks (own 1/{m.dp} slice)",
                                   others * own / GB, f"{own / GB:.1f} GB each"))

@@ -252,35 +252,30 @@ class Learner:
         return held
 
     # ------------------------------------------------------------------ phases
-    def sync_weights(self) -> dict:
-
+    def _send_model(self, model, version: int):
+        """Stream ``model``'s stage to the inference group as weights ``version``; the stage
+        leader's send stats (None on other ranks). TP peers of a leader take part in the gather."""
         if not self.gathers_weights:
+            return None
+        named = iter_hf_weights(model, self.source.hf_config)
+        if not self.sends_weights:
+            for _ in named:  # TP peers: the gather is collective
+                pass
+            return None
+        # the stage's whole [name, shape, dtype] list goes first: engines check it up front
+        return send_weights(self.bridge, self.ctx.role.pp_rank, named, version=version,
+                            bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
+                            index=hf_weight_index(model, self.source.hf_config))
+
+    def sync_weights(self) -> dict:
+        st = self._send_model(self.policy.module, self.step)
+        if st is None:
             return {}
-        named = iter_hf_weights(self.policy.module, self.source.hf_config)
-        if self.sends_weights:
-            # the stage's whole [name, shape, dtype] list goes first: engines check it up front
-            st = send_weights(self.bridge, self.ctx.role.pp_rank, named, version=self.step,
-                              bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
-                              index=hf_weight_index(self.policy.module, self.source.hf_config))
-            return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets,
-                    "weight_sync_send_s": st.seconds}
-        for _ in named:  # TP peers: the gather is collective
-            pass
-        return {}
+        return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets, "weight_sync_send_s": st.seconds}
 
     def send_reference(self) -> None:
         """The KL reference's weights to the inference group, once per attempt (they score)."""
-
-        if not self.gathers_weights:
-            return
-        named = iter_hf_weights(self.reference, self.source.hf_config)
-        if self.sends_weights:
-            send_weights(self.bridge, self.ctx.role.pp_rank, named, version=protocol.REFERENCE_VERSION,
-                         bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
-                         index=hf_weight_index(self.reference, self.source.hf_config))
-        else:
-            for _ in named:  # TP peers: the gather is collective
-                pass
+        self._send_model(self.reference, protocol.REFERENCE_VERSION)
 
     def collect_and_score(self) -> tuple[list[Rollout], dict]:
         """Leader only: rollouts of every engine, scored; returns them with per-phase metrics."""
