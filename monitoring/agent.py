@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 
 from monitoring.config import MonitorConfig
+from monitoring.injob import current_attempt
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
 from monitoring.stacks import RankStack, collect_stacks, on_node, proc_state
 from monitoring.storage import _atomic_write
@@ -96,15 +97,21 @@ def log(msg: str, **fields) -> None:
 
 class NodeAgent:
     def __init__(self, monitor_dir: str | os.PathLike, world_size: int, cfg: MonitorConfig, *,
-                 node: str, host: str | None = None, attempt: int = 0, clock=time.time) -> None:
+                 node: str, host: str | None = None, attempt: int = 0, clock=time.time,
+                 job_id: str | None = None) -> None:
         self.dir = Path(monitor_dir)
         self.world_size, self.cfg, self.node, self.attempt = world_size, cfg, node, attempt
+        self.job_id = job_id
         self.host = host or socket.gethostname()
         self.clock = clock
         self.since = monitor_start()
 
     def my_ranks(self) -> list[RankRecord]:
-        """This attempt's running ranks whose records say they run on this node."""
+        """This attempt's running ranks whose records say they run on this node. The attempt
+        follows the job's in-job restarts (`monitoring.injob`): one agent serves every step
+        of an allocation."""
+        if self.job_id:
+            self.attempt = current_attempt(self.dir, self.job_id, self.attempt)
         return [r for r in read_all(self.dir, self.world_size, since=self.since)
                 if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING
                 and on_node(r, self.host, self.node)]
@@ -254,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", default=None, help="this node's name (default: $SLURMD_NODENAME)")
     ap.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args(argv)
-    cfg, _job_id, attempt = job_settings(args)
+    cfg, job_id, attempt = job_settings(args)
     node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return NodeAgent(args.monitor_dir, args.world_size, cfg, node=node, attempt=attempt).run(
-        args.max_seconds)
+    return NodeAgent(args.monitor_dir, args.world_size, cfg, node=node, attempt=attempt,
+                     job_id=job_id).run(args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ sidecar included; so the crash -> requeue decision is taken here, in the script'
    crash report (records + logs: srun's "task 3: Exited with exit code 3" names the task)
    and `recovery.handle_fault`.
 
+With ``--may-restart`` (the step loop of a job with spare nodes, `recovery.step_loop_lines`)
+a restart decided for this attempt (by the sidecar, or here for a crash while a spare is left)
+exits `injob.EXIT_RESTART` (80): the loop starts the next step inside the allocation.
+
 Exit status (the batch script's final status): srun's rc, `EXIT_DO_NOT_REQUEUE` (79) when
 the restart chain was stopped, or `EXIT_REQUEUE_FAILED` (78) when a requeue was decided but
 every ``scontrol`` try failed (the reason is in ``decisions.jsonl`` and on stderr). A sidecar
@@ -34,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from monitoring import slurm
+from monitoring import injob, slurm
 from monitoring.config import MonitorConfig
 from monitoring.detect import Fault
 from monitoring.diagnosis import diagnose, write_report
@@ -60,7 +64,10 @@ def _wait_for_sidecar(monitor_dir: Path, pid: int | None, wait_s: float) -> None
 
 def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
                    cfg: MonitorConfig, *, job_id: str | None, attempt: int,
-                   sidecar_pid: int | None = None) -> int:
+                   sidecar_pid: int | None = None, may_restart: bool = False) -> int:
+    """``may_restart``: called by the batch script's step loop (``cluster.spare_nodes``), which
+    starts a next step on `injob.EXIT_RESTART`: a restart the sidecar decided for this attempt
+    is passed on, and a crash may be restarted in the job on a spare node."""
     d = Path(monitor_dir)
     _wait_for_sidecar(d, sidecar_pid, cfg.sidecar_wait_s)
     base = dict(job_id=job_id, attempt=attempt, by="on_exit", rc=rc)
@@ -71,6 +78,14 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         if stopped.startswith("storage:"):
             _clean_after_storage_fault(cfg, job_id)
         return EXIT_DO_NOT_REQUEUE
+
+    if may_restart:
+        done = injob.restarted(d, job_id, attempt)
+        if done:
+            log(f"srun exited {rc}; attempt {attempt} restarts in the job as attempt "
+                f"{done.get('next_attempt')} on {','.join(done.get('active', []))}",
+                swaps=done.get("swaps"))
+            return injob.EXIT_RESTART
 
     asked = requeue_requested(d, job_id, attempt)
     if asked and not already_requeued(d, job_id, attempt) and job_id and cfg.act:
@@ -130,8 +145,10 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         d, job_id=job_id, attempt=attempt, fault_kind=kind, step=step, cfg=cfg,
         culprit_nodes=report.culprit_nodes, culprit_ranks=[c["rank"] for c in report.culprits],
         by="on_exit", report=str(path) if path else None, job_running=False, rc=rc,
-        storage_line=report.storage.get("line", ""))
+        storage_line=report.storage.get("line", ""), may_restart=may_restart)
     log(f"decision: {decision.action}: {decision.reason}", exclude=list(decision.exclude_nodes))
+    if decision.action == "restart":
+        return injob.EXIT_RESTART
     if decision.action == "requeue_failed":
         return EXIT_REQUEUE_FAILED
     return EXIT_DO_NOT_REQUEUE if decision.action == "stop" else rc
@@ -186,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attempt", type=int, default=None)
     ap.add_argument("--sidecar-pid", type=int, default=None)
     ap.add_argument("--config-json", default=None)
+    ap.add_argument("--may-restart", action="store_true",
+                    help=f"called by the step loop: exit {injob.EXIT_RESTART} to start the next step")
     args = ap.parse_args(argv)
     cfg, job_id, attempt = job_settings(args)
     return _decide_safely(args.rc, args.monitor_dir, args.world_size, cfg, job_id=job_id,
-                          attempt=attempt, sidecar_pid=args.sidecar_pid)
+                          attempt=attempt, sidecar_pid=args.sidecar_pid,
+                          may_restart=args.may_restart)
 
 
 if __name__ == "__main__":

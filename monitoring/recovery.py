@@ -47,14 +47,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from monitoring import slurm
+from monitoring import injob, slurm
 from monitoring.config import MonitorConfig
+from monitoring.injob import RESTARTABLE
 from monitoring.storage import files_for, say
 
 __all__ = ["EXIT_DO_NOT_REQUEUE", "EXIT_REQUEUE_FAILED", "RequeueFailed", "Decision", "decide",
            "handle_fault", "requeue", "request_requeue", "requeue_requested",
            "report_requeue_failure", "already_requeued", "stop_reason", "read_decisions",
-           "record_decision", "settle_pending_requeues", "setup_lines", "set_comment"]
+           "record_decision", "settle_pending_requeues", "setup_lines", "step_loop_lines",
+           "set_comment", "AGENTS_STEP"]
 
 EXIT_DO_NOT_REQUEUE = 79
 STOP_MARKER = "do_not_requeue.json"
@@ -63,16 +65,22 @@ NOT_COUNTED = ("requested",)   # requeues that do not spend the fault budget (pr
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str                   # "requeue" | "stop" | "hold" | "none" | "requeue_failed"
+    action: str                   # "restart" | "requeue" | "stop" | "hold" | "none" | "requeue_failed"
     reason: str
     exclude_nodes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------- the policy
+COUNTED = ("requeue", "restart")   # what spends ``max_restarts`` and what the no-progress guard sees
+
+
 def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind: str,
-           step: int, cfg: MonitorConfig, storage_line: str = "") -> Decision:
-    """Requeue or stop after ``fault_kind`` at ``step`` (the highest step any rank finished).
-    ``storage_line``: a storage fault's one-line description (kind "storage")."""
+           step: int, cfg: MonitorConfig, storage_line: str = "", spares_left: int = 0,
+           spares_needed: int = 0) -> Decision:
+    """Restart in the job, requeue or stop after ``fault_kind`` at ``step`` (the highest step
+    any rank finished). ``storage_line``: a storage fault's one-line description (kind
+    "storage"). ``spares_left``: spare nodes the allocation still holds (0: requeue only);
+    ``spares_needed``: how many replacing the culprits' nodes takes (at least one is used)."""
     if fault_kind == "storage":
         what = storage_line or "the run folder's file system cannot be written"
         if cfg.on_storage_fault == "hold":
@@ -82,22 +90,35 @@ def decide(history: list[dict], *, job_id: str | None, attempt: int, fault_kind:
         return Decision("stop", f"storage: {what}; not requeued into a full file system. Free "
                                 f"space (or raise the quota), then resubmit the same config (tulu "
                                 f"submit): it resumes from its last committed checkpoint")
-    mine = [d for d in history if d.get("job_id") == job_id and d.get("action") == "requeue"
+    mine = [d for d in history if d.get("job_id") == job_id and d.get("action") in COUNTED
             and d.get("fault_kind") not in NOT_COUNTED]
     if len(mine) >= cfg.max_restarts:
-        return Decision("stop", f"restart budget exhausted: {len(mine)} fault requeue(s) of "
-                                f"{cfg.max_restarts} already used (MonitorConfig."
+        return Decision("stop", f"restart budget exhausted: {len(mine)} fault restart(s) and "
+                                f"requeue(s) of {cfg.max_restarts} already used (MonitorConfig."
                                 f"max_restarts); last fault: {fault_kind} at step {step}")
     previous = [d for d in mine if d.get("attempt", -1) < attempt]
+    repeat = None
     if previous:
         last = previous[-1]
         if last.get("fault_kind") == fault_kind and last.get("step") == step:
-            return Decision("stop", f"no progress since the previous restart: the same fault "
-                                    f"({fault_kind}) at the same step ({step}) as attempt "
-                                    f"{last.get('attempt')}; requeueing again would loop. "
-                                    f"Read the reports, fix the cause, resubmit")
-    return Decision("requeue", f"{fault_kind} at step {step}: requeue "
-                               f"{len(mine) + 1}/{cfg.max_restarts}")
+            repeat = last
+    if repeat is not None and repeat.get("action") == "requeue":
+        return Decision("stop", f"no progress since the previous restart: the same fault "
+                                f"({fault_kind}) at the same step ({step}) as attempt "
+                                f"{repeat.get('attempt')}; requeueing again would loop. "
+                                f"Read the reports, fix the cause, resubmit")
+    count = f"{len(mine) + 1}/{cfg.max_restarts}"
+    if repeat is not None:   # after an in-job restart: one try in a fresh allocation
+        return Decision("requeue", f"{fault_kind} at step {step} again after the in-job restart "
+                                   f"of attempt {repeat.get('attempt')}: requeue into a fresh "
+                                   f"allocation {count}")
+    if fault_kind in RESTARTABLE and spares_left >= max(1, spares_needed):
+        return Decision("restart", f"{fault_kind} at step {step}: restart in the job on a spare "
+                                   f"node {count} ({spares_left} spare(s) left)")
+    why = "" if not spares_left else f" ({fault_kind}: not restartable in the job)"
+    if not spares_left and any(d.get("action") == "restart" for d in mine):
+        why = " (no spare node left)"
+    return Decision("requeue", f"{fault_kind} at step {step}: requeue {count}{why}")
 
 
 # ---------------------------------------------------------------------------- records
@@ -202,8 +223,10 @@ def already_requeued(monitor_dir, job_id: str | None, attempt: int) -> str | Non
             info = slurm.show_job(job_id)
         except slurm.SlurmCommandError:
             return None
-        if info.restarts > attempt:
-            return f"slurm: Restarts={info.restarts} > attempt {attempt} (submitit or a user)"
+        base = injob.slurm_restarts_at_start(attempt)
+        if info.restarts > base:
+            return (f"slurm: Restarts={info.restarts} > {base} when attempt {attempt} started "
+                    f"(submitit or a user)")
     return None
 
 
@@ -233,7 +256,8 @@ def _slurm_requeued(job_id: str, attempt: int | None):
     """A check for `slurm.run_retrying`: did an earlier try requeue the job after all?"""
     if attempt is None:
         return None
-    return lambda: slurm.show_job(job_id).restarts > attempt
+    base = injob.slurm_restarts_at_start(attempt)
+    return lambda: slurm.show_job(job_id).restarts > base
 
 
 @contextmanager
@@ -372,10 +396,17 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
                  cfg: MonitorConfig, culprit_nodes: list[str] = (), culprit_ranks: list[int] = (),
                  by: str, report: str | None = None, job_running: bool = False,
                  rc: int | None = None, storage_line: str = "",
-                 stop_ranks: Callable[[], list[str]] | None = None) -> Decision:
+                 stop_ranks: Callable[[], list[str]] | None = None,
+                 may_restart: bool = False,
+                 stop_step: Callable[[], list[str]] | None = None) -> Decision:
     """Decide and act on one fault, at most once per (job, attempt) across processes.
     ``stop_ranks``: called once a requeue is decided, before it is made, to SIGKILL the
     attempt's ranks (the sidecar's); returns what it killed, kept in the decision record.
+    ``may_restart``: the caller's batch script runs the step loop and will start a next step
+    (the sidecar, and on_exit called by the loop; not the EXIT trap): with a spare node left
+    (`monitoring.injob`) the decision may be "restart": ``stop_step`` (SIGKILL the training
+    step, the agents' step spared) is called, the culprit's node is swapped for a spare, the
+    attempt bumped, and the loop starts the next step.
     ``job_running``: the job is still up (the sidecar's case), so a stop also scancels it;
     ``rc``: srun's exit status, when the caller is the EXIT trap; ``storage_line``: a storage
     fault's one-line description (kind "storage")."""
@@ -388,6 +419,13 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
             d = Decision("stop", f"the restart chain was already stopped: {stopped}")
             record_decision(monitor_dir, action="none", reason=d.reason, **common)
             return d
+        if may_restart:
+            done = injob.restarted(monitor_dir, job_id, attempt)
+            if done:
+                d = Decision("restart", f"attempt {attempt} was already restarted in the job: "
+                                        f"{done.get('reason', '')}")
+                record_decision(monitor_dir, action="none", reason=d.reason, **common)
+                return d
         who = already_requeued(monitor_dir, job_id, attempt)
         if who:
             d = Decision("none", f"attempt {attempt} was already requeued by {who}")
@@ -398,8 +436,16 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
                          else "report only (MonitorConfig.act is false)")
             record_decision(monitor_dir, action="none", reason=d.reason, **common)
             return d
+        exclude = list(culprit_nodes) if cfg.exclude_culprit_node else []
         d = decide(read_decisions(monitor_dir), job_id=job_id, attempt=attempt,
-                   fault_kind=fault_kind, step=step, cfg=cfg, storage_line=storage_line)
+                   fault_kind=fault_kind, step=step, cfg=cfg, storage_line=storage_line,
+                   spares_left=injob.spares_left(monitor_dir, job_id, attempt) if may_restart else 0,
+                   spares_needed=injob.needed_spares(monitor_dir, job_id, exclude))
+        if d.action == "restart":
+            done = _restart_in_job(monitor_dir, d, common, exclude, stop_step)
+            if done is not None:
+                return done
+            d = Decision("requeue", f"{d.reason}; the in-job restart failed: requeue instead")
         if fault_kind == "storage":
             set_comment(job_id, f"tulu monitor: {d.reason}")
         if d.action == "hold":
@@ -429,7 +475,6 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
                 except slurm.SlurmCommandError as e:
                     record_decision(monitor_dir, action="scancel_failed", reason=str(e), **common)
             return d
-        exclude = list(culprit_nodes) if cfg.exclude_culprit_node else []
         killed: list[str] = []
         if stop_ranks is not None:
             # Before the requeue: its SIGTERM comes with a SIGCONT, and a SIGSTOPped rank
@@ -450,9 +495,37 @@ def handle_fault(monitor_dir, *, job_id: str | None, attempt: int, fault_kind: s
         return Decision("requeue", d.reason, tuple(excluded))
 
 
+def _restart_in_job(monitor_dir, d: Decision, common: dict, exclude: list[str],
+                    stop_step: Callable[[], list[str]] | None) -> Decision | None:
+    """Act on a "restart": SIGKILL the training step (a hung step never ends by itself), swap
+    the culprits' nodes for spares and bump the attempt (`injob.restart`: the step loop's cue),
+    record. None when the state cannot be written: the caller requeues instead."""
+    killed: list[str] = []
+    if stop_step is not None:
+        try:
+            killed = stop_step()
+        except Exception as e:  # noqa: BLE001 - the restart (or the requeue) must still happen
+            killed = [f"failed: {type(e).__name__}: {e}"]
+    try:
+        state = injob.restart(monitor_dir, common["job_id"], common["attempt"], exclude, d.reason)
+    except (OSError, ValueError) as e:
+        _shout(f"[monitor] in-job restart impossible ({e}); requeueing instead")
+        record_decision(monitor_dir, action="restart_failed", reason=str(e), **common)
+        return None
+    swaps = state["swaps"]
+    record_decision(monitor_dir, action="restart", reason=d.reason, **common, killed=killed,
+                    swaps=swaps, next_attempt=state["attempt"], active=state["active"],
+                    exclude_nodes=[s["node"] for s in swaps])
+    return Decision("restart", d.reason, tuple(s["node"] for s in swaps))
+
+
 # ---------------------------------------------------------------------------- sbatch lines
+AGENTS_STEP = "tulu-monitor-agents"   # the agents' srun step: an in-job restart spares it
+
+
 def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
-                cfg: MonitorConfig | None = None, *, python: str | None = None) -> list[str]:
+                cfg: MonitorConfig | None = None, *, python: str | None = None,
+                train_nodes: int = 0, spare_nodes: int = 0) -> list[str]:
     """Bash lines for submitit's ``setup`` parameter (they run in the batch script on the batch
     host, before ``srun``):
 
@@ -466,6 +539,12 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
        with ``$?`` = 0, the last command's status) and an EXIT trap that passes srun's status
        to ``python -m monitoring.on_exit`` (the crash -> requeue decision), stops the sidecar,
        and exits with on_exit's status (the agents' step ends with it, or with the job).
+
+    With ``spare_nodes`` (``cluster.spare_nodes``; ``train_nodes`` is ``cluster.nodes``) the
+    attempt comes from `monitoring.injob` (``python -m monitoring.injob start``: the first
+    ``train_nodes`` of the allocation are active, the rest spares), ``_tulu_start_sidecar`` and
+    ``_tulu_decide`` are defined for the step loop (`step_loop_lines`), and the EXIT trap does
+    not decide again what the loop decided (``TULU_DECIDED``).
 
     Every path is shell-quoted; python is ``sys.executable`` unless given."""
     cfg = cfg or MonitorConfig()
@@ -484,29 +563,107 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
     # messages go to the agents' log: "task 1: Killed" in the batch log would blame a rank.
     agents = (f"srun --overlap --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks=\"$SLURM_JOB_NUM_NODES\" "
               f"--ntasks-per-node=1 --cpus-per-task=1 --mem-per-cpu=0 --kill-on-bad-exit=0 "
-              f"--job-name=tulu-monitor-agents --output={agent_log} --open-mode=append --input=none "
+              f"--job-name={AGENTS_STEP} --output={agent_log} --open-mode=append --input=none "
               f"env {env} {py} -m monitoring.agent {common} </dev/null 2>> {agent_log} &")
+    sidecar = (f"{env} {py} -m monitoring.sidecar {common} --node \"${{SLURMD_NODENAME:-}}\" "
+               f">> {log} 2>&1 &")
+    on_exit = f"{env} {py} -m monitoring.on_exit --rc \"$rc\" --sidecar-pid \"$TULU_SIDECAR_PID\" {common} >> {log} 2>&1"
+    if not spare_nodes:
+        return [
+            "# tulu-hpc health monitor (monitoring.recovery.setup_lines)",
+            f"export TULU_MONITOR_DIR={d}",
+            "export TULU_ATTEMPT=\"${SLURM_RESTART_COUNT:-0}\"",
+            "export TULU_MONITOR_START=\"$(date +%s)\"",
+            # srun's verdicts accumulate in this log across requeues: mark where an attempt starts
+            "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
+            f"mkdir -p {d}",
+            sidecar,
+            "TULU_SIDECAR_PID=$!",
+            "TULU_AGENTS_PID=",
+            f"if [ -n \"${{SLURM_JOB_ID:-}}\" ]; then {agents} TULU_AGENTS_PID=$!; fi",
+            "_tulu_on_exit() {",
+            "  local rc=$?",
+            "  trap - EXIT TERM",
+            f"  {on_exit}",
+            "  local decided=$?",
+            "  kill \"$TULU_SIDECAR_PID\" $TULU_AGENTS_PID 2>/dev/null",
+            "  exit \"$decided\"",
+            "}",
+            "trap 'exit 143' TERM",
+            "trap _tulu_on_exit EXIT",
+        ]
+    injob_start = (f"{env} {py} -m monitoring.injob start --monitor-dir {d} "
+                   f"--job-id \"$SLURM_JOB_ID\" --nodes {int(train_nodes)}")
     return [
-        "# tulu-hpc health monitor (monitoring.recovery.setup_lines)",
+        f"# tulu-hpc health monitor with {int(spare_nodes)} spare node(s) "
+        "(monitoring.recovery.setup_lines)",
         f"export TULU_MONITOR_DIR={d}",
-        "export TULU_ATTEMPT=\"${SLURM_RESTART_COUNT:-0}\"",
-        "export TULU_MONITOR_START=\"$(date +%s)\"",
-        # srun's verdicts accumulate in this log across requeues: mark where an attempt starts
-        "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
         f"mkdir -p {d}",
-        f"{env} {py} -m monitoring.sidecar {common} --node \"${{SLURMD_NODENAME:-}}\" >> {log} 2>&1 &",
-        "TULU_SIDECAR_PID=$!",
+        # Slurm's count when this allocation started ("was this attempt requeued?" compares
+        # with it); the attempt counts in-job restarts too (monitoring.injob)
+        "export TULU_SLURM_RESTARTS=\"${SLURM_RESTART_COUNT:-0}\"",
+        f"TULU_ATTEMPT=\"$({injob_start})\" || {{ echo \"tulu-hpc: the in-job restart state could "
+        "not be set up (above); the job ends\" >&2; exit 1; }",
+        "export TULU_ATTEMPT",
+        "export TULU_MONITOR_START=\"$(date +%s)\"",
+        "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
+        f"_tulu_start_sidecar() {{ {sidecar} TULU_SIDECAR_PID=$!; }}",
+        "_tulu_start_sidecar",
         "TULU_AGENTS_PID=",
         f"if [ -n \"${{SLURM_JOB_ID:-}}\" ]; then {agents} TULU_AGENTS_PID=$!; fi",
+        # the step loop's verdict after each step: EXIT_RESTART (80) starts the next step
+        "_tulu_decide() {",
+        "  local rc=$1",
+        f"  {on_exit.replace('--rc ', '--may-restart --rc ', 1)}",
+        "}",
         "_tulu_on_exit() {",
         "  local rc=$?",
         "  trap - EXIT TERM",
-        f"  {env} {py} -m monitoring.on_exit --rc \"$rc\" --sidecar-pid \"$TULU_SIDECAR_PID\" "
-        f"{common} >> {log} 2>&1",
-        "  local decided=$?",
+        "  local decided=\"${TULU_DECIDED:-}\"",
+        "  if [ -z \"$decided\" ]; then",
+        f"    {on_exit}",
+        "    decided=$?",
+        "  fi",
         "  kill \"$TULU_SIDECAR_PID\" $TULU_AGENTS_PID 2>/dev/null",
         "  exit \"$decided\"",
         "}",
         "trap 'exit 143' TERM",
         "trap _tulu_on_exit EXIT",
+    ]
+
+
+def step_loop_lines(srun_line: str, monitor_dir: str | os.PathLike, *, nodes: int,
+                    tasks_per_node: int) -> list[str]:
+    """The batch script's training step inside the in-job restart loop (``cluster.spare_nodes``
+    > 0; `setup_lines` with ``spare_nodes`` defines the functions it calls). ``srun_line`` is
+    submitit's ``srun ...`` line: it runs on exactly ``nodes`` nodes, the active list of
+    `monitoring.injob`. After each step ``_tulu_decide`` (on_exit ``--may-restart``) says what
+    srun's status means: `injob.EXIT_RESTART` (a restart was decided, by the sidecar for a hang
+    or right there for a crash) starts the next step on the new list with the next attempt
+    (the old sidecar is stopped, a new one watches); anything else is the job's final status
+    (the EXIT trap then only cleans up)."""
+    if not srun_line.startswith("srun "):
+        raise ValueError(f"not an srun line: {srun_line[:80]!r}")
+    d = shlex.quote(str(monitor_dir))
+    state = f"{d}/{injob.INJOB}/\"$SLURM_JOB_ID\""
+    step = (f"srun --nodes={int(nodes)} --ntasks={int(nodes) * int(tasks_per_node)} "
+            f"--ntasks-per-node={int(tasks_per_node)} --nodelist=\"$(cat {state}.nodes)\" "
+            + srun_line[len("srun "):])
+    return [
+        "# tulu-hpc in-job restart loop (monitoring.recovery.step_loop_lines): the training step",
+        "# runs on the active nodes; a restart swaps the culprit's node for a spare",
+        "while :; do",
+        f"  {step}",
+        "  TULU_RC=$?",
+        "  _tulu_decide \"$TULU_RC\"",
+        "  TULU_DECIDED=$?",
+        f"  [ \"$TULU_DECIDED\" -eq {injob.EXIT_RESTART} ] || exit \"$TULU_DECIDED\"",
+        "  TULU_DECIDED=",
+        "  kill \"$TULU_SIDECAR_PID\" 2>/dev/null",
+        f"  TULU_ATTEMPT=\"$(cat {state}.attempt)\"",
+        "  export TULU_ATTEMPT",
+        f"  echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job $SLURM_JOB_ID starts in the job "
+        f"on $(cat {state}.nodes) (in-job restart)\" >&2",
+        "  _tulu_start_sidecar",
+        "done",
     ]

@@ -6,8 +6,10 @@
 Every ``check_interval_s`` it reads the records (plain ``pread``s: a stopped, deadlocked or
 dead rank cannot block it), checks which pids on its node are still alive (those on other
 nodes: from their node agents' heartbeats, `monitoring.agent`), and runs the `Detector`. On the first fault it diagnoses (stacks, logs, culprits), writes the report, and
-hands the decision to `monitoring.recovery.handle_fault` (requeue / stop). Then it exits:
-after a requeue Slurm ends the job anyway, and one report per attempt is enough.
+hands the decision to `monitoring.recovery.handle_fault` (restart in the job on a spare node /
+requeue / stop). Then it exits: after a requeue Slurm ends the job anyway, after an in-job
+restart the step loop starts a new sidecar for the next attempt, and one report per attempt
+is enough.
 
 Exit status: 0 when every rank exited cleanly, `EXIT_FAULT` (3) after a fault was handled,
 `EXIT_REQUEUE_FAILED` (4) when its requeue failed every try (the EXIT trap tries again), 2 on
@@ -36,7 +38,7 @@ from monitoring.detect import Detector, Fault
 from monitoring.agent import agent_liveness, rank_alive
 from monitoring.diagnosis import diagnose, write_report
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
-from monitoring.recovery import handle_fault, settle_pending_requeues
+from monitoring.recovery import AGENTS_STEP, handle_fault, settle_pending_requeues
 from monitoring.stacks import on_node
 from monitoring import slurm, storage
 
@@ -161,7 +163,8 @@ class Sidecar:
                 culprit_ranks=[c["rank"] for c in report.culprits], by="sidecar",
                 report=str(path) if path else None, job_running=True,
                 storage_line=report.storage.get("line", ""),
-                stop_ranks=lambda: self._stop_attempt(records))
+                stop_ranks=lambda: self._stop_attempt(records),
+                may_restart=True, stop_step=lambda: self._stop_step(records))
             log(f"decision: {decision.action}: {decision.reason}",
                 exclude=list(decision.exclude_nodes))
             if self.cfg.kill_ranks_on_fault and not self.job_id:
@@ -199,6 +202,20 @@ class Sidecar:
             except slurm.SlurmCommandError as e:
                 log(f"cannot SIGKILL the job's steps (the requeue still ends them): {e}")
         log("SIGKILLed the attempt's ranks before the requeue", killed=killed)
+        return killed
+
+    def _stop_step(self, records: list[RankRecord | None]) -> list[str]:
+        """Before an in-job restart: SIGKILL this attempt's ranks (local pids, then the job's
+        training step on every node), sparing the monitor agents' step: the next step needs
+        them. A hung step never ends by itself; the step loop waits for it."""
+        killed = self._kill_local_ranks(records)
+        if self.job_id:
+            try:
+                killed += [f"step {s}" for s in slurm.kill_steps(self.job_id,
+                                                                 skip_names=(AGENTS_STEP,))]
+            except slurm.SlurmCommandError as e:
+                log(f"cannot SIGKILL the job's training step: {e}")
+        log("SIGKILLed the attempt's ranks before the in-job restart", killed=killed)
         return killed
 
     def run(self, max_seconds: float | None = None) -> int:

@@ -137,17 +137,24 @@ def run_retrying(args: list[str], *, tries: int = 4, backoff_s: float = 2.0,
     raise SlurmCommandError(f"{' '.join(args)} failed {len(errors)} time(s): " + "; ".join(errors))
 
 
-def job_steps(job_id: str) -> list[str]:
-    """The job's running srun steps ("77.0", "77.1"), without its batch and extern steps."""
-    out = run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i"], timeout=20)
-    return [s for s in out.split() if s.split(".")[-1].isdigit()]
+def job_steps(job_id: str, skip_names: tuple[str, ...] = ()) -> list[str]:
+    """The job's running srun steps ("77.0", "77.1"), without its batch and extern steps and
+    without the steps named in ``skip_names`` (e.g. the monitor agents' step)."""
+    out = run(["squeue", "-h", "-s", "-j", str(job_id), "-o", "%i %j"], timeout=20)
+    steps = []
+    for line in out.splitlines():
+        step, _, name = line.strip().partition(" ")
+        if step.split(".")[-1].isdigit() and name.strip() not in skip_names:
+            steps.append(step)
+    return steps
 
 
-def kill_steps(job_id: str) -> list[str]:
-    """SIGKILL every task of the job's srun steps, on every node, at once: the batch script
-    and the job survive (its requeue follows). Unlike the requeue's SIGTERM (which Slurm sends
-    with a SIGCONT), a SIGKILL leaves a SIGSTOPped rank no time to run on. Returns the steps."""
-    steps = job_steps(job_id)
+def kill_steps(job_id: str, skip_names: tuple[str, ...] = ()) -> list[str]:
+    """SIGKILL every task of the job's srun steps (but those named in ``skip_names``), on every
+    node, at once: the batch script and the job survive (a requeue or an in-job restart
+    follows). Unlike the requeue's SIGTERM (which Slurm sends with a SIGCONT), a SIGKILL leaves
+    a SIGSTOPped rank no time to run on. Returns the steps."""
+    steps = job_steps(job_id, skip_names)
     for step in steps:
         run(["scancel", "--signal=KILL", step], timeout=20)
     return steps

@@ -65,7 +65,7 @@ def cmd_plan(args) -> int:
               f"{args.config})")
         _print_pipeline_plan(load_pipeline(args.config, list(args.set or [])))
         return 0
-    from tulu.plan.layout import build_plan
+    from tulu.plan.layout import build_plan, spares_line
     from tulu.plan.run_space import run_folder_space
 
     from tulu.dist.sync_model import sync_plan_lines
@@ -74,6 +74,9 @@ def cmd_plan(args) -> int:
     cfg = _load(args)
     plan = build_plan(cfg)
     print(plan.describe())
+    spares = spares_line(cfg.cluster)
+    if spares:
+        print(spares)
     space = run_folder_space(cfg, plan)
     if space is not None:
         print(space.describe())

@@ -137,3 +137,15 @@ def test_the_monitoring_section_is_the_monitors_own_config_checked_by_key():
     with pytest.raises(ConfigError, match="moved: set monitoring.max_restarts") as e:
         load_config(CONFIGS / "tiny-cpu-sft.yaml", ["cluster.max_restarts=2"])
     assert e.value.key == "cluster.max_restarts"
+
+
+def test_spare_nodes_are_checked_and_refused_where_nothing_could_restart_on_them():
+    base = CONFIGS / "tiny-cpu-rehearse.yaml"
+    assert load_config(base, ["cluster.spare_nodes=1"]).cluster.spare_nodes == 1
+    assert load_config(base).cluster.spare_nodes == 0
+    with pytest.raises(ConfigError, match=r"cluster.spare_nodes: got -1; allowed: an integer >= 0"):
+        load_config(base, ["cluster.spare_nodes=-1"])
+    with pytest.raises(ConfigError, match=r"cluster.spare_nodes: got 1; allowed: 0 with cluster.executor 'local'"):
+        load_config(CONFIGS / "tiny-cpu-sft.yaml", ["cluster.executor=local", "cluster.spare_nodes=1"])
+    with pytest.raises(ConfigError, match=r"cluster.spare_nodes.*monitoring.enabled: false"):
+        load_config(base, ["cluster.spare_nodes=1", "monitoring.enabled=false"])

@@ -249,3 +249,117 @@ def test_setup_lines_quote_every_path_and_use_this_python():
     assert "--monitor-dir '/x/it'\"'\"'s here' --world-size 8" in text
     assert setup_lines("/m", 1)[0].startswith("#") and sys.executable in "\n".join(
         setup_lines("/m", 1))
+
+
+# ---------------------------------------------------------------- in-job restart on spare nodes
+def _restart(attempt, kind="hang", step=5):
+    return {"job_id": "77", "attempt": attempt, "action": "restart", "fault_kind": kind, "step": step}
+
+
+def test_a_fault_restarts_in_the_job_while_a_spare_is_left_and_requeues_without_one():
+    d = decide([], job_id="77", attempt=0, fault_kind="hang", step=5, cfg=CFG, spares_left=1,
+               spares_needed=1)
+    assert d.action == "restart" and "1/3" in d.reason
+    crash = decide([], job_id="77", attempt=0, fault_kind="crash", step=5, cfg=CFG, spares_left=1)
+    assert crash.action == "restart"          # no culprit node known: restart on the same nodes
+    h = [_restart(0)]
+    none_left = decide(h, job_id="77", attempt=1, fault_kind="hang", step=9, cfg=CFG, spares_left=0)
+    assert none_left.action == "requeue" and "no spare node left" in none_left.reason
+    two_culprits = decide([], job_id="77", attempt=0, fault_kind="hang", step=5, cfg=CFG,
+                          spares_left=1, spares_needed=2)
+    assert two_culprits.action == "requeue"   # one spare cannot replace two nodes
+    # A time limit or a preemption ends the allocation: Slurm's to requeue, not ours to restart.
+    assert decide([], job_id="77", attempt=0, fault_kind="timeout", step=5, cfg=CFG,
+                  spares_left=1).action == "requeue"
+
+
+def test_the_same_fault_again_after_an_in_job_restart_is_requeued_and_after_a_requeue_stopped():
+    h = [_restart(0)]
+    again = decide(h, job_id="77", attempt=1, fault_kind="hang", step=5, cfg=CFG, spares_left=1)
+    assert again.action == "requeue" and "again after the in-job restart" in again.reason
+    h.append({"job_id": "77", "attempt": 1, "action": "requeue", "fault_kind": "hang", "step": 5})
+    stop = decide(h, job_id="77", attempt=2, fault_kind="hang", step=5, cfg=CFG, spares_left=1)
+    assert stop.action == "stop" and "no progress" in stop.reason
+
+
+def test_restarts_and_requeues_share_one_budget():
+    cfg = MonitorConfig(max_restarts=2)
+    h = [_restart(0, step=3), {"job_id": "77", "attempt": 1, "action": "requeue",
+                               "fault_kind": "crash", "step": 6}]
+    d = decide(h, job_id="77", attempt=2, fault_kind="hang", step=9, cfg=cfg, spares_left=1)
+    assert d.action == "stop" and "budget exhausted" in d.reason
+
+
+def test_in_job_restart_swaps_the_culprit_node_for_a_spare_and_bumps_the_attempt(tmp_path, fake):
+    from monitoring import injob
+
+    mon = tmp_path / "mon"
+    assert injob.start(mon, "77", ["n1", "n2", "n3"], 2, 0)["attempt"] == 0
+    killed = []
+    d = handle_fault(mon, job_id="77", attempt=0, fault_kind="hang", step=5, cfg=CFG,
+                     culprit_nodes=["n2"], culprit_ranks=[3], by="test", job_running=True,
+                     may_restart=True, stop_step=lambda: killed.append("step 77.1") or killed)
+    assert d.action == "restart" and d.exclude_nodes == ("n2",)
+    assert fake.actions() == []                       # no requeue, no scancel
+    assert (mon / "injob" / "77.nodes").read_text().strip() == "n1,n3"
+    assert (mon / "injob" / "77.attempt").read_text().strip() == "1"
+    rec = [e for e in read_decisions(mon) if e["action"] == "restart"]
+    assert rec[0]["killed"] == ["step 77.1"] and rec[0]["next_attempt"] == 1
+    # The step loop's verdict after the killed step: start the next one (exit 80).
+    assert decide_on_exit(137, mon, 4, CFG, job_id="77", attempt=0, may_restart=True) == 80
+    # Attempt 1 meets a fault on the spare: none left, so the job is requeued.
+    d = handle_fault(mon, job_id="77", attempt=1, fault_kind="hang", step=9, cfg=CFG,
+                     culprit_nodes=["n3"], culprit_ranks=[3], by="test", job_running=True,
+                     may_restart=True, stop_step=lambda: [])
+    assert d.action == "requeue" and "no spare node left" in d.reason
+    assert fake.actions()[0] == "scontrol requeuehold 77"
+    # The requeued allocation starts one attempt above the last one used, with its own spare.
+    state = injob.start(mon, "77", ["n1", "n2", "n4"], 2, 1)
+    assert (state["attempt"], state["active"], state["spares"]) == (2, ["n1", "n2"], ["n4"])
+
+
+def test_the_exit_trap_never_restarts_a_job_whose_batch_script_is_ending(tmp_path, fake):
+    from monitoring import injob
+
+    mon = tmp_path / "mon"
+    injob.start(mon, "77", ["n1", "n2", "n3"], 2, 0)
+    d = handle_fault(mon, job_id="77", attempt=0, fault_kind="crash", step=5, cfg=CFG,
+                     culprit_nodes=["n2"], culprit_ranks=[3], by="on_exit", job_running=False)
+    assert d.action == "requeue" and fake.actions()[0] == "scontrol requeuehold 77"
+
+
+def test_the_step_loop_restarts_a_crashed_step_on_the_spare_in_bash(tmp_path, fake):
+    # The batch script's lines with a fake srun: the first training step crashes (task 3 on
+    # n2), the loop's on_exit --may-restart swaps n2 for the spare n3, the second step runs
+    # there with the next attempt and exits 0; no scontrol requeue anywhere.
+    from monitoring.recovery import step_loop_lines
+
+    mon = tmp_path / WEIRD
+    calls = tmp_path / "srun_calls"
+    srun = fake.bin / "srun"
+    srun.write_text(f"""#!/bin/bash
+[[ " $* " == *" --overlap "* ]] && exit 0     # the agents' step
+echo "$TULU_ATTEMPT $*" >> "{calls}"
+if [[ $(wc -l < "{calls}") -eq 1 ]]; then
+  echo "srun: error: n2: task 3: Exited with exit code 3" >> "$TULU_MONITOR_DIR/77_0_log.err"
+  exit 3
+fi
+exit 0
+""")
+    srun.chmod(0o755)
+    cfg = dataclasses.replace(CFG, log_globs=[str(mon / "*_log.err")])
+    lines = setup_lines(mon, 4, cfg, train_nodes=2, spare_nodes=1)
+    lines += step_loop_lines("srun --unbuffered python -m train", mon, nodes=2, tasks_per_node=2)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n" + "\n".join(lines) + "\n")
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="0", SLURM_JOB_NODELIST="n[1-3]",
+               SLURM_JOB_NUM_NODES="3")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    steps = calls.read_text().splitlines()
+    assert steps == ["0 --nodes=2 --ntasks=4 --ntasks-per-node=2 --nodelist=n1,n2 --unbuffered python -m train",
+                     "1 --nodes=2 --ntasks=4 --ntasks-per-node=2 --nodelist=n1,n3 --unbuffered python -m train"]
+    assert [(e["attempt"], e["action"]) for e in read_decisions(mon) if e["action"] != "none"] == \
+        [(0, "restart")]
+    assert not [c for c in fake.calls() if "requeue" in c]
+    assert "attempt 1 of job 77 starts in the job on n1,n3" in out.stderr

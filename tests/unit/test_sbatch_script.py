@@ -78,3 +78,18 @@ def test_a_monitor_that_cannot_be_imported_stops_the_submission(monkeypatch, tmp
     assert err.value.key == "monitoring.enabled"
     cfg.monitoring.enabled = False                                   # the explicit opt-out
     assert "monitoring.sidecar" not in executor.sbatch_script(cfg, build_plan(cfg))
+
+
+def test_spare_nodes_are_allocated_and_the_training_step_runs_in_the_restart_loop_on_the_active_nodes(weird_run_dir):
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny-cpu-rehearse.yaml",
+                      ["cluster.nodes=2", "cluster.spare_nodes=1", "groups.training.dp=1"])
+    cfg.run.dir = str(weird_run_dir)
+    text = sbatch_script(cfg, build_plan(cfg))
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "#SBATCH --nodes=3" in text                      # 2 for the step + 1 spare
+    assert "-m monitoring.injob start" in text and "--nodes 2" in text
+    command = text.split("# command", 1)[1]
+    (step,) = [line.strip() for line in command.splitlines() if line.strip().startswith("srun ")]
+    assert step.startswith("srun --nodes=2 --ntasks=4 --ntasks-per-node=2 --nodelist=")
+    assert "--kill-on-bad-exit=1" in step and "submitit.core._submit" in step
+    assert "while :; do" in command and '[ "$TULU_DECIDED" -eq 80 ]' in command

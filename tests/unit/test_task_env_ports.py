@@ -33,3 +33,20 @@ def test_neighbouring_jobs_and_requeued_attempts_get_separate_ports():
     assert len(bases) == 99
     attempts = [_env("235", r).port_base() for r in range(4)]
     assert len(set(attempts)) == 4 and all(b - attempts[0] < 64 for b in attempts)
+
+
+def test_a_step_on_a_subset_of_the_allocation_knows_its_own_nodes_and_attempt(monkeypatch):
+    # With spare nodes the job holds n[1-3] and the step runs on n1,n3 as attempt 1 (an in-job
+    # restart): SLURM_NODEID 1 is n3, not the job's second node, and the ports move on.
+    from tulu.launch import task_env
+
+    for k, v in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "4",
+                 "SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "1", "SLURM_PROCID": "2",
+                 "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_STEP_NODELIST": "n[1,3]",
+                 "SLURM_RESTART_COUNT": "0", "TULU_ATTEMPT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    env = task_env.current()
+    assert env.hostnames == ("n1", "n3") and env.hostname == "n3"
+    assert env.restart_count == 1
+    monkeypatch.delenv("TULU_ATTEMPT")
+    assert task_env.current().restart_count == 0

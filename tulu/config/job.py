@@ -29,6 +29,10 @@ __all__ = ["JobConfig", "ConfigError", "load_config", "parse_config", "apply_ove
 class ClusterConfig:
     executor: Literal["slurm", "local"] = "slurm"
     nodes: int = 1
+    # Spare nodes allocated with the job (issue 16): the training step runs on `nodes` of them;
+    # on a hang or crash the monitor replaces the culprit's node by a spare and restarts the
+    # step inside the allocation (no requeue, no queue wait). Slurm executor only.
+    spare_nodes: int = 0
     gpus_per_node: int = 8  # one Slurm task per GPU; on CPU clusters: tasks per node
     gpu_memory_gb: float = 80.0
     # Host RAM of one node, GB: `tulu plan` refuses a layout whose fullest node needs more (a
@@ -49,6 +53,8 @@ class ClusterConfig:
 
     def validate(self) -> None:
         require(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
+        require(isinstance(self.spare_nodes, int) and self.spare_nodes >= 0, "cluster.spare_nodes",
+                self.spare_nodes, "an integer >= 0 (nodes allocated beside cluster.nodes for in-job restarts)")
         require(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
         require(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a number > 0")
         require(self.host_memory_gb > 0, "cluster.host_memory_gb", self.host_memory_gb, "a number > 0 (GB per node)")
@@ -63,6 +69,8 @@ class ClusterConfig:
         )
         if self.executor == "local":
             require(self.nodes == 1, "cluster.nodes", self.nodes, "1 with cluster.executor 'local'")
+            require(self.spare_nodes == 0, "cluster.spare_nodes", self.spare_nodes,
+                    "0 with cluster.executor 'local' (spares replace Slurm nodes; set cluster.executor: slurm)")
 
     @property
     def world_size(self) -> int:
@@ -258,6 +266,9 @@ class RLVRConfig:
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
     weight_sync_bucket_mb: float = 256.0
+    # Training stages an engine rank receives at once (each through its own head GPU on the
+    # engine's node, so its own NIC); each holds two or three receive buffers of a bucket's size.
+    weight_sync_streams: int = 8
     # Rollouts generated ahead of training: 0 = synchronous (step s's rollouts come from the
     # weights step s trains); k = the inference group generates step s's rollouts with the
     # weights after step s - k while the learner trains the steps in between (off-policy by k).
@@ -295,6 +306,9 @@ class RLVRConfig:
         require(self.verifier_timeout_s > 0, f"{key}.verifier_timeout_s", self.verifier_timeout_s, "> 0")
         require(self.verifier_workers >= 1, f"{key}.verifier_workers", self.verifier_workers, ">= 1")
         require(self.weight_sync_bucket_mb > 0, f"{key}.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "> 0")
+        require(isinstance(self.weight_sync_streams, int) and not isinstance(self.weight_sync_streams, bool)
+                and self.weight_sync_streams >= 1, f"{key}.weight_sync_streams", self.weight_sync_streams,
+                "an integer >= 1 (training stages an engine rank receives at once)")
         require(isinstance(self.async_steps, int) and not isinstance(self.async_steps, bool) and self.async_steps >= 0,
                 f"{key}.async_steps", self.async_steps,
                 "an integer >= 0 (0: synchronous; 1: one-step off-policy generation overlapping training)")
@@ -396,6 +410,9 @@ class JobConfig:
         if self.stage != "rlvr":
             require(self.groups.inference.gpus == 0 or self.mode != "train", "groups.inference.gpus",
                     self.groups.inference.gpus, f"0 for stage {self.stage} (only rlvr uses an inference group)")
+        require(self.cluster.spare_nodes == 0 or self.monitoring.enabled, "cluster.spare_nodes",
+                self.cluster.spare_nodes, "0 with monitoring.enabled: false (the monitor is what restarts "
+                "the job on a spare node)")
         self.checkpoint.validate()
         self.run.validate()
         return self

@@ -82,7 +82,8 @@ def setup_lines(cfg: JobConfig, plan: RankPlan, paths: RunPaths) -> list[str]:
                               "run without hang detection or crash requeues. Fix the install (monitoring/ "
                               "next to tulu/), or set monitoring.enabled: false to run without it") from e
         lines += monitor_setup_lines(str(paths.monitor), plan.world_size,
-                                     monitor_settings(cfg))
+                                     monitor_settings(cfg), train_nodes=cfg.cluster.nodes,
+                                     spare_nodes=cfg.cluster.spare_nodes)
     return lines
 
 
@@ -105,6 +106,29 @@ def dependency_parameters(after_ok: str | None) -> dict:
     return {"dependency": f"afterok:{after_ok}", "kill_on_invalid_dep": "yes"} if after_ok else {}
 
 
+class SpareNodesExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor whose training ``srun`` runs in the monitor's step loop
+    (``cluster.spare_nodes`` > 0, `monitoring.recovery.step_loop_lines`): the job allocates
+    ``nodes + spare_nodes`` nodes, each step runs on ``nodes`` of them, and an in-job restart
+    starts the next step on a spare instead of requeueing."""
+
+    def __init__(self, *args, monitor_dir: Path, train_nodes: int, tasks_per_node: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loop = dict(monitor_dir=str(monitor_dir), nodes=train_nodes, tasks_per_node=tasks_per_node)
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        from monitoring.recovery import step_loop_lines
+
+        lines = super()._make_submission_file_text(command, uid).split("\n")
+        at = [i for i, line in enumerate(lines) if line.startswith("srun ")]
+        if not at:
+            raise RuntimeError("submitit's sbatch script has no srun line to put in the step loop")
+        i = at[-1]
+        lines[i:i + 1] = step_loop_lines(lines[i], self._loop["monitor_dir"], nodes=self._loop["nodes"],
+                                         tasks_per_node=self._loop["tasks_per_node"])
+        return "\n".join(lines)
+
+
 def make_executor(cfg: JobConfig, plan: RankPlan, paths: RunPaths, after_ok: str | None = None) -> submitit.Executor:
     cl = cfg.cluster
     folder = paths.logs / "%j"
@@ -113,10 +137,14 @@ def make_executor(cfg: JobConfig, plan: RankPlan, paths: RunPaths, after_ok: str
         ex.update_parameters(nodes=1, tasks_per_node=cl.gpus_per_node, timeout_min=cl.time_limit_min,
                              gpus_per_node=0)
         return ex
-    ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable), max_num_timeout=1000)
+    if cl.spare_nodes:
+        ex = SpareNodesExecutor(folder=folder, python=shlex.quote(sys.executable), max_num_timeout=1000,
+                                monitor_dir=paths.monitor, train_nodes=cl.nodes, tasks_per_node=cl.gpus_per_node)
+    else:
+        ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable), max_num_timeout=1000)
     params = dict(
         job_name=cfg.run.name,
-        nodes=cl.nodes,
+        nodes=cl.nodes + cl.spare_nodes,   # the training step runs on cl.nodes of them
         ntasks_per_node=cl.gpus_per_node,
         cpus_per_task=cl.cpus_per_task,
         time=cl.time_limit_min,

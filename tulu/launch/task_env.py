@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 import submitit
+from submitit.slurm.slurm import _parse_node_list
 
 PORT_FLOOR = 20000
 PORT_SLOTS = (32768 - PORT_FLOOR) // 64  # 199 jobs' port blocks, each 64 wide
@@ -46,9 +47,15 @@ class TaskEnv:
 def current() -> TaskEnv:
     env = submitit.JobEnvironment()
     cluster = env.cluster
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) if cluster == "slurm" else 0
+    # The monitor's attempt (TULU_ATTEMPT, set by the batch script) counts in-job restarts on
+    # spare nodes as well as requeues; Slurm's restart count only the latter.
+    restart = int(os.environ.get("TULU_ATTEMPT") or os.environ.get("SLURM_RESTART_COUNT", "0") or 0) \
+        if cluster == "slurm" else 0
     try:
-        hostnames = tuple(env.hostnames)
+        # The step's nodes: with spare nodes the job holds more than the step runs on, and
+        # SLURM_NODEID numbers the step's (submitit's hostnames are the job's).
+        step_nodes = os.environ.get("SLURM_STEP_NODELIST") if cluster == "slurm" else None
+        hostnames = tuple(_parse_node_list(step_nodes) if step_nodes else env.hostnames)
     except Exception:  # local executor: one host
         hostnames = (socket.gethostname(),)
     return TaskEnv(
