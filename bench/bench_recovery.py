@@ -1,14 +1,24 @@
-"""Fault recovery through the real local Slurm; one JSON line per figure.
+"""Fault recovery through the real local Slurm, in-job restart beside requeue; one JSON line
+per figure.
 
-    source /tmp/tulu-slurm/env.sh && python bench/bench_recovery.py [--quick] [--timeout-s 5]
+    source /tmp/tulu-slurm/env.sh && python bench/bench_recovery.py [--all] [--timeout-s 5]
 
-One counter job (4 nodes x 2 tasks, gloo, 0.4 s steps) meets one injected fault per attempt
-(``restart=k`` fires on attempt k), and the monitor requeues it each time. Per fault:
+Counter jobs (2 nodes x 2 tasks, gloo, 0.4 s steps) meet one injected fault per attempt
+(``restart=k`` fires on attempt k), always on rank 3 (the training step's second node, not the
+batch host). Every fault is run on both recovery paths, in the same run:
 
+- ``path: "requeue"``: one job without spare nodes; the monitor requeues it after each fault
+  (Slurm requeue cycle, scheduling, a new batch script);
+- ``path: "in-job"``: jobs with ``cluster.spare_nodes`` (one spare per fault, at most 2 per job
+  on the 4-node local cluster): the monitor kills the step and starts the next one on a spare
+  inside the allocation.
+
+Per fault and path:
 - ``detection_latency``: fault -> hang/crash report on disk (the report's ``detected_at``;
   includes the phase time-out, the check interval and the stack dumps);
-- ``recovery_time``: fault -> the first step completed by the requeued attempt (Slurm requeue,
-  scheduling, task start-up, torch import, process-group set-up, resume, one step).
+- ``recovery_time``: fault -> the first step completed by the next attempt (for a requeue:
+  Slurm's requeue, scheduling, task start-up; for an in-job restart: killing the step and a
+  new srun step; both then torch import, process-group set-up, resume, one step).
 
 Baseline: PyTorch's default NCCL process-group time-out (10 min), the earliest a job without
 this monitor learns of a hung collective (a dead peer usually looks the same to NCCL). The
@@ -16,8 +26,9 @@ baseline recovery time is that time-out plus the same measured restart cost, and
 someone requeues automatically (submitit does not requeue crashes). Fault time is the
 culprit's progress record: every fault fires right after it left its previous phase.
 
-``--quick`` (CI): two faults (SIGKILL, a skipped collective) in a shorter job. Needs the local
-Slurm (``bash slurm/local/start.sh``); exits 2 with a message if it is not up.
+Default faults: SIGKILL (a crash) and SIGSTOP (a hang); ``--all`` runs every kind below
+(``--quick`` is the default set, kept for CI). Needs the local Slurm with 4 nodes
+(``bash slurm/local/start.sh``); exits 2 with a message if it is not up.
 """
 
 from __future__ import annotations
@@ -40,28 +51,24 @@ sys.path.insert(0, str(ROOT))
 from monitoring.record import read_record, record_path  # noqa: E402
 
 NCCL_DEFAULT_TIMEOUT_S = 600.0
-WORLD = 8
+WORLD = 4               # 2 nodes x 2 tasks
+RANK = 3                # the faulty rank: on the step's second node (never the batch host)
+SPARES_PER_JOB = 2      # 2 active + 2 spares = the local cluster's 4 nodes
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"}
 
-# (name, spec without restart, detected as); rank r runs on node n(r // 2 + 1).
+# (name, spec without rank/step/restart, detected as)
 FAULTS = [
-    ("sigkill", "kind=sigkill,rank=5,point=train", "crash"),
-    ("exception", "kind=exception,rank=6,point=train", "crash"),
-    ("skip_collective", "kind=skip_collective,rank=0,point=train", "hang"),
-    ("hang_checkpoint", "kind=hang_checkpoint,rank=2,point=checkpoint", "hang"),
-    # Last: Slurm's SIGCONT (with the requeue's SIGTERM) lets a SIGSTOPped attempt run on
-    # until KillWait's SIGKILL, so the resume step after it is not fixed.
-    ("sigstop", "kind=sigstop,rank=3,point=train", "hang"),
+    ("sigkill", "kind=sigkill,point=train", "crash"),
+    ("sigstop", "kind=sigstop,point=train", "hang"),
+    ("exception", "kind=exception,point=train", "crash"),
+    ("skip_collective", "kind=skip_collective,point=train", "hang"),
+    ("hang_checkpoint", "kind=hang_checkpoint,point=checkpoint", "hang"),
 ]
-QUICK = ("sigkill", "skip_collective")
+DEFAULT = ("sigkill", "sigstop")
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields, sort_keys=True), flush=True)
-
-
-def node_of(rank: int) -> str:
-    return f"n{rank // 2 + 1}"
 
 
 class StepWatcher(threading.Thread):
@@ -129,23 +136,28 @@ def cluster_up() -> bool:
     return out.returncode == 0 and len(out.stdout.split()) >= 8
 
 
-def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: float) -> None:
-    chosen = [f for f in FAULTS if f[0] in names]
+def run_job(path: str, chosen: list[tuple[str, str, str]], timeout_s: float, check_s: float,
+            wait_s: float, tag: str) -> None:
+    """One counter job meeting ``chosen`` faults on successive attempts, recovered by ``path``
+    ("requeue": no spare nodes; "in-job": one spare per fault); emits its figures."""
     steps_between = 3
-    plan = [(name, f"{spec},step={steps_between * (k + 1)},restart={k}", kind,
+    plan = [(name, f"{spec},rank={RANK},step={steps_between * (k + 1)},restart={k}", kind,
              steps_between * (k + 1), k) for k, (name, spec, kind) in enumerate(chosen)]
-    steps = steps_between * len(plan) + 15     # room after a SIGSTOP (see FAULTS)
+    steps = steps_between * len(plan) + 6
+    spares = len(plan) if path == "in-job" else 0
     with tempfile.TemporaryDirectory(prefix="bench_recovery_") as tmp:
         cwd = Path(tmp)
         env = dict(os.environ, TULU_HOME=str(cwd / "home"),
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        name = "bench-recovery"
+        name = f"bench-recovery-{tag}"
         mon = cwd / "runs" / name / "monitor"
         watcher = StepWatcher(mon)
         watcher.start()
         t0 = time.time()
         out = tulu(cwd, env, "submit", str(ROOT / "configs" / "tiny-cpu-rehearse.yaml"),
                    "--mode", "counter", "--set", f"run.name={name}",
+                   "--set", "cluster.nodes=2", "--set", "groups.training.dp=1",
+                   "--set", f"cluster.spare_nodes={spares}",
                    "--set", f"run.counter_steps={steps}", "--set", "run.counter_step_s=0.4",
                    "--set", f"monitoring.max_restarts={len(plan) + 1}",
                    "--set", f"monitoring.check_interval_s={check_s}",
@@ -166,31 +178,34 @@ def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: flo
             watcher.stop()
         if st.get("state") not in TERMINAL:
             subprocess.run(["scancel", job], capture_output=True)
-        emit(figure="job", job_id=job, state=st.get("state"), restarts=st.get("restarts"),
-             faults=[p[0] for p in plan], wall_s=round(time.time() - t0, 1),
-             phase_timeout_s=timeout_s, check_interval_s=check_s)
+        emit(figure="job", path=path, job_id=job, state=st.get("state"),
+             slurm_restarts=st.get("restarts"), spare_nodes=spares, faults=[p[0] for p in plan],
+             wall_s=round(time.time() - t0, 1), phase_timeout_s=timeout_s, check_interval_s=check_s)
 
         decisions = []
-        path = mon / "decisions.jsonl"
-        if path.exists():
-            decisions = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        dpath = mon / "decisions.jsonl"
+        if dpath.exists():
+            decisions = [json.loads(ln) for ln in dpath.read_text().splitlines() if ln.strip()]
+        want = "restart" if path == "in-job" else "requeue"
         for fault, spec, kind, step, attempt in plan:
-            rank = int(re.search(r"rank=(\d+)", spec).group(1))
-            req = [d for d in decisions if d["attempt"] == attempt and d["action"] == "requeue"]
-            if not req:
-                emit(figure="detection_latency", fault=fault, error="no requeue decision for "
-                     f"attempt {attempt}")
+            acted = [d for d in decisions if d["attempt"] == attempt
+                     and d["action"] in ("restart", "requeue", "stop")]
+            if not acted or acted[0]["action"] != want:
+                emit(figure="detection_latency", path=path, fault=fault,
+                     error=f"attempt {attempt}: expected a {want}, decisions {acted}")
                 continue
-            rep = json.loads(Path(req[0]["report"]).read_text())
-            culprits = [(c["rank"], c["node"]) for c in rep["culprits"]]
-            rec = next((r for r in rep["ranks"] if r["rank"] == rank), None)
+            rep = json.loads(Path(acted[0]["report"]).read_text())
+            culprits = [c["rank"] for c in rep["culprits"]]
+            rec = next((r for r in rep["ranks"] if r["rank"] == RANK), None)
             if rec is None:
-                emit(figure="detection_latency", fault=fault, error=f"rank {rank} not in report")
+                emit(figure="detection_latency", path=path, fault=fault,
+                     error=f"rank {RANK} not in report")
                 continue
             t_fault = rec["phase_start"]
             detection = rep["detected_at"] - t_fault
-            common = dict(fault=fault, detected_as=rep["kind"], expected=kind,
-                          culprit_ok=culprits == [(rank, node_of(rank))], step=step,
+            common = dict(path=path, fault=fault, detected_as=rep["kind"], expected=kind,
+                          culprit_ok=culprits == [RANK], culprit_nodes=rep["culprit_nodes"],
+                          decided_by=acted[0]["by"], step=step,
                           baseline_nccl_timeout_s=NCCL_DEFAULT_TIMEOUT_S)
             emit(figure="detection_latency", latency_s=round(detection, 2),
                  rule_elapsed_s=rep["fault"]["elapsed_s"], timeout_s=rep["fault"]["timeout_s"],
@@ -198,13 +213,13 @@ def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: flo
                  **common)
             first = watcher.first_step.get(attempt + 1)
             if first is None:
-                emit(figure="recovery_time", error="no step completed after the requeue", **common)
+                emit(figure="recovery_time", error=f"no step completed after the {want}", **common)
                 continue
             recovery = first - t_fault
             baseline = NCCL_DEFAULT_TIMEOUT_S + (recovery - detection)
             started = attempt_started(mon, job, attempt + 1)
             split = {} if started is None else dict(
-                report_to_restart_s=round(started - rep["detected_at"], 1),  # requeue + queue
+                report_to_restart_s=round(started - rep["detected_at"], 1),  # kill/requeue + start
                 restart_to_first_step_s=round(first - started, 1))           # start-up + step
             emit(figure="recovery_time", recovery_s=round(recovery, 2),
                  restart_cost_s=round(recovery - detection, 2), **split,
@@ -212,10 +227,19 @@ def run_sequence(names: list[str], timeout_s: float, check_s: float, wait_s: flo
                  speedup_vs_nccl=round(baseline / max(recovery, 1e-3), 1), **common)
 
 
+def run_both(names: list[str], timeout_s: float, check_s: float, wait_s: float) -> None:
+    chosen = [f for f in FAULTS if f[0] in names]
+    run_job("requeue", chosen, timeout_s, check_s, wait_s, "requeue")
+    for i in range(0, len(chosen), SPARES_PER_JOB):
+        run_job("in-job", chosen[i:i + SPARES_PER_JOB], timeout_s, check_s, wait_s,
+                f"injob{i // SPARES_PER_JOB}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (CI)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(DEFAULT)} (the default; CI)")
+    ap.add_argument("--all", action="store_true", help="every fault kind: " + ", ".join(f[0] for f in FAULTS))
     ap.add_argument("--timeout-s", type=float, default=5.0, help="train/checkpoint time-outs")
     ap.add_argument("--check-interval-s", type=float, default=0.5)
     ap.add_argument("--wait-s", type=float, default=900.0, help="give up on the job after this")
@@ -224,8 +248,8 @@ def main() -> int:
         print("bench_recovery: the local Slurm is not up (bash slurm/local/start.sh; "
               "source /tmp/tulu-slurm/env.sh)", file=sys.stderr)
         return 2
-    names = list(QUICK) if args.quick else [f[0] for f in FAULTS]
-    run_sequence(names, args.timeout_s, args.check_interval_s, args.wait_s)
+    names = [f[0] for f in FAULTS] if args.all and not args.quick else list(DEFAULT)
+    run_both(names, args.timeout_s, args.check_interval_s, args.wait_s)
     return 0
 
 
