@@ -1,5 +1,6 @@
 """Bucketed weight sync over a real bridge: pipeline-stage leaders + inference ranks."""
 
+import pytest
 import torch
 
 from tests.dist_helpers import free_port, run_distributed
@@ -17,7 +18,7 @@ def _stage_tensors(stage: int) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _sync(rank, world_size, port, bucket_bytes):
+def _sync(rank, world_size, port, bucket_bytes, streams):
     bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=2, timeout_s=60)
     if rank < 2:
         # stage 0 sends a list (its index is announced up front), stage 1 a generator (it is not)
@@ -27,7 +28,7 @@ def _sync(rank, world_size, port, bucket_bytes):
     stats = SyncStats()
     expected = dict(_stage_tensors(0) + _stage_tensors(1))
     names, exact = [], []
-    stream = receive_weights(bridge, version=1, stats=stats, bucket_bytes=bucket_bytes)
+    stream = receive_weights(bridge, version=1, stats=stats, bucket_bytes=bucket_bytes, streams=streams)
     announced = [stream._stage_index(s) is not None for s in range(2)]
     for name, t in stream:
         names.append(name)
@@ -36,11 +37,18 @@ def _sync(rank, world_size, port, bucket_bytes):
             "tensors": stats.tensors, "inline": stats.inline_tensors}
 
 
-def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets():
+@pytest.mark.parametrize("streams", [1, 2])
+def test_inference_ranks_receive_every_stage_tensor_exactly_in_buckets(streams):
     port = free_port()
-    res = run_distributed(_sync, 4, port, 20_000, init_process_group=False, timeout=120)
+    res = run_distributed(_sync, 4, port, 20_000, streams, init_process_group=False, timeout=120)
+    stage0, stage1 = ([n for n, _ in _stage_tensors(s)] for s in (0, 1))
     for r in (2, 3):
-        assert res[r]["names"] == [n for n, _ in _stage_tensors(0) + _stage_tensors(1)]
+        if streams == 1:            # one stage after the other
+            assert res[r]["names"] == stage0 + stage1
+        else:                       # both at once: interleaved, each stage in its own order
+            assert sorted(res[r]["names"]) == sorted(stage0 + stage1)
+            assert [n for n in res[r]["names"] if n in stage0] == stage0
+            assert [n for n in res[r]["names"] if n in stage1] == stage1
         assert all(res[r]["exact"])
         assert res[r]["announced"] == [True, False]
         assert res[r]["tensors"] == 8
@@ -191,3 +199,54 @@ def test_an_engine_stage_does_not_wait_for_training_stages_that_hold_none_of_its
     assert res[2]["done"] < stage0_done - 1.5         # it finished while stage 0 was still gathering
     assert res[3]["done"] > stage0_done - 0.5         # engine PP 0 needed stage 0
     assert len(res[2]["names"]) + len(res[3]["names"]) == len(_model_tensors())
+
+
+def _stages_at_once(rank, world_size, port, streams, timeout_s):
+    """Stage 0's leader sends one tensor, then waits until stage 1's whole sync is done: only a
+    receiver that takes both stages at once lets that happen."""
+    nodes = {2: "a", 3: "a", 4: "b", 5: "b"}
+    bridge = BridgeGroup("127.0.0.1", port, rank, world_size, num_stages=2, timeout_s=timeout_s, node=nodes.get(rank))
+    if rank == 0:
+        def held_back():
+            tensors = _stage_tensors(0)
+            yield tensors[0]
+            bridge.store.wait(["stage1-done"])
+            yield from tensors[1:]
+        try:
+            send_weights(bridge, 0, held_back(), version=1, bucket_bytes=4096)
+        except Exception as e:      # the store's wait timed out: stage 1 never finished
+            return type(e).__name__
+        return "sent"
+    if rank == 1:
+        try:
+            st = send_weights(bridge, 1, _stage_tensors(1), version=1, bucket_bytes=4096)
+        except Exception as e:      # its receivers never came to stage 1
+            return type(e).__name__
+        bridge.store.set("stage1-done", "1")
+        return st.sent_bytes
+    stats = SyncStats()
+    expected = dict(_stage_tensors(0) + _stage_tensors(1))
+    try:
+        exact = all(torch.equal(t, expected[n]) for n, t in
+                    receive_weights(bridge, version=1, stats=stats, streams=streams))
+    except Exception as e:
+        return type(e).__name__
+    return {"exact": exact, "relayed": stats.relayed_bytes, "tensors": stats.tensors}
+
+
+def test_a_receiver_takes_its_stages_at_once_each_through_another_node_head():
+    res = run_distributed(_stages_at_once, 6, free_port(), 2, 20, init_process_group=False, timeout=120)
+    assert res[0] == "sent"
+    assert all(res[r]["exact"] and res[r]["tensors"] == 8 for r in (2, 3, 4, 5))
+    # stage 0 enters each node through its first receiver, stage 1 through its second: each
+    # relays one stage's bytes (on a GPU node: two NICs busy instead of one)
+    relayed = [res[r]["relayed"] for r in (2, 3, 4, 5)]
+    assert relayed[0] == relayed[2] > 0 and relayed[1] == relayed[3] > 0
+    assert relayed[1] == res[1] / 2          # stage 1's wire bytes: sent to two nodes, relayed in each
+
+
+def test_one_stream_at_a_time_cannot_take_a_stage_that_waits_on_the_next():
+    """The test above can fail: with one stream, stage 1 waits behind stage 0, which waits on it."""
+    res = run_distributed(_stages_at_once, 6, free_port(), 1, 6, init_process_group=False, timeout=120)
+    assert res[0] != "sent" and res[1] == "DistStoreError"
+    assert all(isinstance(res[r], str) for r in (2, 3, 4, 5))   # timed out, not received

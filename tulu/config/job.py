@@ -266,6 +266,9 @@ class RLVRConfig:
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
     weight_sync_bucket_mb: float = 256.0
+    # Training stages an engine rank receives at once (each through its own head GPU on the
+    # engine's node, so its own NIC); each holds two or three receive buffers of a bucket's size.
+    weight_sync_streams: int = 8
     # Rollouts generated ahead of training: 0 = synchronous (step s's rollouts come from the
     # weights step s trains); k = the inference group generates step s's rollouts with the
     # weights after step s - k while the learner trains the steps in between (off-policy by k).
@@ -303,6 +306,9 @@ class RLVRConfig:
         require(self.verifier_timeout_s > 0, f"{key}.verifier_timeout_s", self.verifier_timeout_s, "> 0")
         require(self.verifier_workers >= 1, f"{key}.verifier_workers", self.verifier_workers, ">= 1")
         require(self.weight_sync_bucket_mb > 0, f"{key}.weight_sync_bucket_mb", self.weight_sync_bucket_mb, "> 0")
+        require(isinstance(self.weight_sync_streams, int) and not isinstance(self.weight_sync_streams, bool)
+                and self.weight_sync_streams >= 1, f"{key}.weight_sync_streams", self.weight_sync_streams,
+                "an integer >= 1 (training stages an engine rank receives at once)")
         require(isinstance(self.async_steps, int) and not isinstance(self.async_steps, bool) and self.async_steps >= 0,
                 f"{key}.async_steps", self.async_steps,
                 "an integer >= 0 (0: synchronous; 1: one-step off-policy generation overlapping training)")

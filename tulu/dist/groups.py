@@ -172,7 +172,7 @@ class BridgeGroup:
         self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout,
                                    wait_for_workers=False)
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge", self.store), rank, size, self.timeout)
-        self._groups: dict[tuple[int, ...], tuple[object, int]] = {}
+        self._groups: dict[tuple, tuple[object, int]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -197,16 +197,20 @@ class BridgeGroup:
         """(process group, my rank in it) for {leader of `stage`} + inference ranks."""
         return self.group((stage, *range(self.num_stages, self.size)))
 
-    def group(self, members: tuple[int, ...]):
+    def group(self, members: tuple[int, ...], tag: int | str | None = None, store=None):
         """(data group, my rank in it) over bridge ranks ``members`` (in that order: a broadcast's
         root is usually the first), on the bridge's transport; made once, by every member, the
-        first time it is used (gloo connects there; NCCL at the first collective)."""
+        first time it is used (gloo connects there; NCCL at the first collective). Groups of the
+        same members with different ``tag`` are different groups (used from different threads).
+        ``store``: the client to meet through (a thread's own: a blocking get holds its client)."""
         members = tuple(members)
-        if members not in self._groups:
-            store = dist.PrefixStore(f"bridge/{self.backend}/{'.'.join(map(str, members))}", self.store)
+        key = members if tag is None else (*members, f"#{tag}")
+        if key not in self._groups:
+            name = ".".join(map(str, members)) + ("" if tag is None else f"#{tag}")
+            prefixed = dist.PrefixStore(f"bridge/{self.backend}/{name}", store or self.store)
             my = members.index(self.rank)
-            self._groups[members] = (_data_group(self.backend, store, my, len(members), self.timeout), my)
-        return self._groups[members]
+            self._groups[key] = (_data_group(self.backend, prefixed, my, len(members), self.timeout), my)
+        return self._groups[key]
 
     def broadcast(self, tensor: torch.Tensor, src: int, pg=None) -> torch.Tensor:
         opts = dist.BroadcastOptions()

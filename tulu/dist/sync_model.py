@@ -17,8 +17,10 @@ Designs (``DESIGNS``):
   copies buckets to host memory and sends each bucket over gloo/TCP to one receiver per engine node
   that holds it (routing by engine PP stage), which passes it on to the rest of its node (gloo).
 - ``nccl_routed_fanout`` (implemented, not yet run on a GPU; what a GPU job uses): the same routing and
-  fan-out over NCCL with GPU buffers. A bucket goes from the leader's GPU to one GPU per engine node:
-  one NIC each way; the fan-out within the node is an NVLink broadcast.
+  fan-out over NCCL with GPU buffers. A bucket goes from the leader's GPU to one GPU per engine node
+  (stage ``s`` to the node's ``s``-th receiver): one NIC each way; the fan-out within the node is an
+  NVLink broadcast. Engine ranks receive up to ``rlvr.weight_sync_streams`` stages at once, so a
+  node's stages come in through that many NICs side by side; the busiest NIC is one stage's.
 - ``nccl_tp_sharded`` (modelled, not implemented): each training TP rank sends its own shard to the
   engine TP rank that holds the same shard, so all of a node's NICs carry 1/TP of the bytes each
   and nothing is gathered or fanned out. Applies only where training TP == engine TP (see
@@ -108,28 +110,21 @@ class _Layout:
     embed_bytes: int
     head_bytes: int                # lm_head (untied) + final norm
     num_layers: int
-
-
-def _ranges(counts) -> tuple:
-    out, first = [], 0
-    for n in counts:
-        out.append((first, first + n))
-        first += n
-    return tuple(out)
+    streams: int = 8               # training stages an engine rank receives at once
 
 
 def _layout(cfg, plan) -> _Layout:
-    from tulu.plan.layout import layers_per_stage
+    from tulu.plan.layout import layer_spans, layers_per_stage
 
     shape = plan.shape
     dtype_bytes = 4 if cfg.model.dtype == "fp32" else 2
     return _Layout(plan.gpus_per_node, plan.training_tp, plan.training_dp,
-                   _ranges(layers_per_stage(shape.num_layers, plan.training_pp)),
+                   layer_spans(layers_per_stage(shape.num_layers, plan.training_pp)),
                    plan.inference_gpus, plan.inference_tp, plan.inference_pp,
-                   _ranges(layers_per_stage(shape.num_layers, plan.inference_pp)),
+                   layer_spans(layers_per_stage(shape.num_layers, plan.inference_pp)),
                    shape.params_per_layer * dtype_bytes, shape.embedding_params * dtype_bytes,
                    ((0 if shape.tied_embeddings else shape.embedding_params) + shape.hidden_size) * dtype_bytes,
-                   shape.num_layers)
+                   shape.num_layers, cfg.rlvr.weight_sync_streams)
 
 
 def _bytes(lay: _Layout, layers: tuple, embed: bool, head: bool) -> int:
@@ -153,29 +148,39 @@ def _stage_to_engine_stage(lay: _Layout) -> dict[tuple[int, int], int]:
     return out
 
 
-def _engine_nodes(lay: _Layout) -> dict[int, dict[int, int]]:
-    """{inference node: {engine PP stage: ranks on the node holding it (any engine)}}."""
-    nodes: dict[int, dict[int, int]] = {}
+def _node_receivers(lay: _Layout) -> dict[int, dict[int, list[int]]]:
+    """{inference node: {engine PP stage: the node's ranks holding it, in rank order}}."""
+    nodes: dict[int, dict[int, list[int]]] = {}
     per_engine = lay.inf_tp * lay.inf_pp
     for g in range(lay.inf_gpus):
-        p = (g % per_engine) // lay.inf_tp
-        held = nodes.setdefault(g // lay.gpn, {})
-        held[p] = held.get(p, 0) + 1
+        nodes.setdefault(g // lay.gpn, {}).setdefault((g % per_engine) // lay.inf_tp, []).append(g)
     return nodes
 
 
 def _routed_fanout(lay: _Layout, links: Links, nccl: bool) -> SyncPrediction:
     pieces = _stage_to_engine_stage(lay)
-    nodes = _engine_nodes(lay)
+    nodes = _node_receivers(lay)
     stages = range(len(lay.stage_layers))
     # training stage s into engine node n: what the node's engine stages hold of s, once per node
     # (fan-out), however many ranks or engines there hold it
     into = {(s, n): sum(pieces.get((s, p), 0) for p in held) for s in stages for n, held in nodes.items()}
     node_in = max(sum(into[(s, n)] for s in stages) for n in nodes)
+    # Stage s enters node n through one head GPU (weight_sync._fan_out): the s-th (mod their number)
+    # of the node's ranks that hold any of it; a receiver takes up to `streams` stages at once, so
+    # different heads' NICs carry different stages side by side.
+    head_in: dict[tuple[int, int], int] = {}
+    for n, held in nodes.items():
+        for s in stages:
+            ranks = sorted(r for p, rs in held.items() if pieces.get((s, p)) for r in rs)
+            if ranks:
+                head = ranks[s % len(ranks)]
+                head_in[(n, head)] = head_in.get((n, head), 0) + into[(s, n)]
+    heads = {n: sum(1 for (n2, _) in head_in if n2 == n) for n in nodes}
+    concurrent = {n: max(1, min(lay.streams, heads[n])) for n in nodes}
     # held bytes of engine stage p (all training stages), and the relay within a node
     stage_held = {p: sum(b for (_, p2), b in pieces.items() if p2 == p) for p in range(lay.inf_pp)}
-    fanout_gpu_in = max((stage_held[p] for held in nodes.values() for p, c in held.items() if c > 1), default=0)
-    fanout_head_out = max(sum(stage_held[p] * (c - 1) for p, c in held.items()) for held in nodes.values())
+    fanout_gpu_in = max((stage_held[p] for held in nodes.values() for p, rs in held.items() if len(rs) > 1), default=0)
+    fanout_head_out = max(sum(stage_held[p] * (len(rs) - 1) for p, rs in held.items()) for held in nodes.values())
     stage_bytes = [_bytes(lay, tl, s == 0, s == len(lay.stage_layers) - 1) for s, tl in enumerate(lay.stage_layers)]
     gather = max(stage_bytes) * (lay.tp - 1) / lay.tp
     nvl, kinds = links.nvlink_one_way, {}
@@ -184,16 +189,21 @@ def _routed_fanout(lay: _Layout, links: Links, nccl: bool) -> SyncPrediction:
         # an NCCL broadcast pipelines through its receivers: the root sends each bucket once
         leader_out = max(sum(b for (s2, _), b in pieces.items() if s2 == s) for s in stages)
         kinds["stage_leader_nic_out"] = (leader_out, leader_out / 1e9 / links.nic)
-        kinds["engine_node_head_nic_in"] = (node_in, node_in / 1e9 / links.nic)
+        # the busiest head NIC, or the node's bytes over the NICs its streams keep busy at once
+        busiest = max(head_in.values())
+        node_s = max(max(max(b for (n2, _), b in head_in.items() if n2 == n),
+                         sum(into[(s, n)] for s in stages) / concurrent[n]) / links.nic for n in nodes)
+        kinds["engine_head_nic_in"] = (busiest, node_s / 1e9)
         kinds["engine_node_fanout_nvlink_in"] = (fanout_gpu_in, fanout_gpu_in / 1e9 / nvl)
-        note = "one GPU's NIC at each end of every inter-node stream; a node's other NICs idle"
+        note = (f"stages enter each engine node through up to {max(concurrent.values())} head GPUs' NICs at once "
+                f"(of {links.nics_per_node}); {node_in / 1e9:.1f} GB into the fullest node")
     else:
         # gloo's broadcast root sends the bucket to each head in turn; a head to each peer in turn
         leader_out = max(sum(into[(s, n)] for n in nodes) for s in stages)
         kinds["stage_leader_tcp_out"] = (leader_out, leader_out / 1e9 / links.tcp)
         kinds["engine_node_head_tcp_in"] = (node_in, node_in / 1e9 / links.tcp)
         kinds["engine_node_fanout_gloo_out"] = (fanout_head_out, fanout_head_out / 1e9 / links.tcp)
-        note = "gloo over TCP with host buffers (device<->host copies not counted)"
+        note = "gloo over TCP with host buffers (device<->host copies not counted; one host NIC a node)"
     return _prediction("nccl_routed_fanout" if nccl else "gloo_host", kinds, note)
 
 

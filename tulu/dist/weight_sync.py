@@ -19,17 +19,24 @@ used, the announced index (:meth:`WeightStream.announced`) before anything is re
 :meth:`WeightStream.drain` to receive the rest without using it (so the sender and the other
 receivers finish their broadcasts after a receiver rejected the stream). Tensors are views of a
 receive buffer; a buffer is reused only once nobody holds a view of it any more (vLLM's layerwise
-reload keeps a layer's tensors until the layer is complete), so a receiver holds the bucket
-being received, the bucket being loaded, and whatever its loader still keeps: two or three
+reload keeps a layer's tensors until the layer is complete), so a receiver holds, per stream, the
+bucket being received, the bucket being loaded, and whatever its loader still keeps: two or three
 buffers of a bucket's size (or of the largest tensor, when one is larger; those are dropped after
 the sync) whatever the model size. The bucket-sized buffers stay allocated between syncs.
+
+Streams: a receiver takes the training stages it needs at once, up to ``streams`` of them (one
+thread each, in stage order: every receiver of a stage starts it once its earlier ones are done,
+so none waits on another), and the loader gets their buckets interleaved (each stage in order).
+Each stream meets its groups through a store client of its own (a blocking get holds its client)
+and relays in groups tagged by stage.
 
 Routing: each receiver says what it holds (``receive_weights(..., holds=engine.held_weights())``,
 a :class:`HeldWeights`: a vLLM pipeline stage's layers, embedding, head; None = everything) and
 on which node it runs (``BridgeGroup(node=...)``). A tensor goes only to the receivers that hold
-it, and once per node: the leader broadcasts the bucket to the first of them on each node (its
-*head*), which broadcasts it on to the others of its node (:func:`_fan_out`); buckets never mix
-destinations. ``SyncStats.sent_bytes`` counts the leader's bytes x receiving nodes,
+it, and once per node: the leader broadcasts the bucket to one of them on each node (its
+*head*: stage ``s``'s is the ``s``-th, so stages received at once enter a node through different
+GPUs' NICs), which broadcasts it on to the others of its node (:func:`_fan_out`); buckets never
+mix destinations. ``SyncStats.sent_bytes`` counts the leader's bytes x receiving nodes,
 ``relayed_bytes`` a head's bytes x its node's other receivers. Still sent to every receiver of an
 engine: a PP stage's tensors go to all of its TP ranks as full tensors (vLLM's loader slices
 them), and an unrouted receiver (``holds=None``, the default) gets the whole model.
@@ -42,8 +49,8 @@ nodes (``bench/gpu_check.py --bridge``); the tests here run gloo.
 
 Contiguous tensors of 4 MiB or a quarter bucket or more are sent as is, from their own memory; smaller
 ones are packed, into one of two reused buffers, while the previous bucket is on the wire (two
-broadcasts in flight at most). Receivers post the broadcast of bucket i+1 before their loader
-consumes bucket i. A bucket of 64 kB or less (or a 64th of the bucket size: norms, biases) is not
+broadcasts in flight at most). A receiver's stream receives bucket i+1 while the loader consumes
+bucket i. A bucket of 64 kB or less (or a 64th of the bucket size: norms, biases) is not
 broadcast: its bytes ride in the next bucket's metadata in the store (base64), or alone there when
 it is the last or the next bucket goes elsewhere (``SyncStats.inline_tensors``); a per-bucket
 broadcast + store round trip cost more than the bytes.
@@ -53,6 +60,8 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
+import threading
 import time
 import weakref
 from collections import deque
@@ -176,19 +185,19 @@ class HeldWeights:
         return True
 
 
-def _fan_out(to: tuple[int, ...], node_of: Mapping[int, object]) -> dict[int, tuple[int, ...]]:
-    """{node head: the other receivers of ``to`` on its node}: the head is the first receiver of
-    ``to`` on each node; it takes the bucket from the sender and re-broadcasts it on its node."""
-    out: dict[int, list[int]] = {}
-    head_of: dict[object, int] = {}
+def _fan_out(to: tuple[int, ...], node_of: Mapping[int, object], stage: int = 0) -> dict[int, tuple[int, ...]]:
+    """{node head: the other receivers of ``to`` on its node}: the head takes the bucket from the
+    sender and re-broadcasts it on its node. Stage ``s``'s head on a node is its receivers' ``s``-th
+    (mod their number): stages received at once come in through different GPUs, so through
+    different NICs, instead of queueing at one."""
+    on_node: dict[object, list[int]] = {}
     for r in to:
-        node = node_of[r]
-        if node in head_of:
-            out[head_of[node]].append(r)
-        else:
-            head_of[node] = r
-            out[r] = []
-    return {h: tuple(p) for h, p in out.items()}
+        on_node.setdefault(node_of[r], []).append(r)
+    out = {}
+    for ranks in on_node.values():
+        head = ranks[stage % len(ranks)]
+        out[head] = tuple(r for r in ranks if r != head)
+    return out
 
 
 def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, torch.Tensor]] | Mapping, *,
@@ -257,7 +266,7 @@ def send_weights(bridge: BridgeGroup, stage: int, named: Iterable[tuple[str, tor
 
     for bucket in _buckets(held_somewhere(), bucket_bytes, alone, key=route, device=device):
         to = route(bucket[0][0])
-        fan = _fan_out(to, node_of)
+        fan = _fan_out(to, node_of, stage)
         entries, offset = [], 0
         for name, t in bucket:
             entries.append([name, list(t.shape), str(t.dtype), offset])
@@ -341,7 +350,7 @@ def _broadcast_async(pg, tensor: torch.Tensor):
 # Kept from one sync to the next (fresh buffers cost a page fault per 4 kB on every sync): the
 # sender's two pack buffers and a receiver's pool, per bridge.
 _SEND_BUFFERS: "weakref.WeakKeyDictionary[object, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
-_RECEIVE_POOLS: "weakref.WeakKeyDictionary[object, _BufferPool]" = weakref.WeakKeyDictionary()
+_RECEIVE_POOLS: "weakref.WeakKeyDictionary[object, list[_BufferPool]]" = weakref.WeakKeyDictionary()
 
 
 class _BufferPool:
@@ -389,21 +398,25 @@ class _BufferPool:
 
 
 class WeightStream:
-    """What :func:`receive_weights` returns: iterate for ``(hf_name, tensor)`` pairs, stage by
-    stage, bucket by bucket. Tensors are views of a receive buffer: a loader may keep them while
-    it needs them (the buffer is not reused while they live), but should not keep all of them."""
+    """What :func:`receive_weights` returns: iterate for ``(hf_name, tensor)`` pairs, bucket by
+    bucket. Tensors are views of a receive buffer: a loader may keep them while it needs them (the
+    buffer is not reused while they live), but should not keep all of them.
+
+    The training stages this rank needs are received at once, up to ``streams`` of them (a
+    :class:`_Lane` each, in stage order), so their buckets come in interleaved: in stage order
+    within a stage, in arrival order across stages."""
 
     def __init__(self, bridge: BridgeGroup, version: int, stats: SyncStats, bucket_hint: int = 0,
-                 holds: HeldWeights | None = None) -> None:
+                 holds: HeldWeights | None = None, streams: int = 8) -> None:
+        if streams < 1:
+            raise ValueError(f"weight sync streams: got {streams}, expected an integer >= 1")
         self.bridge, self.version, self.stats = bridge, version, stats
-        self.holds = holds
+        self.holds, self.streams = holds, streams
         # the senders route by it (what it holds, its node) and check the transport; they wait for
         # every receiver's answer
         bridge.store.set(_key(version, "holds", bridge.rank), json.dumps({
             "holds": None if holds is None else asdict(holds), "node": bridge.node, "transport": bridge.backend}))
-        self._relays: deque = deque()       # a node head's broadcasts to its node, in flight
-        self._pool = _RECEIVE_POOLS.setdefault(bridge, _BufferPool())
-        self._allocated_before = self._pool.allocated
+        self._pools = _RECEIVE_POOLS.setdefault(bridge, [])     # one per lane slot, kept between syncs
         self._hint = bucket_hint
         self._gen: Iterator | None = None
         self._announced: dict[int, list | None] = {}
@@ -450,96 +463,87 @@ class WeightStream:
             for _ in tensors:
                 pass
 
-    def _mine(self, stage: int):
+    def _mine(self, stage: int, store):
         """This rank's bucket metadata of `stage`, in order; then the end marker."""
         i = 0
         while True:
-            meta = json.loads(self.bridge.store.get(_key(self.version, stage, i)))
+            meta = json.loads(store.get(_key(self.version, stage, i)))
             if meta.get("end") or self.bridge.rank in meta["to"]:
                 yield meta
                 if meta.get("end"):
                     return
             i += 1
 
+    def _needed(self) -> list[int]:
+        """The stages to receive: all but those whose announced index holds nothing of ours (a vLLM
+        PP rank starts on the training stages that hold its layers at once)."""
+        needed = []
+        for stage in range(self.bridge.num_stages):
+            index = self._stage_index(stage)
+            if index is not None and self.holds is not None and not any(self.holds.holds(n) for n, _, _ in index):
+                self.stats.per_stage_seconds[stage] = 0.0
+            else:
+                needed.append(stage)
+        return needed
+
     def _receive(self):
         stats, bridge = self.stats, self.bridge
         t0 = time.perf_counter()
         for stage in range(bridge.num_stages):           # every receiver joins every stage's group first
             bridge.stage_group(stage)                    # (their senders wait), so none waits on another
-        for stage in range(bridge.num_stages):
-            index = self._stage_index(stage)
-            if index is not None and self.holds is not None and not any(self.holds.holds(n) for n, _, _ in index):
-                # announced, and none of it is ours: no need to wait for this stage's end (a
-                # vLLM PP rank starts on the training stages that hold its layers at once)
-                stats.per_stage_seconds[stage] = 0.0
+        waiting = deque(self._needed())
+        allocated_before = sum(p.allocated for p in self._pools)
+        arrivals: queue.Queue = queue.Queue()
+        running: dict[int, _Lane] = {}                   # lane slot -> lane
+        arrived: dict[int, int] = {}
+
+        def start_next() -> None:
+            # In stage order: every receiver of a stage starts it once its earlier stages are done,
+            # so no two receivers wait on each other.
+            slot = min(set(range(self.streams)) - set(running))
+            while len(self._pools) <= slot:
+                self._pools.append(_BufferPool())
+            stage = waiting.popleft()
+            arrived[stage] = 0
+            running[slot] = _Lane(self, stage, self._pools[slot], arrivals)
+            running[slot].slot = slot
+            running[slot].start()
+
+        while waiting and len(running) < self.streams:
+            start_next()
+        while running:
+            lane, meta, flat, error = arrivals.get()
+            if error is not None:
+                raise RuntimeError(f"weight sync v{self.version} stage {lane.stage}: receiving failed: "
+                                   f"{type(error).__name__}: {error}") from error
+            if meta.get("end"):
+                sent = meta["tensors"].get(str(bridge.rank))
+                if sent != arrived[lane.stage]:
+                    raise RuntimeError(f"weight sync v{self.version} stage {lane.stage}: the sender sent this rank "
+                                       f"{sent} tensors, {arrived[lane.stage]} arrived")
+                stats.per_stage_seconds[lane.stage] = time.perf_counter() - t0
+                stats.relayed_bytes += lane.relayed_bytes
+                del running[lane.slot]
+                if waiting:
+                    start_next()
                 continue
-            receivers = tuple(range(bridge.num_stages, bridge.size))
-            mine = self._mine(stage)
-            arrived = 0
-            meta = next(mine)
-            pending = None if meta.get("end") else self._post(stage, receivers, meta)
-            while pending is not None:
-                meta, work, flat = pending
-                posted: list = []
-
-                def post_next(posted=posted, stage=stage, receivers=receivers, mine=mine):
-                    if not posted:
-                        nxt = next(mine)
-                        posted.append(nxt if nxt.get("end") else self._post(stage, receivers, nxt))
-
-                inline = meta.get("inline") or {"entries": []}
-                entries = [(name, tuple(shape)) for name, shape, _, _ in inline["entries"] + meta["entries"]]
-                yield entries, self._views(work, flat, meta, post_next)
-                work.wait()          # (a loader that left the bucket unread: the bytes still land)
-                post_next()
-                stats.buckets += 1 if meta["bytes"] else 0
-                stats.bytes += meta["bytes"] + inline.get("bytes", 0)
-                stats.inline_bytes += inline.get("bytes", 0)
-                arrived += len(entries)
-                pending, work, flat = posted[0], None, None
-                if isinstance(pending, dict):            # the end marker
-                    meta, pending = pending, None
-            self._settle_relays(keep=0)
-            sent = meta["tensors"].get(str(bridge.rank))
-            if sent != arrived:
-                raise RuntimeError(f"weight sync v{self.version} stage {stage}: the sender sent this rank "
-                                   f"{sent} tensors, {arrived} arrived")
-            stats.per_stage_seconds[stage] = time.perf_counter() - t0
+            inline = meta.get("inline") or {"entries": []}
+            entries = [(name, tuple(shape)) for name, shape, _, _ in inline["entries"] + meta["entries"]]
+            yield entries, self._views(flat, meta)
+            lane.room.release()                          # the loader moved on: the lane may receive one more
+            stats.buckets += 1 if meta["bytes"] else 0
+            stats.bytes += meta["bytes"] + inline.get("bytes", 0)
+            stats.inline_bytes += inline.get("bytes", 0)
+            arrived[lane.stage] += len(entries)
         stats.seconds = time.perf_counter() - t0
-        stats.buffers_allocated = self._pool.allocated - self._allocated_before
+        stats.buffers_allocated = sum(p.allocated for p in self._pools) - allocated_before
         if self._hint:
-            self._pool.trim(self._hint)
+            for pool in self._pools:
+                pool.trim(self._hint)
         self.finished = True
 
-    def _post(self, stage: int, receivers: tuple[int, ...], meta: dict):
-        """Post the receive of a bucket: from the stage leader (a node head) or from this node's
-        head (the others of a node). A head passes each bucket on once it has arrived."""
-        self._settle_relays(keep=1)
-        bridge, me = self.bridge, self.bridge.rank
-        if not meta["bytes"]:                            # only tensors carried in the metadata
-            return meta, _NOTHING, None
-        fan = {h: tuple(p) for h, p in meta["fan_out"]}
-        flat = self._pool.take(meta["bytes"], self._hint, bridge.device)
-        if me in fan:
-            work = _broadcast_async(bridge.group((stage, *fan))[0], flat)
-            if fan[me]:
-                work = _Relay(work, bridge.group((me, *fan[me]))[0], flat, self, len(fan[me]))
-        else:
-            head = next(h for h, peers in fan.items() if me in peers)
-            work = _broadcast_async(bridge.group((head, *fan[head]))[0], flat)
-        return meta, work, flat
-
-    def _settle_relays(self, keep: int) -> None:
-        """Wait for this head's broadcasts to its node until ``keep`` are left in flight (each holds
-        a receive buffer: they are part of the two or three)."""
-        while len(self._relays) > keep:
-            self._relays.popleft().wait()
-
-    def _views(self, work, flat: torch.Tensor | None, meta: dict, post_next) -> Iterator[tuple[str, torch.Tensor]]:
-        """The bucket's tensors (those carried in its metadata first: they came first). The next
-        bucket's broadcast is posted once the loader asks for the second tensor (or leaves the
-        bucket): by then it holds no view of the bucket before."""
-        work.wait()
+    def _views(self, flat: torch.Tensor | None, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        """The bucket's tensors (those carried in its metadata first: they came first)."""
         inline = meta.get("inline")
         sources = []
         if inline:
@@ -550,46 +554,77 @@ class WeightStream:
             sources.append((raw, inline["entries"]))
         if flat is not None:
             sources.append((flat, meta["entries"]))
-        listed = [(buf, e) for buf, es in sources for e in es]
-        for k, (flat, (name, shape, dtype, off)) in enumerate(listed):
-            if k == 1:
-                post_next()
-            dt = _DTYPES[dtype]
-            n = 1
-            for d in shape:
-                n *= d
-            self.stats.tensors += 1
-            yield name, flat[off:off + n * _ITEMSIZE[dt]].view(dt).view(shape)
+        for flat, es in sources:
+            for name, shape, dtype, off in es:
+                dt = _DTYPES[dtype]
+                n = 1
+                for d in shape:
+                    n *= d
+                self.stats.tensors += 1
+                yield name, flat[off:off + n * _ITEMSIZE[dt]].view(dt).view(shape)
 
 
-class _Nothing:
-    def wait(self) -> None:
-        pass
+class _Lane(threading.Thread):
+    """One training stage's stream at one receiver, in a thread of its own: receives each bucket
+    (a node head from the stage leader, then relayed on to its node; the others from their head),
+    at most ``depth`` buckets ahead of the loader, and hands them to the stream's ``arrivals``.
 
+    It has its own store client (a blocking get holds its client's lock, which would stall the
+    other lanes), its own buffer pool, and its own relay groups (tagged by stage: two stages with
+    the same head and peers must not share a group, whose broadcasts would then interleave in a
+    different order on different ranks). The end marker (or an error) is handed on last."""
 
-_NOTHING = _Nothing()
+    def __init__(self, stream: WeightStream, stage: int, pool: _BufferPool, arrivals: queue.Queue,
+                 depth: int = 2) -> None:
+        super().__init__(name=f"weight-sync-v{stream.version}-s{stage}", daemon=True)
+        self.stream, self.stage, self.pool, self.arrivals = stream, stage, pool, arrivals
+        self.room = threading.Semaphore(depth)
+        self.relays: deque = deque()        # this head's broadcasts to its node, in flight
+        self.relayed_bytes = 0
+        self.slot = -1
+        self.store = None                   # its own client, made in its thread
 
+    def run(self) -> None:
+        try:
+            self.store = self.stream.bridge.store.clone()
+            for meta in self.stream._mine(self.stage, self.store):
+                if meta.get("end"):
+                    self._settle(keep=0)
+                    self.arrivals.put((self, meta, None, None))
+                    return
+                self.room.acquire()
+                self.arrivals.put((self, meta, self._receive(meta), None))
+        except BaseException as e:          # the stream raises it where the loader reads
+            self.arrivals.put((self, None, None, e))
 
-class _Relay:
-    """A node head's receive: once the bucket has arrived from the sender, it is broadcast on to
-    the head's node (the head's wait() returns then; the relay completes in the background)."""
+    def _receive(self, meta: dict) -> torch.Tensor | None:
+        self._settle(keep=1)
+        if not meta["bytes"]:                           # only tensors carried in the metadata
+            return None
+        bridge, me = self.stream.bridge, self.stream.bridge.rank
+        fan = {h: tuple(p) for h, p in meta["fan_out"]}
+        flat = self.pool.take(meta["bytes"], self.stream._hint, bridge.device)
+        if me in fan:
+            _broadcast_async(bridge.group((self.stage, *fan), store=self.store)[0], flat).wait()
+            if fan[me]:
+                self.relays.append(_broadcast_async(bridge.group((me, *fan[me]), self.stage, self.store)[0], flat))
+                self.relayed_bytes += flat.numel() * len(fan[me])
+        else:
+            head = next(h for h, peers in fan.items() if me in peers)
+            _broadcast_async(bridge.group((head, *fan[head]), self.stage, self.store)[0], flat).wait()
+        return flat
 
-    def __init__(self, first, pg, flat: torch.Tensor, stream: "WeightStream", peers: int) -> None:
-        self.first, self.pg, self.flat, self.stream, self.peers = first, pg, flat, stream, peers
-
-    def wait(self) -> None:
-        if self.first is None:
-            return
-        self.first.wait()
-        self.first = None
-        self.stream._relays.append(_broadcast_async(self.pg, self.flat))
-        self.stream.stats.relayed_bytes += self.flat.numel() * self.peers
-        self.flat = None
+    def _settle(self, keep: int) -> None:
+        """Wait for this head's relays until ``keep`` are left in flight (each holds a receive
+        buffer: they are part of the lane's two or three)."""
+        while len(self.relays) > keep:
+            self.relays.popleft().wait()
 
 
 def receive_weights(bridge: BridgeGroup, *, version: int, stats: SyncStats | None = None,
-                    bucket_bytes: int = 0, holds: HeldWeights | None = None) -> WeightStream:
+                    bucket_bytes: int = 0, holds: HeldWeights | None = None, streams: int = 8) -> WeightStream:
     """Called by every inference rank: the :class:`WeightStream` of weights version ``version``.
     Nothing is received until it is iterated. Receive buffers are sized to the sender's bucket size
-    (announced per stage) or ``bucket_bytes`` if larger."""
-    return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes, holds)
+    (announced per stage) or ``bucket_bytes`` if larger. ``streams``: training stages received at
+    once (each holds two or three buffers of a bucket's size)."""
+    return WeightStream(bridge, version, stats if stats is not None else SyncStats(), bucket_bytes, holds, streams)

@@ -18,6 +18,7 @@ from tulu.plan.memory import (
     TrainingMemoryInputs,
     inference_host_rows,
     inference_memory,
+    weight_sync_buffers_gb,
     node_host_memory,
     training_host_rows,
     training_memory,
@@ -336,6 +337,28 @@ def _check_time_limit_warning(cfg: JobConfig, plan: "RankPlan") -> None:
                         f"last checkpoint is lost. Allowed: {math.ceil(need)} to {limit_s - 1} seconds")
 
 
+def _sync_buffers_gb(cfg: JobConfig, shape: ModelShape, plan: "RankPlan") -> float:
+    """An engine rank's weight-sync receive buffers (an RLVR job's; 0 otherwise): it receives the
+    training stages that hold its engine stage's layers, up to rlvr.weight_sync_streams at once."""
+    if cfg.stage != "rlvr":
+        return 0.0
+    train = layer_spans(plan.layers)
+    stages = max(sum(1 for a, b in train if a < hi and lo < b)
+                 for lo, hi in layer_spans(layers_per_stage(shape.num_layers, plan.inference_pp)))
+    dtype_bytes = 4 if cfg.model.dtype == "fp32" else 2
+    return weight_sync_buffers_gb(cfg.rlvr.weight_sync_bucket_mb, cfg.rlvr.weight_sync_streams, stages,
+                                  shape.embedding_params * dtype_bytes)
+
+
+def layer_spans(counts) -> tuple[tuple[int, int], ...]:
+    """[first, end) layer ranges of stages holding ``counts`` layers each, in order."""
+    out, first = [], 0
+    for n in counts:
+        out.append((first, first + n))
+        first += n
+    return tuple(out)
+
+
 def build_plan(cfg: JobConfig) -> RankPlan:
     """Validate the layout of `cfg` and compute its memory; raise PlanError with a suggestion."""
     cl, inf, tr = cfg.cluster, cfg.groups.inference, cfg.groups.training
@@ -382,7 +405,16 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                     layers_per_stage(shape.num_layers, tr.pp), shape, mem, None,
                     sorted(cands, key=lambda c: (c.tp, c.pp)), notes, inf.engine)
     if inf.gpus:
-        plan.inference_mem = inference_memory(shape, inf.tp, inf.pp, cl.gpu_memory_gb, inf.gpu_memory_utilization)
+        plan.inference_mem = inference_memory(shape, inf.tp, inf.pp, cl.gpu_memory_gb, inf.gpu_memory_utilization,
+                                              sync_buffers_gb=_sync_buffers_gb(cfg, shape, plan))
+        if not plan.inference_mem.breakdown.fits:
+            im = plan.inference_mem.breakdown
+            room = (im.usable_gb - (im.total_gb - cl.gpu_memory_gb * inf.gpu_memory_utilization)) / cl.gpu_memory_gb
+            raise PlanError("groups.inference.gpu_memory_utilization",
+                            f"got {inf.gpu_memory_utilization}; vLLM's budget and the weight sync's receive buffers "
+                            f"do not fit on an engine GPU together\n{im.table()}\nsuggestion: "
+                            f"gpu_memory_utilization <= {math.floor(room * 100) / 100}, or lower "
+                            "rlvr.weight_sync_bucket_mb or rlvr.weight_sync_streams")
         if plan.inference_mem.kv_tokens < inf.max_model_len:
             raise PlanError("groups.inference.gpus", f"got {inf.gpus}; a TP{inf.tp} x PP{inf.pp} engine leaves room "
                             f"for {plan.inference_mem.kv_tokens} KV tokens, fewer than max_model_len "

@@ -162,18 +162,37 @@ class InferenceMemory:
     kv_tokens: int  # tokens of KV cache one engine holds
 
 
+# Outside vLLM's gpu_memory_utilization budget on an engine GPU: the CUDA context and NCCL's
+# communicator buffers.
+ENGINE_RESERVE_GB = 1.0
+
+
+def weight_sync_buffers_gb(bucket_mb: float, streams: int, stages: int, largest_tensor_bytes: int) -> float:
+    """An engine rank's receive buffers during a weight sync (`tulu.dist.weight_sync`): two or
+    three of a bucket's size per training stage it receives at once (``min(streams, stages)``),
+    and one of the largest tensor where that is larger than a bucket (a full embedding: vLLM
+    slices it)."""
+    bucket = bucket_mb * 2**20
+    return (min(streams, stages) * 3 * bucket + max(0.0, largest_tensor_bytes - bucket)) / GB
+
+
 def inference_memory(shape: ModelShape, tp: int, pp: int, capacity_gb: float, utilization: float,
-                     weight_bytes: int = 2) -> InferenceMemory:
+                     weight_bytes: int = 2, sync_buffers_gb: float = 0.0) -> InferenceMemory:
+    """An engine GPU: vLLM's budget (``utilization`` of the GPU) and, beside it, the weight sync's
+    receive buffers and :data:`ENGINE_RESERVE_GB`; ``breakdown.fits`` says whether they all fit."""
     shards = tp * pp
     weights = shape.num_params * weight_bytes / shards / GB
     runtime = 2.0  # vLLM activations, sampler and CUDA graphs at default settings
     budget = capacity_gb * utilization
     kv = budget - weights - runtime
     b = MemoryBreakdown(f"inference GPU (vLLM, TP{tp} x PP{pp}, gpu_memory_utilization {utilization})",
-                        capacity_gb=capacity_gb)
+                        capacity_gb=capacity_gb, usable_fraction=round(1 - ENGINE_RESERVE_GB / capacity_gb, 4))
     b.rows.append(MemoryRow("weights (bf16)", weights))
     b.rows.append(MemoryRow("vLLM activations, sampler, CUDA graphs", runtime))
     b.rows.append(MemoryRow("KV cache", max(kv, 0.0), f"{budget:.1f} GB budget minus the rest"))
+    if sync_buffers_gb:
+        b.rows.append(MemoryRow("weight-sync receive buffers", sync_buffers_gb,
+                                "outside vLLM's budget; rlvr.weight_sync_bucket_mb, weight_sync_streams"))
     per_token = shape.kv_bytes_per_token(weight_bytes) / shards
     tokens = int(max(kv, 0.0) * GB / per_token) if per_token else 0
     return InferenceMemory(b, kv, tokens)

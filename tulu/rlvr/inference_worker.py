@@ -102,7 +102,8 @@ def run(ctx) -> dict:
                 stats = SyncStats()
                 # routed: a pipeline stage of a PP engine receives only the tensors it holds
                 n_loaded = engine.update_weights(receive_weights(bridge, version=version, stats=stats,
-                                                                 holds=engine.held_weights()))
+                                                                 holds=engine.held_weights(),
+                                                                 streams=rl.weight_sync_streams))
                 sync_s, sync_bytes, loaded = time.perf_counter() - t0, stats.bytes, version
         mine = prompts.for_step(step, rl.prompts_per_step)[engine_index::engines]
         ctx.fault_point("generate", step)
