@@ -214,6 +214,7 @@ def _stages_at_once(rank, world_size, port, streams, timeout_s):
             yield from tensors[1:]
         try:
             send_weights(bridge, 0, held_back(), version=1, bucket_bytes=4096)
+            bridge.store.wait([f"got{r}" for r in range(2, world_size)])   # it serves the store
         except Exception as e:      # the store's wait timed out: stage 1 never finished
             return type(e).__name__
         return "sent"
@@ -231,6 +232,7 @@ def _stages_at_once(rank, world_size, port, streams, timeout_s):
                     receive_weights(bridge, version=1, stats=stats, streams=streams))
     except Exception as e:
         return type(e).__name__
+    bridge.store.set(f"got{rank}", "1")
     return {"exact": exact, "relayed": stats.relayed_bytes, "tensors": stats.tensors}
 
 

@@ -493,6 +493,7 @@ class WeightStream:
             bridge.stage_group(stage)                    # (their senders wait), so none waits on another
         waiting = deque(self._needed())
         allocated_before = sum(p.allocated for p in self._pools)
+        device = bridge.device          # here: a new thread's current CUDA device is GPU 0
         arrivals: queue.Queue = queue.Queue()
         running: dict[int, _Lane] = {}                   # lane slot -> lane
         arrived: dict[int, int] = {}
@@ -505,7 +506,7 @@ class WeightStream:
                 self._pools.append(_BufferPool())
             stage = waiting.popleft()
             arrived[stage] = 0
-            running[slot] = _Lane(self, stage, self._pools[slot], arrivals)
+            running[slot] = _Lane(self, stage, self._pools[slot], arrivals, device)
             running[slot].slot = slot
             running[slot].start()
 
@@ -575,9 +576,10 @@ class _Lane(threading.Thread):
     different order on different ranks). The end marker (or an error) is handed on last."""
 
     def __init__(self, stream: WeightStream, stage: int, pool: _BufferPool, arrivals: queue.Queue,
-                 depth: int = 2) -> None:
+                 device: torch.device, depth: int = 2) -> None:
         super().__init__(name=f"weight-sync-v{stream.version}-s{stage}", daemon=True)
         self.stream, self.stage, self.pool, self.arrivals = stream, stage, pool, arrivals
+        self.device = device
         self.room = threading.Semaphore(depth)
         self.relays: deque = deque()        # this head's broadcasts to its node, in flight
         self.relayed_bytes = 0
@@ -586,6 +588,8 @@ class _Lane(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             self.store = self.stream.bridge.store.clone()
             for meta in self.stream._mine(self.stage, self.store):
                 if meta.get("end"):
@@ -603,7 +607,7 @@ class _Lane(threading.Thread):
             return None
         bridge, me = self.stream.bridge, self.stream.bridge.rank
         fan = {h: tuple(p) for h, p in meta["fan_out"]}
-        flat = self.pool.take(meta["bytes"], self.stream._hint, bridge.device)
+        flat = self.pool.take(meta["bytes"], self.stream._hint, self.device)
         if me in fan:
             _broadcast_async(bridge.group((self.stage, *fan), store=self.store)[0], flat).wait()
             if fan[me]:
