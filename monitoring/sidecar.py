@@ -209,12 +209,17 @@ class Sidecar:
         training step on every node), sparing the monitor agents' step: the next step needs
         them. A hung step never ends by itself; the step loop waits for it."""
         killed = self._kill_local_ranks(records)
-        if self.job_id:
+        steps: list[str] = []
+        for attempt in range(3):   # slurmctld may be briefly unreachable: the loop waits on it
+            if not self.job_id:
+                break
             try:
-                killed += [f"step {s}" for s in slurm.kill_steps(self.job_id,
-                                                                 skip_names=(AGENTS_STEP,))]
+                steps = slurm.kill_steps(self.job_id, skip_names=(AGENTS_STEP,))
+                break
             except slurm.SlurmCommandError as e:
-                log(f"cannot SIGKILL the job's training step: {e}")
+                log(f"cannot SIGKILL the job's training step (try {attempt + 1} of 3): {e}")
+                time.sleep(2.0)
+        killed += [f"step {s}" for s in steps]
         log("SIGKILLed the attempt's ranks before the in-job restart", killed=killed)
         return killed
 

@@ -363,3 +363,21 @@ exit 0
         [(0, "restart")]
     assert not [c for c in fake.calls() if "requeue" in c]
     assert "attempt 1 of job 77 starts in the job on n1,n3" in out.stderr
+
+
+def test_an_in_job_restart_kills_the_training_step_and_spares_the_agents_step(monkeypatch):
+    from monitoring import slurm
+    from monitoring.recovery import AGENTS_STEP
+
+    calls = []
+
+    def run(args, timeout=60.0):
+        calls.append(args)
+        return "77.0 tulu-monitor-agents\n77.1 rlvr\n77.batch batch\n77.extern extern\n" \
+            if args[0] == "squeue" else ""
+
+    monkeypatch.setattr(slurm, "run", run)
+    assert slurm.kill_steps("77", skip_names=(AGENTS_STEP,)) == ["77.1"]
+    assert [c for c in calls if c[0] == "scancel"] == [["scancel", "--signal=KILL", "77.1"]]
+    calls.clear()
+    assert slurm.kill_steps("77") == ["77.0", "77.1"]      # a requeue ends every step
