@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from monitoring.record import read_record, record_path
-from test_faults import (FAST_MONITOR, TIMEOUT_S, Injected, StepWatcher, check_attempt, decisions,
+from test_faults import (CHECK_S, FAST_MONITOR, REPORT_S, TIMEOUT_S, Injected, StepWatcher, check_attempt, decisions,
                          fault_time, monitor_dir, reports)
 from test_launch import COUNTER, runner  # noqa: F401 - the fixture
 from test_monitor_nodes import isolated  # noqa: F401 - the fixture
@@ -84,10 +84,17 @@ def test_a_hang_on_a_non_batch_node_restarts_the_step_on_the_spare_within_the_ph
     assert 1 in watcher.first_step, f"no step of attempt 1 was seen: {watcher.first_step}"
     recovery = watcher.first_step[1] - t_fault
     detection = report["detected_at"] - t_fault
-    print("\n" + json.dumps({"path": "in-job", "fault": f.kind, "detection_s": round(detection, 2),
-                             "recovery_s": round(recovery, 2)}))
-    assert TIMEOUT_S <= detection and recovery <= TIMEOUT_S + RECOVERY_SLACK_S, \
-        f"fault -> next step {recovery:.1f} s (detection {detection:.1f} s), promised <= {TIMEOUT_S + RECOVERY_SLACK_S}"
+    restarted = d["time"] - t_fault
+    figures = {"path": "in-job", "fault": f.kind, "detection_s": round(detection, 2),
+               "restart_decided_s": round(restarted, 2), "recovery_s": round(recovery, 2)}
+    print("\n" + json.dumps(figures))
+    # The monitor's own part: the restart is decided (the step killed, the spare swapped in)
+    # within the time-out, the check interval and the report's stack dumps.
+    assert TIMEOUT_S <= detection <= restarted <= TIMEOUT_S + CHECK_S + REPORT_S, figures
+    # The promise, start-up of the new step included (torch import and process groups: on 2
+    # cores shared with other work this is the part that grows; the figures say which part).
+    assert recovery <= TIMEOUT_S + RECOVERY_SLACK_S, \
+        f"fault -> next step {recovery:.1f} s, promised <= {TIMEOUT_S + RECOVERY_SLACK_S}: {figures}"
 
     # No requeue: Slurm's restart count is still 0; the run resumed exactly where it was saved.
     assert st["state"] == "COMPLETED" and int(st["restarts"]) == 0, st
