@@ -15,7 +15,9 @@ then rename):
 - ``agents/requests/<node>/<id>.json``: the sidecar asks for the stacks of some ranks;
 - ``agents/responses/<id>_<node>.json``: the agent answers with `RankStack`s gathered the same
   way the sidecar gathers its own (`monitoring.stacks.collect_stacks`: faulthandler signal,
-  py-spy for a stopped process, /proc otherwise).
+  py-spy for a stopped process, /proc otherwise), after asking its ranks' NCCL flight recorders
+  for a dump (`monitoring.stacks.request_flight_recorder_dumps`: their pipes are FIFOs, which
+  only a writer on the node reaches).
 
 The sidecar side is `request_stacks` / `gather_stacks` (an agent that does not answer within
 ``agent_wait_s`` is named in the report) and `agent_liveness` (pids on other nodes, from fresh
@@ -39,7 +41,7 @@ from pathlib import Path
 from monitoring.config import MonitorConfig
 from monitoring.injob import current_attempt
 from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
-from monitoring.stacks import RankStack, collect_stacks, on_node, proc_state
+from monitoring.stacks import RankStack, collect_stacks, on_node, proc_state, request_flight_recorder_dumps
 from monitoring.storage import _atomic_write
 
 __all__ = ["NodeAgent", "heartbeat_path", "request_stacks", "gather_stacks", "agent_liveness",
@@ -143,6 +145,8 @@ class NodeAgent:
             t0 = time.monotonic()
             wanted = {int(x) for x in req.get("ranks", [])}
             mine = [r for r in self.my_ranks() if r.rank in wanted]
+            # before the stacks: NCCL's watchdog may abort a hung collective at any moment
+            fr = request_flight_recorder_dumps(self.dir, mine)
             stacks = collect_stacks(self.dir, mine, self.host, node=self.node,
                                     wait_s=float(req.get("wait_s", self.cfg.stack_wait_s)),
                                     use_py_spy=bool(req.get("use_py_spy", self.cfg.use_py_spy)))
@@ -152,7 +156,7 @@ class NodeAgent:
                                               f"in the records of node {self.node}")
             _write_json(_response_path(self.dir, req["id"], self.node),
                         {"id": req["id"], "node": self.node, "host": self.host, "pid": os.getpid(),
-                         "seconds": round(time.monotonic() - t0, 2),
+                         "seconds": round(time.monotonic() - t0, 2), "flight_recorder": fr,
                          "stacks": {str(k): v.to_dict() for k, v in stacks.items()}})
             log(f"answered request {req['id']}", ranks=sorted(wanted))
             done.append(req["id"])
@@ -212,7 +216,8 @@ def gather_stacks(monitor_dir: str | os.PathLike, pending: dict, timeout_s: floa
                                            node=node)
             agents[node] = {"answered": True, "ranks": waiting.pop(node),
                             "seconds": round(time.monotonic() - pending["sent"], 2),
-                            "agent_pid": resp.get("pid"), "host": resp.get("host")}
+                            "agent_pid": resp.get("pid"), "host": resp.get("host"),
+                            "flight_recorder": resp.get("flight_recorder") or {}}
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.05)

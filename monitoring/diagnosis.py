@@ -41,7 +41,7 @@ from monitoring.detect import Detector, Fault
 from monitoring.logscan import LogFinding, scan_logs, srun_failed_tasks
 from monitoring.progress import meta_path
 from monitoring.record import STATE_EXITED, STATE_FAILED, RankRecord
-from monitoring.stacks import RankStack, collect_stacks, innermost_frame, on_node
+from monitoring.stacks import RankStack, collect_stacks, innermost_frame, on_node, request_flight_recorder_dumps
 from monitoring.storage import StorageFault, fault_from_text, files_for, say
 
 __all__ = ["Culprit", "HangReport", "name_culprits", "diagnose", "write_report",
@@ -226,38 +226,6 @@ def _utc(t: float, pretty: bool = False) -> str:
         "" if pretty else f"{int(t * 1000) % 1000:03d}Z")
 
 
-def request_flight_recorder_dumps(monitor_dir: str | os.PathLike,
-                                  records: list[RankRecord]) -> dict:
-    """Ask PyTorch's NCCL flight recorder of every rank for a dump (GPU only).
-
-    ProcessGroupNCCL creates ``<TORCH_NCCL_DEBUG_INFO_PIPE_FILE><rank>.pipe`` and dumps its
-    trace to ``<TORCH_NCCL_DEBUG_INFO_TEMP_FILE><rank>`` when something is written to it.
-    On CPU (gloo) no pipe exists and this returns what it looked for. Not exercised by the
-    CPU test suite."""
-    out = {"requested": [], "missing_pipe": [], "dump_files": []}
-    for r in records:
-        try:
-            meta = json.loads(meta_path(monitor_dir, r.rank).read_text())
-        except (OSError, ValueError):
-            continue
-        env = meta.get("flight_recorder_env") or {}
-        stem = env.get("TORCH_NCCL_DEBUG_INFO_PIPE_FILE")
-        if not stem:
-            continue
-        pipe = f"{stem}{r.rank}.pipe"
-        try:
-            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, b"1")
-            os.close(fd)
-            out["requested"].append(r.rank)
-        except OSError:
-            out["missing_pipe"].append(r.rank)
-        dump = env.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
-        if dump:
-            out["dump_files"].append(f"{dump}{r.rank}")
-    return out
-
-
 def storage_fault_of(records: list[RankRecord | None],
                      findings: list[LogFinding] | None = None) -> tuple[StorageFault, list[int]] | None:
     """The storage fault behind a crash and the ranks that hit it, or None. A failed rank's
@@ -309,12 +277,17 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
         remote = [r for r in live if node and not on_node(r, host, node)]
         asked = (agent.request_stacks(monitor_dir, remote, wait_s=cfg.stack_wait_s,
                                       use_py_spy=cfg.use_py_spy) if remote else None)
-        fr = request_flight_recorder_dumps(monitor_dir, live)
+        # A rank's flight-recorder pipe is a FIFO: only a writer on its node reaches it, so the
+        # other nodes' ranks are asked by their agents (with their stacks)
+        fr = request_flight_recorder_dumps(monitor_dir, [r for r in live if r.rank not in {x.rank for x in remote}])
         stacks = collect_stacks(monitor_dir, live, host, wait_s=cfg.stack_wait_s,
                                 use_py_spy=cfg.use_py_spy, node=node)
         if asked is not None:
             theirs, agents = agent.gather_stacks(monitor_dir, asked, cfg.agent_wait_s)
             stacks.update(theirs)
+            for a in agents.values():
+                for k, v in a.get("flight_recorder", {}).items():
+                    fr[k] = sorted(fr.get(k, []) + v, key=str)
     # "{job_id}" in a glob narrows the scan to this job's logs: a run folder collects the logs
     # of every job submitted into it, and another job's srun lines must not name the culprit.
     globs = [g.replace("{job_id}", str(job_id)) if job_id else g for g in cfg.log_globs]

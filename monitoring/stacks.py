@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,10 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitoring.progress import STACK_DUMP_SIGNAL, stack_file
+from monitoring.progress import STACK_DUMP_SIGNAL, meta_path, stack_file
 from monitoring.record import RankRecord
 
-__all__ = ["RankStack", "collect_stacks", "on_node", "proc_state", "innermost_frame"]
+__all__ = ["RankStack", "collect_stacks", "on_node", "proc_state", "innermost_frame",
+           "request_flight_recorder_dumps"]
 
 
 @dataclass(slots=True)
@@ -178,3 +180,37 @@ def innermost_frame(text: str) -> str:
         if frames and not frames[-1].endswith("threading.py:_bootstrap"):
             return frames[0]
     return threads[0][0] if threads and threads[0] else ""
+
+
+def request_flight_recorder_dumps(monitor_dir: str | os.PathLike,
+                                  records: list[RankRecord]) -> dict:
+    """Ask PyTorch's NCCL flight recorder of each of ``records`` (ranks on this node) for a dump
+    (GPU only).
+
+    ProcessGroupNCCL creates ``<TORCH_NCCL_DEBUG_INFO_PIPE_FILE><rank>.pipe`` and dumps its
+    trace to ``<TORCH_NCCL_DEBUG_INFO_TEMP_FILE><rank>`` when something is written to it. The
+    pipe is a FIFO: a writer reaches it only on the rank's node (the sidecar for its own node's
+    ranks, each node's agent for its own). On CPU (gloo) no pipe exists and this returns what it
+    looked for; the tests play ProcessGroupNCCL's reader with a FIFO of their own."""
+    out = {"requested": [], "missing_pipe": [], "dump_files": []}
+    for r in records:
+        try:
+            meta = json.loads(meta_path(monitor_dir, r.rank).read_text())
+        except (OSError, ValueError):
+            continue
+        env = meta.get("flight_recorder_env") or {}
+        stem = env.get("TORCH_NCCL_DEBUG_INFO_PIPE_FILE")
+        if not stem:
+            continue
+        pipe = f"{stem}{r.rank}.pipe"
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"1")
+            os.close(fd)
+            out["requested"].append(r.rank)
+        except OSError:
+            out["missing_pipe"].append(r.rank)
+        dump = env.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+        if dump:
+            out["dump_files"].append(f"{dump}{r.rank}")
+    return out

@@ -169,6 +169,44 @@ def test_the_hang_report_holds_stacks_from_every_node_and_names_a_silent_agent(t
     assert "--- rank 1 on n2 (proc) T" in text and "n3: NO ANSWER" in text
 
 
+def _flight_recorder_pipes(d: Path, ranks_with_pipes) -> dict[int, int]:
+    """Play ProcessGroupNCCL: give each rank's metadata the flight-recorder stems and open a
+    reader on ``<pipe stem><rank>.pipe`` (a FIFO); returns rank -> reader fd."""
+    from monitoring.progress import meta_path
+
+    (d / "nccl_trace").mkdir(exist_ok=True)
+    env = {"TORCH_NCCL_DEBUG_INFO_PIPE_FILE": str(d / "nccl_trace" / "pipe_rank_"),
+           "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(d / "nccl_trace" / "rank_")}
+    readers = {}
+    for rank in range(WORLD):
+        meta = json.loads(meta_path(d, rank).read_text())
+        meta_path(d, rank).write_text(json.dumps({**meta, "flight_recorder_env": env}))
+        if rank in ranks_with_pipes:
+            pipe = d / "nccl_trace" / f"pipe_rank_{rank}.pipe"
+            os.mkfifo(pipe)
+            readers[rank] = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    return readers
+
+
+def test_each_node_asks_only_its_own_ranks_flight_recorders_for_a_dump(tmp_path, ranks):
+    """A flight-recorder pipe is a FIFO: a write from the batch host never reaches a rank on
+    another node, so the sidecar asks its node's ranks and each agent asks its own."""
+    readers = _flight_recorder_pipes(tmp_path, (0, 1))
+    start_agent(tmp_path, "n2")                       # n3's agent never started
+    cfg = MonitorConfig(**{**CFG.to_dict(), "agent_wait_s": 4.0})
+    recs = records(tmp_path)
+    report = diagnose(Fault("hang", (0, 2), phase="train", step=3), recs, monitor_dir=tmp_path,
+                      cfg=cfg, host=recs[0].host, node="n1")
+    got = {r: os.read(fd, 16) for r, fd in readers.items()}
+    for fd in readers.values():
+        os.close(fd)
+    assert got == {0: b"1", 1: b"1"}                  # one request each: rank 1's by n2's agent only
+    fr = report.flight_recorder
+    assert fr["requested"] == [0, 1] and fr["missing_pipe"] == []      # rank 2: its agent is silent
+    assert fr["dump_files"] == [str(tmp_path / "nccl_trace" / f"rank_{r}") for r in (0, 1)]
+    assert report.agents["n2"]["flight_recorder"]["requested"] == [1]
+
+
 def test_the_batch_script_starts_one_agent_per_node_beside_the_main_step_and_ends_it():
     lines = setup_lines("/runs/a b/monitor", 8)
     (start,) = [line for line in lines if "monitoring.agent" in line]
