@@ -207,8 +207,10 @@ class Sidecar:
     def _stop_step(self, records: list[RankRecord | None]) -> list[str]:
         """Before an in-job restart: SIGKILL this attempt's ranks (local pids, then the job's
         training step on every node), sparing the monitor agents' step: the next step needs
-        them. A hung step never ends by itself; the step loop waits for it."""
-        killed = self._kill_local_ranks(records)
+        them. A hung step never ends by itself; the step loop waits for it. No wait for the
+        local pids to vanish (a requeue's does): the next step starts only once srun returned,
+        and srun returns only once every task of the step is gone."""
+        killed = self._kill_local_ranks(records, wait_s=0.0)
         steps: list[str] = []
         for attempt in range(3):   # slurmctld may be briefly unreachable: the loop waits on it
             if not self.job_id:
