@@ -42,6 +42,10 @@ def test_skipping_dpo_starts_rlvr_from_sft(tmp_path):
     ("pipeline.stages=[rlvr, sft]", "pipeline.stages"),
     ("pipeline.pairs.samples_per_prompt=1", "pipeline.pairs.samples_per_prompt"),
     ("pipeline.executor=ray", "pipeline.executor"),
+    ("pipeline.tasks.gsm8k_max_operand=3", "pipeline.tasks.gsm8k_max_operand"),
+    ("pipeline.tasks.gsm8k_max_operand=100", "pipeline.tasks.gsm8k_max_operand"),
+    ("pipeline.tasks.math_max_denominator=2", "pipeline.tasks.math_max_denominator"),
+    ("pipeline.tasks.math_max_denominator=21", "pipeline.tasks.math_max_denominator"),
 ])
 def test_bad_values_name_the_yaml_path(override, key):
     with pytest.raises(ConfigError) as e:
@@ -62,3 +66,19 @@ def test_local_executor_refuses_multi_node_stage_before_submitting(tmp_path):
         choose_executor(p)
     assert e.value.key == "stages.sft.cluster.nodes"
     assert not tmp_path.joinpath("data").exists()
+
+
+def test_task_difficulty_reaches_the_generated_data(tmp_path):
+    from tulu.pipeline.steps import write_data
+
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.gsm8k_max_operand=6",
+                             "pipeline.tasks.math_max_denominator=4", "pipeline.tasks.sft_per_task=40",
+                             "pipeline.tasks.train_per_task=40", "pipeline.tasks.heldout_per_task=5"])
+    assert p.settings.tasks.difficulty() == {"gsm8k": {"max_operand": 6}, "math": {"max_denominator": 4}}
+    files = write_data(tmp_path / "data", p.settings)
+    import json
+    rows = [json.loads(line) for line in files["rlvr_train"].read_text().splitlines()]
+    gsm = [int(r["ground_truth"]) for r in rows if r["dataset"] == "gsm8k"]
+    assert gsm and max(gsm) <= 5 * 3   # sums <= 12, differences < 9, products <= 5 x 3
+    card = json.loads((tmp_path / "data" / "card.json").read_text())
+    assert card["pipeline"]["difficulty"]["math"] == {"max_denominator": 4}

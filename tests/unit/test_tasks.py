@@ -236,3 +236,21 @@ def test_cli_writes_the_files_and_prints_their_paths(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in printed] == [
         "sft.jsonl", "rlvr_train.jsonl", "heldout.jsonl", "README.md", "card.json"]
     assert json.loads((tmp_path / "d" / "card.json").read_text())["files"]["sft"]["rows"] == 18
+
+
+def test_difficulty_bounds_the_numbers_and_keeps_verifiable_answers():
+    """Smaller operands/denominators on request; the default is the module's constant, so data
+    written without `difficulty` is unchanged."""
+    easy = {"gsm8k": {"max_operand": 6}, "math": {"max_denominator": 4}}
+    assert problems("gsm8k", "train", 50, seed=2) == problems("gsm8k", "train", 50, seed=2,
+                                                               difficulty={"gsm8k": {"max_operand": 20}})
+    for p in problems("gsm8k", "train", 300, seed=2, difficulty=easy):
+        op, a, b = p.key.split()
+        assert (int(a) <= 6 and int(b) <= 6) if op == "+" else True
+        assert (int(a) <= 9) if op == "-" else True
+        assert GSM8KVerifier().verify(p.answer, p.ground_truth)
+    for p in problems("math", "heldout", 10, seed=2, difficulty=easy):
+        assert int(p.key.split()[-1]) <= 4
+        assert MATHVerifier().verify(p.answer, p.ground_truth)
+    with pytest.raises(ValueError, match="max_operand"):
+        problems("gsm8k", "train", 1, seed=0, difficulty={"gsm8k": {"max_operand": 3}})

@@ -29,15 +29,29 @@ class TasksConfig:
     sft_per_task: int = 2000
     train_per_task: int = 1000  # RLVR prompts (DPO pairs are sampled from the same pool)
     heldout_per_task: int = 100
+    # task difficulty: GSM8K-style addends 2..N (minuends up to 1.5N), MATH-style denominators 2..N
+    gsm8k_max_operand: int = 20
+    math_max_denominator: int = 12
 
     def validate(self) -> None:
-        from tulu.data.tasks import TASKS
+        from tulu.data.tasks import TASKS, gsm8k, math_fractions
 
         require(bool(self.names), "pipeline.tasks.names", self.names, f"a non-empty list of {', '.join(TASKS)}")
         for name in self.names:
             require(name in TASKS, "pipeline.tasks.names", name, ", ".join(TASKS))
         for key in ("sft_per_task", "train_per_task", "heldout_per_task"):
             require(getattr(self, key) >= 1, f"pipeline.tasks.{key}", getattr(self, key), "an integer >= 1")
+        require(gsm8k.MIN_MAX_OPERAND <= self.gsm8k_max_operand <= gsm8k.MAX_MAX_OPERAND,
+                "pipeline.tasks.gsm8k_max_operand", self.gsm8k_max_operand,
+                f"an integer {gsm8k.MIN_MAX_OPERAND}..{gsm8k.MAX_MAX_OPERAND}")
+        require(math_fractions.MIN_MAX_DENOMINATOR <= self.math_max_denominator <= math_fractions.MAX_MAX_DENOMINATOR,
+                "pipeline.tasks.math_max_denominator", self.math_max_denominator,
+                f"an integer {math_fractions.MIN_MAX_DENOMINATOR}..{math_fractions.MAX_MAX_DENOMINATOR}")
+
+    def difficulty(self) -> dict[str, dict[str, int]]:
+        """The task generators' keywords (`tulu.data.tasks.problems(difficulty=...)`)."""
+        return {"gsm8k": {"max_operand": self.gsm8k_max_operand},
+                "math": {"max_denominator": self.math_max_denominator}}
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,13 +21,15 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
     t = settings.tasks
     card = data_dir / "card.json"
     wanted = {"seed": settings.seed, "names": list(t.names), "sft_per_task": t.sft_per_task,
-              "train_per_task": t.train_per_task, "heldout_per_task": t.heldout_per_task}
+              "train_per_task": t.train_per_task, "heldout_per_task": t.heldout_per_task,
+              "difficulty": t.difficulty()}
     names = {"sft": "sft.jsonl", "rlvr_train": "rlvr_train.jsonl", "heldout": "heldout.jsonl"}
     if card.exists() and json.loads(card.read_text()).get("pipeline") == wanted and \
             all((data_dir / f).exists() for f in names.values()):
         return {k: data_dir / f for k, f in names.items()}
     paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
-                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task, tasks=list(t.names))
+                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task, tasks=list(t.names),
+                            difficulty=t.difficulty())
     info = json.loads(card.read_text()) if card.exists() else {}
     info["pipeline"] = wanted
     _write_json(card, info)
@@ -49,7 +51,10 @@ def pairs_step(pipeline_dir: str, settings: dict) -> dict:
     root = Path(pipeline_dir)
     p, seed = settings["pairs"], settings["seed"]
     model = export_stage(root / "sft")
-    prompts = _pair_prompts(root / "data", settings["tasks"]["names"], p["prompts_per_task"], seed)
+    t = settings["tasks"]
+    difficulty = {"gsm8k": {"max_operand": t.get("gsm8k_max_operand", 20)},
+                  "math": {"max_denominator": t.get("math_max_denominator", 12)}}
+    prompts = _pair_prompts(root / "data", t["names"], p["prompts_per_task"], seed, difficulty)
     stats = make_onpolicy_pairs(model, prompts, root / "data" / "dpo_pairs.jsonl",
                                 samples_per_prompt=p["samples_per_prompt"], temperature=p["temperature"],
                                 max_new_tokens=p["max_new_tokens"], seed=seed, engine=p["engine"],
@@ -62,7 +67,8 @@ def pairs_step(pipeline_dir: str, settings: dict) -> dict:
     return stats
 
 
-def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int) -> Path:
+def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int,
+                  difficulty: dict | None = None) -> Path:
     """Training-split prompts of each task (a stream of their own) with the task's reference
     answer, which is "chosen" where the SFT model never gets a prompt right."""
     from tulu.data.synthetic import write_jsonl
@@ -70,7 +76,7 @@ def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int) ->
 
     rows = [{"messages": [{"role": "user", "content": p.prompt}], "ground_truth": p.ground_truth,
              "dataset": VERIFIERS[task], "reference": p.answer}
-            for task in tasks for p in problems(task, "train", per_task, seed, stream="pairs")]
+            for task in tasks for p in problems(task, "train", per_task, seed, stream="pairs", difficulty=difficulty)]
     return write_jsonl(rows, data_dir / "pair_prompts.jsonl")
 
 

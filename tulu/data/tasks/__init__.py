@@ -11,7 +11,8 @@ A problem is held out by a hash of its key (the problem without its wording, see
 :mod:`tulu.data.tasks.problem`): about a fifth of all problems, never drawn for training, so
 train and held-out rows never share a prompt, nor a rephrasing of one. Training rows are drawn
 with repetition; held-out rows are distinct prompts, of which there are about 480 (ifeval), 700
-(math) and many thousands (gsm8k) per task. Prompts stay under 90 bytes and answers under 48, so
+(math) and many thousands (gsm8k) per task at the generators' default difficulty; smaller numbers
+(``difficulty``, :data:`DIFFICULTY`) leave fewer (math with denominators up to 6: about 110). Prompts stay under 90 bytes and answers under 48, so
 a chat fits in 160 tokens of the byte-level tokenizer.
 
     rows = task_rows("math", "heldout", 256, seed=0)       # Ai2's RLVR schema
@@ -28,7 +29,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from tulu.atomic import write_text_atomic
 from tulu.data.synthetic import write_jsonl
@@ -40,6 +41,9 @@ SPLITS = ("train", "heldout")
 _FAMILIES = {"gsm8k": gsm8k, "math": math_fractions, "ifeval": ifeval}
 VERIFIERS = {task: module.VERIFIER for task, module in _FAMILIES.items()}
 """The verifier (the rows' ``dataset``) of each task, as registered in :mod:`tulu.rewards`."""
+DIFFICULTY = {"gsm8k": ("max_operand", gsm8k.MAX_OPERAND), "math": ("max_denominator", math_fractions.MAX_DENOMINATOR)}
+"""Each task's difficulty knob (a keyword of its ``draw``) and its default; ifeval has none.
+``difficulty={"gsm8k": {"max_operand": 10}}`` asks smaller numbers of one task."""
 
 _MAX_FRUITLESS_DRAWS = 50_000
 """Held-out rows are distinct prompts; after this many draws in a row without a new one the
@@ -53,9 +57,11 @@ def _family(task: str):
 
 
 def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
-             stream: str = "rlvr") -> list[Problem]:
-    """``n`` problems of ``task`` from ``split``; ``stream`` names an independent random stream."""
+             stream: str = "rlvr", difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[Problem]:
+    """``n`` problems of ``task`` from ``split``; ``stream`` names an independent random stream;
+    ``difficulty`` maps a task to its ``draw`` keywords (see :data:`DIFFICULTY`)."""
     family = _family(task)
+    knobs = dict((difficulty or {}).get(task) or {})
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n < 0:
@@ -66,7 +72,7 @@ def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
     seen: set[str] = set()
     misses = 0
     while len(out) < n:
-        p = family.draw(rng)
+        p = family.draw(rng, **knobs)
         if is_heldout(task, p.key) != want_heldout or (want_heldout and p.prompt in seen):
             misses += 1
             if misses > _MAX_FRUITLESS_DRAWS:
@@ -79,17 +85,19 @@ def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
     return out
 
 
-def task_rows(task: str, split: Literal["train", "heldout"], n: int, seed: int) -> list[dict[str, Any]]:
+def task_rows(task: str, split: Literal["train", "heldout"], n: int, seed: int,
+              difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """``n`` RLVR rows in Ai2's schema: ``{"messages": [user], "ground_truth", "dataset"}``."""
     return [{"messages": [{"role": "user", "content": p.prompt}], "ground_truth": p.ground_truth,
-             "dataset": VERIFIERS[task]} for p in problems(task, split, n, seed)]
+             "dataset": VERIFIERS[task]} for p in problems(task, split, n, seed, difficulty=difficulty)]
 
 
-def sft_rows(task: str, n: int, seed: int) -> list[dict[str, Any]]:
+def sft_rows(task: str, n: int, seed: int,
+             difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """``n`` chats from the training split: ``{"messages": [user, assistant]}``, every answer one
     the task's verifier accepts."""
     return [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]}
-            for p in problems(task, "train", n, seed, stream="sft")]
+            for p in problems(task, "train", n, seed, stream="sft", difficulty=difficulty)]
 
 
 def _write_text(text: str, path: Path) -> Path:
@@ -117,7 +125,8 @@ def _readme(card: dict) -> str:
 
 
 def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int,
-                    sft_per_task: int, tasks: Sequence[str] = TASKS) -> dict[str, Path]:
+                    sft_per_task: int, tasks: Sequence[str] = TASKS,
+                    difficulty: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rlvr_train.jsonl`` and ``heldout.jsonl`` (``tasks`` mixed, shuffled
     by seed) and ``README.md``/``card.json`` describing them, each atomically; returns the paths by
     name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
@@ -129,9 +138,9 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mixes: dict[str, list[dict[str, Any]]] = {
-        "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed)],
-        "rlvr_train": [r for t in tasks for r in task_rows(t, "train", train_per_task, seed)],
-        "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout_per_task, seed)],
+        "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed, difficulty)],
+        "rlvr_train": [r for t in tasks for r in task_rows(t, "train", train_per_task, seed, difficulty)],
+        "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout_per_task, seed, difficulty)],
     }
     paths: dict[str, Path] = {}
     files: dict[str, dict[str, Any]] = {}
@@ -145,7 +154,8 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
         "seed": seed,
         "heldout_per_mille": HELDOUT_PER_MILLE,
         "tasks": {t: {"verifier": VERIFIERS[t], "sft": sft_per_task, "rlvr_train": train_per_task,
-                      "heldout": heldout_per_task} for t in tasks},
+                      "heldout": heldout_per_task, **({"difficulty": dict(difficulty[t])}
+                                                      if (difficulty or {}).get(t) else {})} for t in tasks},
         "files": files,
     }
     paths["readme"] = _write_text(_readme(card), out / "README.md")

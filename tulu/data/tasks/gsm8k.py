@@ -29,23 +29,31 @@ TEMPLATES = {
 }
 
 
-def _operands(op: str, rng: random.Random) -> tuple[int, int, int]:
+MAX_OPERAND = 20
+"""The default largest addend (`pipeline.tasks.gsm8k_max_operand`)."""
+MIN_MAX_OPERAND, MAX_MAX_OPERAND = 4, 99
+
+
+def _operands(op: str, rng: random.Random, max_operand: int) -> tuple[int, int, int]:
     # Small numbers: a ~1M-parameter model must first learn to copy them out of the story, and
     # with 2-digit operands up to 99 it still scored ~1% after ~1M training tokens.
+    # max_operand M: addends 2..M, minuends 5..1.5M, products (2..5) x (2..min(10, M/2)).
     if op == "+":
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
         return a, b, a + b
     if op == "-":
-        a = rng.randint(5, 30)
+        a = rng.randint(5, max_operand * 3 // 2)
         b = rng.randint(1, a - 1)
         return a, b, a - b
-    a, b = rng.randint(2, 5), rng.randint(2, 10)
+    a, b = rng.randint(2, 5), rng.randint(2, min(10, max_operand // 2))
     return a, b, a * b
 
 
-def draw(rng: random.Random) -> Problem:
+def draw(rng: random.Random, max_operand: int = MAX_OPERAND) -> Problem:
+    if not MIN_MAX_OPERAND <= max_operand <= MAX_MAX_OPERAND:
+        raise ValueError(f"gsm8k max_operand must be {MIN_MAX_OPERAND}..{MAX_MAX_OPERAND}, got {max_operand}")
     op = rng.choice(tuple(TEMPLATES))
-    a, b, value = _operands(op, rng)
+    a, b, value = _operands(op, rng, max_operand)
     name, other = rng.sample(NAMES, 2)
     prompt = rng.choice(TEMPLATES[op]).format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b)
     key = f"{op} {a} {b}" if op == "-" else f"{op} {min(a, b)} {max(a, b)}"

@@ -6,7 +6,8 @@
 
 Half the SFT targets that could be simplified box the unsimplified fraction, so the data itself
 exercises the MATH verifier's equivalence test, and both forms earn the reward. Denominators stay
-at 12 or below so a tiny model can learn the numerator arithmetic. The problem key is the
+at 12 or below (``max_denominator``; the embedded default asks 6) so a tiny model can learn the
+numerator arithmetic. The problem key is the
 arithmetic without its wording (addends sorted).
 """
 
@@ -19,6 +20,8 @@ from tulu.data.tasks.problem import Problem
 
 VERIFIER = "MATH"
 MAX_DENOMINATOR = 12
+"""The default largest denominator (`pipeline.tasks.math_max_denominator`)."""
+MIN_MAX_DENOMINATOR, MAX_MAX_DENOMINATOR = 3, 20
 WORDINGS = ("What is {e}? Put the answer in \\boxed{{}}.",
             "Compute {e}. Put the answer in \\boxed{{}}.",
             "Find {e}. Write the answer in \\boxed{{}}.")
@@ -31,10 +34,10 @@ def latex(value: Fraction) -> str:
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
-def _expression(rng: random.Random) -> tuple[str, str, str, int, int]:
+def _expression(rng: random.Random, max_denominator: int) -> tuple[str, str, str, int, int]:
     """(key, prompt expression, worked expression, numerator, denominator) of one problem."""
     op = rng.choice("+-*")
-    d = rng.randint(3 if op == "-" else 2, MAX_DENOMINATOR)   # a proper a/d above b/d needs d >= 3
+    d = rng.randint(3 if op == "-" else 2, max_denominator)   # a proper a/d above b/d needs d >= 3
     if op == "+":
         a, b = rng.randint(1, d - 1), rng.randint(1, d - 1)
         return f"+ {min(a, b)} {max(a, b)} {d}", f"{a}/{d} + {b}/{d}", f"{a}/{d}+{b}/{d}", a + b, d
@@ -46,8 +49,11 @@ def _expression(rng: random.Random) -> tuple[str, str, str, int, int]:
     return f"* {k} {a} {d}", f"{k} times {a}/{d}", f"{k}*{a}/{d}", k * a, d
 
 
-def draw(rng: random.Random) -> Problem:
-    key, shown, worked, num, den = _expression(rng)
+def draw(rng: random.Random, max_denominator: int = MAX_DENOMINATOR) -> Problem:
+    if not MIN_MAX_DENOMINATOR <= max_denominator <= MAX_MAX_DENOMINATOR:
+        raise ValueError(f"math max_denominator must be {MIN_MAX_DENOMINATOR}..{MAX_MAX_DENOMINATOR}, "
+                         f"got {max_denominator}")
+    key, shown, worked, num, den = _expression(rng, max_denominator)
     prompt = rng.choice(WORDINGS).format(e=shown)
     value = Fraction(num, den)
     raw = f"{num}/{den}"
