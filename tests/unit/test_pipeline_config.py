@@ -82,3 +82,15 @@ def test_task_difficulty_reaches_the_generated_data(tmp_path):
     assert gsm and max(gsm) <= 5 * 3   # sums <= 12, differences < 9, products <= 5 x 3
     card = json.loads((tmp_path / "data" / "card.json").read_text())
     assert card["pipeline"]["difficulty"]["math"] == {"max_denominator": 4}
+
+
+def test_more_held_out_prompts_than_the_difficulty_has_are_refused_by_key(tmp_path):
+    from tulu.pipeline.steps import write_data
+
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.math_max_denominator=5",
+                             "pipeline.tasks.names=[math]", "pipeline.tasks.sft_per_task=10",
+                             "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task=100"])
+    with pytest.raises(ConfigError) as err:
+        write_data(tmp_path / "data", p.settings)
+    assert err.value.key == "pipeline.tasks.heldout_per_task"
+    assert "only 63 distinct held-out math prompts" in str(err.value) and "ask for at most 63" in str(err.value)

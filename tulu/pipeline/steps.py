@@ -16,7 +16,8 @@ from tulu.atomic import write_json_atomic
 
 def write_data(data_dir: Path, settings) -> dict[str, Path]:
     """The task files (same seed and sizes -> the same bytes); kept when the card matches."""
-    from tulu.data.tasks import write_task_data
+    from tulu.config.schema import ConfigError
+    from tulu.data.tasks import HeldOutExhausted, write_task_data
 
     t = settings.tasks
     card = data_dir / "card.json"
@@ -27,9 +28,15 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
     if card.exists() and json.loads(card.read_text()).get("pipeline") == wanted and \
             all((data_dir / f).exists() for f in names.values()):
         return {k: data_dir / f for k, f in names.items()}
-    paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
-                            heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task, tasks=list(t.names),
-                            difficulty=t.difficulty())
+    try:
+        paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
+                                heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task,
+                                tasks=list(t.names), difficulty=t.difficulty())
+    except HeldOutExhausted as e:
+        raise ConfigError("pipeline.tasks.heldout_per_task",
+                          f"got {t.heldout_per_task}; only {e.found} distinct held-out {e.task} prompts exist at "
+                          f"this difficulty ({t.difficulty().get(e.task, {}) or 'the default'}): ask for at most "
+                          f"{e.found}, or make the {e.task} task larger") from e
     info = json.loads(card.read_text()) if card.exists() else {}
     info["pipeline"] = wanted
     _write_json(card, info)

@@ -56,6 +56,14 @@ def _family(task: str):
     return _FAMILIES[task]
 
 
+class HeldOutExhausted(ValueError):
+    """Fewer distinct held-out prompts of ``task`` exist (at its difficulty) than were asked for."""
+
+    def __init__(self, task: str, found: int, asked: int) -> None:
+        self.task, self.found, self.asked = task, found, asked
+        super().__init__(f"found only {found} distinct held-out {task} prompts, {asked} asked for; ask for fewer")
+
+
 def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
              stream: str = "rlvr", difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[Problem]:
     """``n`` problems of ``task`` from ``split``; ``stream`` names an independent random stream;
@@ -76,8 +84,7 @@ def problems(task: str, split: Literal["train", "heldout"], n: int, seed: int,
         if is_heldout(task, p.key) != want_heldout or (want_heldout and p.prompt in seen):
             misses += 1
             if misses > _MAX_FRUITLESS_DRAWS:
-                raise ValueError(f"found only {len(out)} distinct held-out {task} prompts, {n} asked "
-                                 f"for; ask for fewer")
+                raise HeldOutExhausted(task, len(out), n)
             continue
         misses = 0
         seen.add(p.prompt)
