@@ -279,7 +279,8 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
                                       use_py_spy=cfg.use_py_spy) if remote else None)
         # A rank's flight-recorder pipe is a FIFO: only a writer on its node reaches it, so the
         # other nodes' ranks are asked by their agents (with their stacks)
-        fr = request_flight_recorder_dumps(monitor_dir, [r for r in live if r.rank not in {x.rank for x in remote}])
+        remote_ranks = {r.rank for r in remote}
+        fr = request_flight_recorder_dumps(monitor_dir, [r for r in live if r.rank not in remote_ranks])
         stacks = collect_stacks(monitor_dir, live, host, wait_s=cfg.stack_wait_s,
                                 use_py_spy=cfg.use_py_spy, node=node)
         if asked is not None:
@@ -287,7 +288,7 @@ def diagnose(fault: Fault, records: list[RankRecord | None], *, monitor_dir: str
             stacks.update(theirs)
             for a in agents.values():
                 for k, v in a.get("flight_recorder", {}).items():
-                    fr[k] = sorted(fr.get(k, []) + v, key=str)
+                    fr[k] = sorted(fr.get(k, []) + v)
     # "{job_id}" in a glob narrows the scan to this job's logs: a run folder collects the logs
     # of every job submitted into it, and another job's srun lines must not name the culprit.
     globs = [g.replace("{job_id}", str(job_id)) if job_id else g for g in cfg.log_globs]

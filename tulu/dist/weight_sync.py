@@ -506,8 +506,7 @@ class WeightStream:
                 self._pools.append(_BufferPool())
             stage = waiting.popleft()
             arrived[stage] = 0
-            running[slot] = _Lane(self, stage, self._pools[slot], arrivals, device)
-            running[slot].slot = slot
+            running[slot] = _Lane(self, stage, slot, self._pools[slot], arrivals, device)
             running[slot].start()
 
         while waiting and len(running) < self.streams:
@@ -575,15 +574,14 @@ class _Lane(threading.Thread):
     the same head and peers must not share a group, whose broadcasts would then interleave in a
     different order on different ranks). The end marker (or an error) is handed on last."""
 
-    def __init__(self, stream: WeightStream, stage: int, pool: _BufferPool, arrivals: queue.Queue,
+    def __init__(self, stream: WeightStream, stage: int, slot: int, pool: _BufferPool, arrivals: queue.Queue,
                  device: torch.device, depth: int = 2) -> None:
         super().__init__(name=f"weight-sync-v{stream.version}-s{stage}", daemon=True)
-        self.stream, self.stage, self.pool, self.arrivals = stream, stage, pool, arrivals
+        self.stream, self.stage, self.slot, self.pool, self.arrivals = stream, stage, slot, pool, arrivals
         self.device = device
         self.room = threading.Semaphore(depth)
         self.relays: deque = deque()        # this head's broadcasts to its node, in flight
         self.relayed_bytes = 0
-        self.slot = -1
         self.store = None                   # its own client, made in its thread
 
     def run(self) -> None:

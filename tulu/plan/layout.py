@@ -405,11 +405,12 @@ def build_plan(cfg: JobConfig) -> RankPlan:
                     layers_per_stage(shape.num_layers, tr.pp), shape, mem, None,
                     sorted(cands, key=lambda c: (c.tp, c.pp)), notes, inf.engine)
     if inf.gpus:
+        buffers = _sync_buffers_gb(cfg, shape, plan)
         plan.inference_mem = inference_memory(shape, inf.tp, inf.pp, cl.gpu_memory_gb, inf.gpu_memory_utilization,
-                                              sync_buffers_gb=_sync_buffers_gb(cfg, shape, plan))
+                                              sync_buffers_gb=buffers)
         if not plan.inference_mem.breakdown.fits:
             im = plan.inference_mem.breakdown
-            room = (im.usable_gb - (im.total_gb - cl.gpu_memory_gb * inf.gpu_memory_utilization)) / cl.gpu_memory_gb
+            room = (im.usable_gb - buffers) / cl.gpu_memory_gb     # vLLM's budget that leaves the buffers room
             raise PlanError("groups.inference.gpu_memory_utilization",
                             f"got {inf.gpu_memory_utilization}; vLLM's budget and the weight sync's receive buffers "
                             f"do not fit on an engine GPU together\n{im.table()}\nsuggestion: "
