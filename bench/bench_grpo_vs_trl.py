@@ -3,6 +3,30 @@ prompts, same group size, generations per step and RL steps; throughput and held
 
     .venv/bin/python bench/bench_grpo_vs_trl.py [--quick] [--steps 300] [--engine transformers]
         [--ours-set rlvr.async_steps=1 ...] [--start-model HF_DIR] [--slurm] [--repeats N]
+        [--task arithmetic|embedded]
+
+Tasks (``--task``):
+  ``arithmetic`` (default): 2-digit addition (`tulu.data.synthetic`, "rlvr"), every row scored by
+        the GSM8K verifier; held-out prompts are a second seed's rows minus the training questions.
+  ``embedded``: the embedded default's task mix (configs/tiny-cpu.yaml, `tulu.data.tasks`): the
+        config's ``pipeline.tasks.names`` (gsm8k, math, ifeval) at the config's difficulty
+        (``settings.tasks.difficulty()``, read at run time); --train-size and --eval-size split
+        evenly over the tasks, training rows from the train split, held-out rows from the
+        held-out split (disjoint from training by construction). A task with fewer distinct
+        held-out prompts than its share (math at denominators 2..6 has 114) is capped at what
+        exists, and the setup line says so (``heldout_capped``). Rows are scored by each row's
+        ``dataset`` (gsm8k, MATH, ifeval) with tulu's verifiers on both sides: ours as always, TRL's
+        through ``tulu.rewards.RewardScorer`` in a helper process of our venv (trl_grpo_side.py
+        ``--verifiers tulu``). The start model is the embedded pipeline's SFT (or DPO) model,
+        given as ``--start-model runs/<pipeline>/sft/hf`` (``--quick``: a random model of the
+        config's shape, 256 positions); the bench does not SFT one. The RL response length and the
+        eval budget default to the config's ``pipeline.eval.max_new_tokens`` (48), our engine's
+        ``max_model_len`` to the start model's positions. The embedded pipeline's own RLVR differs
+        from the bench defaults: 16 prompts x 4 samples, 80 steps, kl_beta 0.05 (pass them as
+        --prompts-per-step/--num-generations/--steps/--kl-beta, they map as below) and
+        no_eos_penalty 1.0 (no TRL counterpart: 0 on both sides here). Lines carry
+        ``"task": "embedded"`` and go to bench/results/grpo_vs_trl-embedded-cpu[-quick]-DATE.jsonl;
+        held-out accuracy lines add ``per_task``.
 
 1. The start model: a tiny Llama (our byte-level tokenizer) SFT'd briefly by our own pipeline
    (`tulu submit configs/tiny-cpu-sft.yaml`, `tulu export`), so it has partial accuracy. Both
@@ -27,6 +51,9 @@ Settings mapping (ours <- TRL GRPOConfig):
         whole global batch (token-level mean, DAPO) <- loss_type="dapo" (TRL 1.16's default).
   advantages: (r - group mean) / (group std + eps), Bessel std on both (eps 1e-6 ours, 1e-4 TRL)
         <- scale_rewards="group". Rewards: verified 1.0 / 0.0 on both (rlvr.verified_reward=1).
+        Verifiers: arithmetic, a copy of our GSM8K verifier in TRL's process; embedded, our
+        RewardScorer (rlvr.verifier_workers workers, rlvr.verifier_timeout_s per call) on both
+        sides, TRL's in a helper process.
   Stop: both sides stop a completion at the tokenizer's end-of-text only (the TRL side resets
         the model's generation eos to the tokenizer's).
   TRL's GRPO default gradient_checkpointing=True is turned off (ours keeps activations too).
@@ -48,7 +75,8 @@ Figures (one JSON line each): setup; held-out accuracy of the start model; per s
 10% from per-step timings, ``samples_per_s_end_to_end`` over the whole RL run's wall clock
 including start-up and the final save, not the export/evaluation) and accuracy (after, gain,
 gain per minute of end-to-end RL wall and of the step loop); the ours/TRL ratios. Lines are
-appended to bench/results/grpo_vs_trl-cpu[-quick]-DATE.jsonl.
+appended to bench/results/grpo_vs_trl-cpu[-quick]-DATE.jsonl (``--task embedded``:
+grpo_vs_trl-embedded-cpu[-quick]-DATE.jsonl); every line has ``task``.
 """
 
 from __future__ import annotations
@@ -57,6 +85,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -67,6 +96,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "grpo_vs_trl"
+EMBEDDED_CONFIG = "configs/tiny-cpu.yaml"
+TASKS = ("arithmetic", "embedded")
 
 
 def run(cmd: list[str], what: str, env: dict | None = None) -> tuple[str, float]:
@@ -130,7 +161,54 @@ def make_prompts(w: Path, train_size: int, eval_size: int, seed: int) -> tuple[P
     return write_jsonl(train, w / "train-rlvr.jsonl"), write_jsonl(held[:eval_size], w / "heldout-rlvr.jsonl")
 
 
-def random_start_model(out: Path, seed: int) -> Path:
+def embedded_settings():
+    """The embedded default's pipeline settings (task names, difficulty, eval budget), as the
+    config says now."""
+    from tulu.pipeline.config import load_pipeline
+
+    return load_pipeline(str(REPO / EMBEDDED_CONFIG)).settings
+
+
+def split_evenly(n: int, k: int) -> list[int]:
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def make_task_prompts(w: Path, train_size: int, eval_size: int, seed: int, names: list[str],
+                      difficulty: dict) -> tuple[Path, Path, dict]:
+    """--task embedded: `tulu.data.tasks` rows of each task (train split for training, held-out
+    split for evaluation), sizes split evenly over the tasks; a task whose held-out split has fewer
+    distinct prompts than its share gives all it has. Both files are shuffled (seeded) mixes."""
+    from tulu.data.synthetic import write_jsonl
+    from tulu.data.tasks import HeldOutExhausted, task_rows
+
+    train: list[dict] = []
+    held: list[dict] = []
+    info: dict = {"train_per_task": {}, "heldout_per_task": {}, "heldout_capped": {}}
+    for task, n_train, n_held in zip(names, split_evenly(train_size, len(names)),
+                                     split_evenly(eval_size, len(names))):
+        train += task_rows(task, "train", n_train, seed, difficulty=difficulty)
+        try:
+            rows = task_rows(task, "heldout", n_held, seed, difficulty=difficulty)
+        except HeldOutExhausted as e:  # all distinct held-out prompts there are (the same draws, fewer)
+            rows = task_rows(task, "heldout", e.found, seed, difficulty=difficulty)
+            info["heldout_capped"][task] = {"asked": n_held, "distinct_heldout_prompts": e.found}
+        held += rows
+        info["train_per_task"][task], info["heldout_per_task"][task] = n_train, len(rows)
+    seen = {r["messages"][0]["content"] for r in train}
+    overlap = sum(r["messages"][0]["content"] in seen for r in held)
+    if overlap:  # the split is by construction; a change in tulu.data.tasks could break it
+        raise SystemExit(f"{overlap} held-out prompts also appear in training; tulu.data.tasks' split is broken")
+    random.Random(f"bench:train:{seed}").shuffle(train)
+    random.Random(f"bench:heldout:{seed}").shuffle(held)
+    return (write_jsonl(train, w / "train-rlvr-embedded.jsonl"), write_jsonl(held, w / "heldout-rlvr-embedded.jsonl"),
+            info)
+
+
+def model_positions(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+
+
+def random_start_model(out: Path, seed: int, max_positions: int = 128) -> Path:
     """--quick: a randomly initialised tiny Llama + our tokenizer as an HF folder."""
     import torch
     from transformers import LlamaForCausalLM
@@ -140,7 +218,8 @@ def random_start_model(out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     cfg = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            max_position_embeddings=max_positions)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     save_tiny_tokenizer(out)
     return out
@@ -175,7 +254,10 @@ def accuracy(model_dir: Path, heldout: Path, a) -> dict:
     from tulu.rlvr.evaluate import evaluate
 
     r = evaluate(model_dir, heldout, limit=a.eval_size, engine="transformers", max_new_tokens=a.eval_max_new_tokens)
-    return {"accuracy": r["accuracy"], "n": r["n"], "example": r["example"]}
+    out = {"accuracy": r["accuracy"], "n": r["n"], "example": r["example"]}
+    if a.task == "embedded":
+        out["per_task"] = r["per_task"]
+    return out
 
 
 # ------------------------------------------------------------------ the two sides
@@ -206,7 +288,7 @@ def run_ours(w: Path, start: Path, train: Path, a) -> dict:
           "rlvr.optim.warmup_ratio=0.0", "rlvr.optim.weight_decay=0.0", "rlvr.optim.adam_beta1=0.9",
           "rlvr.optim.adam_beta2=0.95", "rlvr.optim.adam_eps=1.0e-8", "rlvr.optim.grad_clip=1.0",
           f"groups.inference.engine={a.engine}", f"groups.training.micro_batch_size={rollouts}",
-          "checkpoint.interval=1000000", *a.executor_sets, *a.ours_set]
+          "checkpoint.interval=1000000", *a.task_sets, *a.executor_sets, *a.ours_set]
     _, wall = tulu("submit", "configs/tiny-cpu-rlvr.yaml", *sets(rl), "--wait")
     rows = [json.loads(x) for x in (w / "ours" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train_rows = [r for r in rows if r.get("kind") == "train"]
@@ -214,6 +296,15 @@ def run_ours(w: Path, start: Path, train: Path, a) -> dict:
     tulu("export", str(w / "ours" / "checkpoints"), str(out))
     return {"wall_s": wall, "step_s": [r["step_s"] for r in train_rows], "model": out,
             "train_reward": [r.get("verified_all", r.get("reward_mean")) for r in train_rows], "settings": rl}
+
+
+def rlvr_default(name: str):
+    """Our rlvr.<name> default (the bench leaves it to our side's config, which does not set it)."""
+    import dataclasses
+
+    from tulu.config.job import RLVRConfig
+
+    return next(f.default for f in dataclasses.fields(RLVRConfig) if f.name == name)
 
 
 def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:
@@ -226,6 +317,10 @@ def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:
            "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
            "--beta", str(a.kl_beta), "--epsilon", str(a.epsilon), "--loss-type", "dapo", "--seed", str(a.seed),
            "--threads", str(a.trl_threads)]
+    if a.task == "embedded":  # each row's dataset -> our verifiers, by our RewardScorer as our RLVR builds it
+        cmd += ["--verifiers", "tulu", "--tulu-python", sys.executable, "--tulu-root", str(REPO),
+                "--verifier-workers", str(rlvr_default("verifier_workers")),
+                "--verifier-timeout-s", str(rlvr_default("verifier_timeout_s"))]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     threads = str(a.trl_threads)
     _, wall = run(cmd, "TRL side", env=dict(env, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads,
@@ -245,6 +340,8 @@ def side_figures(name: str, side: dict, before: dict, after: dict, a) -> list[di
     rew = side["train_reward"]
     k = max(1, len(rew) // 10)
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    acc_extra = {"per_task_before": before["per_task"], "per_task_after": after["per_task"]} \
+        if "per_task" in after else {}
     return [
         {"bench": BENCH, "figure": f"{name}_throughput", "side": name,
          "samples_per_s_steady": round(per_step * len(st) / sum(st), 2) if st else None,
@@ -258,7 +355,7 @@ def side_figures(name: str, side: dict, before: dict, after: dict, a) -> list[di
          "gain_per_min_end_to_end": round(gain / (side["wall_s"] / 60), 4),
          "gain_per_min_step_loop": round(gain / (loop_s / 60), 4) if loop_s else None,
          "n": after["n"], "train_verified_first_10pct": mean(rew[:k]), "train_verified_last_10pct": mean(rew[-k:]),
-         "example_after": after["example"]},
+         "example_after": after["example"], **acc_extra},
     ]
 
 
@@ -280,12 +377,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="random start model, 3 steps, 16 eval prompts: checks the "
                     "pipeline, not the gain")
-    ap.add_argument("--workdir", default="runs/bench-grpo-vs-trl")
+    ap.add_argument("--task", choices=TASKS, default="arithmetic", help="arithmetic: 2-digit addition (today's "
+                    f"bench); embedded: the task mix of {EMBEDDED_CONFIG} at its difficulty (see the module doc)")
+    ap.add_argument("--workdir", default=None, help="default runs/bench-grpo-vs-trl (--task embedded: "
+                    "runs/bench-grpo-vs-trl-embedded)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--steps", type=int, default=None, help="RL steps on each side (default 400; --quick 3)")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--num-generations", type=int, default=8, help="completions per prompt (the GRPO group)")
-    ap.add_argument("--max-new-tokens", type=int, default=8, help="response length in RL")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="response length in RL (default 8; "
+                    "--task embedded: the config's pipeline.eval.max_new_tokens)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--kl-beta", type=float, default=0.0, help="TRL's beta / our rlvr.kl_beta (0: no reference)")
@@ -296,7 +397,8 @@ def main() -> None:
                     "response length, so the eval scores what RL could see)")
     ap.add_argument("--sft-steps", type=int, default=600)
     ap.add_argument("--sft-set", action="append", default=[], help="extra --set for the SFT run")
-    ap.add_argument("--start-model", help="an HF folder to start both sides from (skips SFT)")
+    ap.add_argument("--start-model", help="an HF folder to start both sides from (skips SFT); --task embedded "
+                    "needs one unless --quick: the embedded pipeline's runs/<pipeline>/sft/hf or .../dpo/hf")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="our inference engine")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for our RLVR run, applied last (repeatable)")
@@ -313,6 +415,12 @@ def main() -> None:
     a = ap.parse_args()
     a.steps = a.steps or (3 if a.quick else 400)
     a.eval_size = a.eval_size or (16 if a.quick else 256)
+    a.workdir = a.workdir or ("runs/bench-grpo-vs-trl" + ("-embedded" if a.task == "embedded" else ""))
+    embedded = embedded_settings() if a.task == "embedded" else None
+    if embedded and not (a.start_model or a.quick):
+        raise SystemExit(f"--task embedded needs --start-model (the SFT'd model of the embedded pipeline, e.g. "
+                         f"runs/<pipeline>/sft/hf after `tulu pipeline {EMBEDDED_CONFIG}`) or --quick")
+    a.max_new_tokens = a.max_new_tokens or (embedded.eval.max_new_tokens if embedded else 8)
     a.eval_max_new_tokens = a.eval_max_new_tokens or a.max_new_tokens
     a.executor_sets = [] if a.slurm else ["cluster.executor=local"]
     sides = [s for s in a.sides.split(",") if s]
@@ -328,19 +436,35 @@ def main() -> None:
     lines: list[dict] = []
 
     def emit(d: dict) -> None:
-        d = {**d, "time": stamp.isoformat(timespec="seconds")}
+        d = {**d, "task": a.task, "time": stamp.isoformat(timespec="seconds")}
         lines.append(d)
         print(json.dumps(d), flush=True)
 
     trl_py = ensure_trl_venv((REPO / a.trl_venv).resolve(), a.trl_version) if "trl" in sides else None
-    train, heldout = make_prompts(w, a.train_size, a.eval_size, a.seed)
+    task_info: dict = {}
+    if embedded:
+        t = embedded.tasks
+        task_info = {"task_config": EMBEDDED_CONFIG, "task_names": list(t.names), "difficulty": t.difficulty()}
+        train, heldout, counts = make_task_prompts(w, a.train_size, a.eval_size, a.seed, list(t.names),
+                                                   t.difficulty())
+        task_info.update(counts)
+        n_held = sum(counts["heldout_per_task"].values())
+        if counts["heldout_capped"]:
+            print(f"[bench] held-out prompts capped at what exists: {counts['heldout_capped']}; "
+                  f"{n_held} held-out prompts in all", file=sys.stderr, flush=True)
+    else:
+        train, heldout = make_prompts(w, a.train_size, a.eval_size, a.seed)
+        n_held = a.eval_size
     sft_s = None
     if a.start_model:
         start = Path(a.start_model).resolve()
     elif a.quick:
-        start = random_start_model(w / "start-hf", a.seed)
+        start = random_start_model(w / "start-hf", a.seed, max_positions=256 if embedded else 128)
     else:
         start, sft_s = sft_start_model(w, a)
+    # embedded: prompts (< 90 bytes + the chat template) and 48-token answers need more than the RLVR
+    # config's 128 positions; our engine takes what the start model can
+    a.task_sets = [f"groups.inference.max_model_len={model_positions(start)}"] if embedded else []
     before = accuracy(start, heldout, a)
 
     import torch
@@ -357,13 +481,14 @@ def main() -> None:
           "platform": platform.platform(), "steps": a.steps, "prompts_per_step": a.prompts_per_step,
           "num_generations": a.num_generations, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
           "lr": a.lr, "kl_beta": a.kl_beta, "epsilon": a.epsilon, "loss": "token-mean over the global batch (dapo)",
-          "train_prompts": a.train_size, "eval_prompts": a.eval_size, "eval_max_new_tokens": a.eval_max_new_tokens,
+          "train_prompts": a.train_size, "eval_prompts": n_held, "eval_max_new_tokens": a.eval_max_new_tokens,
+          **task_info, "ours_task_set": a.task_sets,
           "engine_ours": a.engine, "executor": "slurm" if a.slurm else "local", "ours_set": a.ours_set,
           "seed": a.seed, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
           "sft_s": round(sft_s, 1) if sft_s else None,
           "trl_threads": a.trl_threads if "trl" in sides else None, "versions_ours": ours_versions})
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
-          "example": before["example"]})
+          "example": before["example"], **({"per_task": before["per_task"]} if "per_task" in before else {})})
 
     rounds: list[dict[str, list[dict]]] = []
     for r in range(a.repeats):
@@ -380,6 +505,8 @@ def main() -> None:
                 figs[name][0]["versions"] = side["result"]["versions"]
                 figs[name][0]["torch_threads"] = side["result"]["torch_threads"]
                 figs[name][0]["trl_settings"] = side["result"]["trainer_settings"]
+                if side["result"].get("verifier_stats"):  # --task embedded: our scorer's counters there
+                    figs[name][0]["trl_verifier_stats"] = side["result"]["verifier_stats"]
             for f in figs[name]:
                 emit({**f, "repeat": r} if a.repeats > 1 else f)
         rounds.append(figs)
@@ -409,7 +536,7 @@ def main() -> None:
                                                            for f in rounds]})
         emit(out)
     if not a.no_save:
-        kind = "cpu-quick" if a.quick else "cpu"
+        kind = ("embedded-" if a.task == "embedded" else "") + ("cpu-quick" if a.quick else "cpu")
         path = REPO / "bench" / "results" / f"{BENCH}-{kind}-{stamp.date().isoformat()}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:

@@ -1,16 +1,30 @@
 """The TRL side of bench/bench_grpo_vs_trl.py: TRL's ``GRPOTrainer`` on CPU, one process.
 
-Runs in TRL's own virtual environment (bench/.venv-trl), so it imports nothing from tulu: the
-reward is a pure-python copy of tulu's GSM8K verifier (the last number of the completion equals
-the ground truth, after the same number normalisation), scoring 1.0 or 0.0.
+Runs in TRL's own virtual environment (bench/.venv-trl), which has no tulu. Rewards, 1.0 verified
+or 0.0, one of two ways (``--verifiers``):
+
+  ``gsm8k-copy`` (default; the arithmetic task): a pure-python copy of tulu's GSM8K verifier (the
+        last number of the completion equals the ground truth, after the same number
+        normalisation), in this process. Every row must name ``gsm8k`` (else it refuses to start).
+  ``tulu`` (the embedded task mix): each row's ``dataset`` picks tulu's own verifier (gsm8k, MATH,
+        ifeval), scored by ``tulu.rewards.RewardScorer`` exactly as our RLVR learner builds it
+        (RewardConfig(verified 1.0, unverified 0.0), --verifier-workers worker processes, each call
+        under --verifier-timeout-s, warmed for the rows' datasets as the rows spell them, as ours). The scorer lives in one helper
+        process of tulu's venv (``--tulu-python``, this file's ``--serve-verifiers`` mode), since
+        the MATH and IFEval verifiers need math-verify, sympy and langdetect, which this venv lacks;
+        each reward call sends the batch's completions there over a pipe and reads the verdicts.
+        Its start-up (the workers' warm-up) is inside this side's end-to-end wall, as ours is.
 
     bench/.venv-trl/bin/python bench/trl_grpo_side.py --model SFT_HF_DIR --train PROMPTS.jsonl \\
         --out TRL_FINAL_DIR --result RESULT.json [--steps 300 --prompts-per-step 4 ...]
+        [--verifiers tulu --tulu-python .venv/bin/python --tulu-root .]
 
 Prompts are Ai2's RLVR rows (``messages``, ``ground_truth``); TRL renders them with the model's
-chat template (conversational prompts), as tulu's PromptSet does. One optimizer step consumes
-one generation batch of prompts_per_step x num_generations completions. RESULT.json gets the
-per-step end timestamps (a ``TrainerCallback``), TRL's logged rewards and the versions used.
+chat template (conversational prompts), as tulu's PromptSet does; ``dataset`` (default gsm8k)
+reaches the reward function as a column. One optimizer step consumes one generation batch of
+prompts_per_step x num_generations completions. RESULT.json gets the per-step end timestamps (a
+``TrainerCallback``), TRL's logged rewards, the versions used and, with ``--verifiers tulu``, the
+scorer's counters (rows, verified, errors, time-outs per verifier).
 """
 
 from __future__ import annotations
@@ -19,6 +33,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,10 +75,70 @@ def gsm8k_verified(completion: str, ground_truth: str) -> bool:
     return gt is not None and got is not None and normalize_number(got) == normalize_number(gt)
 
 
+def completion_texts(completions) -> list[str]:
+    return [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+
+
 def verified_reward(completions, ground_truth, **_) -> list[float]:
     """TRL reward function: 1.0 when tulu's GSM8K verifier would say verified, else 0.0."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    texts = completion_texts(completions)
     return [1.0 if gsm8k_verified(t, g) else 0.0 for t, g in zip(texts, ground_truth, strict=True)]
+
+
+class TuluVerifiers:
+    """TRL reward function backed by tulu's ``RewardScorer`` in a helper process of tulu's venv
+    (this file run there with ``--serve-verifiers``): one JSON line of rows out, one of verdicts back."""
+
+    __name__ = "tulu_verified_reward"  # TRL names the reward's log keys after it
+
+    def __init__(self, python: str, root: str, workers: int, timeout_s: float, verifiers: list[str]):
+        spec = {"workers": workers, "timeout_s": timeout_s, "verifiers": verifiers}
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV",)}
+        env["PYTHONPATH"] = str(root)
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--serve-verifiers", json.dumps(spec)],
+                                     cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.stats = None
+        if self._read() != "ready":
+            raise RuntimeError("tulu's verifier helper did not start")
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tulu's verifier helper exited ({self.proc.poll()})")
+        return json.loads(line)
+
+    def __call__(self, completions, ground_truth, dataset, **_) -> list[float]:
+        rows = [{"completion": t, "ground_truth": g, "dataset": d}
+                for t, g, d in zip(completion_texts(completions), ground_truth, dataset, strict=True)]
+        self.proc.stdin.write(json.dumps(rows) + "\n")
+        self.proc.stdin.flush()
+        return [1.0 if v else 0.0 for v in self._read()]
+
+    def close(self) -> dict | None:
+        """Stop the helper; returns the scorer's counters (rows, verified, errors, timeouts)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.stats = self._read()
+            self.proc.wait(timeout=60)
+        return self.stats
+
+
+def serve_verifiers(spec_json: str) -> None:
+    """``--serve-verifiers`` (run by tulu's python): tulu's RewardScorer over stdin/stdout."""
+    spec = json.loads(spec_json)
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed (here or by the workers, which inherit it) goes to stderr
+    from tulu.rewards import RewardConfig, RewardScorer
+
+    with RewardScorer(RewardConfig(verified_reward=1.0, unverified_reward=0.0), workers=spec["workers"],
+                      timeout_s=spec["timeout_s"], verifiers=spec["verifiers"]) as scorer:
+        out.write(json.dumps("ready") + "\n")
+        out.flush()
+        for line in sys.stdin:
+            out.write(json.dumps([r.verified for r in scorer.score(json.loads(line))]) + "\n")
+            out.flush()
+        out.write(json.dumps(scorer.stats.as_dict()) + "\n")
+        out.flush()
 
 
 def main() -> None:
@@ -85,7 +161,15 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--verifiers", choices=["gsm8k-copy", "tulu"], default="gsm8k-copy",
+                    help="gsm8k-copy: the in-process GSM8K copy; tulu: tulu's verifiers by each row's dataset")
+    ap.add_argument("--tulu-python", help="with --verifiers tulu: tulu's venv python")
+    ap.add_argument("--tulu-root", help="with --verifiers tulu: the tulu repository (its PYTHONPATH)")
+    ap.add_argument("--verifier-workers", type=int, default=2, help="our rlvr.verifier_workers")
+    ap.add_argument("--verifier-timeout-s", type=float, default=10.0, help="our rlvr.verifier_timeout_s")
     a = ap.parse_args()
+    if a.verifiers == "tulu" and not (a.tulu_python and a.tulu_root):
+        ap.error("--verifiers tulu needs --tulu-python and --tulu-root")
 
     import datasets
     import torch
@@ -99,8 +183,15 @@ def main() -> None:
     t_imported = time.time()
     rows = [json.loads(x) for x in Path(a.train).read_text().splitlines() if x.strip()]
     data = datasets.Dataset.from_list([
-        {"prompt": [m for m in r["messages"] if m["role"] != "assistant"], "ground_truth": str(r["ground_truth"])}
-        for r in rows])
+        {"prompt": [m for m in r["messages"] if m["role"] != "assistant"], "ground_truth": str(r["ground_truth"]),
+         "dataset": str(r.get("dataset", "gsm8k"))} for r in rows])
+    names = sorted(set(data["dataset"]))
+    if a.verifiers == "gsm8k-copy" and any(n.lower() != "gsm8k" for n in names):
+        raise SystemExit(f"--verifiers gsm8k-copy scores gsm8k rows only; the prompts name {names} "
+                         "(use --verifiers tulu)")
+    # as our learner: the scorer is warmed for the datasets the prompts name, as they spell them
+    reward = verified_reward if a.verifiers == "gsm8k-copy" else TuluVerifiers(
+        a.tulu_python, a.tulu_root, a.verifier_workers, a.verifier_timeout_s, names)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     # tulu's engines stop at the tokenizer's end-of-text only; an exported config may name another
@@ -144,7 +235,7 @@ def main() -> None:
                                   "clipped_ratio": logs.get("completions/clipped_ratio")})
 
     clock = StepClock()
-    trainer = GRPOTrainer(model=model, reward_funcs=verified_reward, args=cfg, train_dataset=data,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data,
                           processing_class=tok, callbacks=[clock])
     first = trainer.train_dataset[0]["prompt"]
     prompt_text = tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
@@ -153,6 +244,7 @@ def main() -> None:
     t_train1 = time.time()
     trainer.save_model(a.out)
     tok.save_pretrained(a.out)
+    verifier_stats = reward.close() if isinstance(reward, TuluVerifiers) else None
     t_end = time.time()
     result = {
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
@@ -162,6 +254,7 @@ def main() -> None:
         "train_begin": clock.begin, "step_ends": clock.ends,
         "t_start": T_START, "t_imported": t_imported, "t_train0": t_train0, "t_train1": t_train1, "t_end": t_end,
         "rewards": clock.logs, "prompt_text_example": prompt_text,
+        "verifiers": a.verifiers, "datasets": names, "verifier_stats": verifier_stats,
         "trainer_settings": {k: getattr(cfg, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
             "steps_per_generation", "num_generations", "max_completion_length", "temperature", "beta", "epsilon",
@@ -174,4 +267,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--serve-verifiers"]:
+        serve_verifiers(sys.argv[2])
+    else:
+        main()
