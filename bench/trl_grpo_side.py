@@ -9,11 +9,12 @@ or 0.0, one of two ways (``--verifiers``):
   ``tulu`` (the embedded task mix): each row's ``dataset`` picks tulu's own verifier (gsm8k, MATH,
         ifeval), scored by ``tulu.rewards.RewardScorer`` exactly as our RLVR learner builds it
         (RewardConfig(verified 1.0, unverified 0.0), --verifier-workers worker processes, each call
-        under --verifier-timeout-s, warmed for the rows' datasets as the rows spell them, as ours). The scorer lives in one helper
-        process of tulu's venv (``--tulu-python``, this file's ``--serve-verifiers`` mode), since
-        the MATH and IFEval verifiers need math-verify, sympy and langdetect, which this venv lacks;
-        each reward call sends the batch's completions there over a pipe and reads the verdicts.
-        Its start-up (the workers' warm-up) is inside this side's end-to-end wall, as ours is.
+        under --verifier-timeout-s, warmed for the datasets as the rows spell them, as ours). The
+        scorer lives in one helper process of tulu's venv (``--tulu-python``; this file's
+        ``--serve-verifiers`` mode), since the MATH and IFEval verifiers need math-verify, sympy
+        and langdetect, which this venv lacks; each reward call sends the batch's completions there
+        over a pipe and reads the verdicts. Its start-up (the workers' warm-up) is inside this
+        side's end-to-end wall, as ours is.
 
     bench/.venv-trl/bin/python bench/trl_grpo_side.py --model SFT_HF_DIR --train PROMPTS.jsonl \\
         --out TRL_FINAL_DIR --result RESULT.json [--steps 300 --prompts-per-step 4 ...]
