@@ -45,6 +45,7 @@ def test_skipping_dpo_starts_rlvr_from_sft(tmp_path):
     ("pipeline.tasks.gsm8k_max_operand=3", "pipeline.tasks.gsm8k_max_operand"),
     ("pipeline.tasks.gsm8k_max_operand=100", "pipeline.tasks.gsm8k_max_operand"),
     ("pipeline.tasks.math_max_denominator=2", "pipeline.tasks.math_max_denominator"),
+    ("pipeline.tasks.gsm8k_steps=3", "pipeline.tasks.gsm8k_steps"),
     ("pipeline.tasks.math_max_denominator=21", "pipeline.tasks.math_max_denominator"),
 ])
 def test_bad_values_name_the_yaml_path(override, key):
@@ -71,9 +72,11 @@ def test_local_executor_refuses_multi_node_stage_before_submitting(tmp_path):
 def test_task_difficulty_reaches_the_generated_data(tmp_path):
     from tulu.pipeline.steps import write_data
 
+    assert load_pipeline(TINY).settings.tasks.difficulty()["gsm8k"]["steps"] == 2  # the embedded default
     p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.gsm8k_max_operand=6",
                              "pipeline.tasks.math_max_denominator=4", "pipeline.tasks.sft_per_task=40",
-                             "pipeline.tasks.train_per_task=40", "pipeline.tasks.heldout_per_task=5"])
+                             "pipeline.tasks.train_per_task=40", "pipeline.tasks.heldout_per_task=5",
+                             "pipeline.tasks.gsm8k_steps=1"])
     assert p.settings.tasks.difficulty() == {"gsm8k": {"max_operand": 6}, "math": {"max_denominator": 4}}
     files = write_data(tmp_path / "data", p.settings)
     import json

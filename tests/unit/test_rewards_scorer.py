@@ -240,6 +240,10 @@ def test_workers_warm_up_only_the_named_verifiers_and_still_score_the_others():
     every = subprocess.run([sys.executable, "-c", probe.format(names="None")], capture_output=True, text=True,
                            check=True).stdout.strip()
     assert only == "[]" and every == "['langdetect', 'math_verify', 'sympy']"
+    # a row's dataset names its verifier in any case ("MATH" in Ai2's data): warmed all the same
+    upper = subprocess.run([sys.executable, "-c", probe.format(names="('MATH',)")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert upper == "['math_verify', 'sympy']"
     with RewardScorer(workers=1, timeout_s=30.0, verifiers=("gsm8k",)) as gsm8k_only:
         results = gsm8k_only.score([{"completion": "so 12", "dataset": "gsm8k", "ground_truth": "12"},
                                     {"completion": "\\boxed{\\frac{1}{2}}", "dataset": "math", "ground_truth": "0.5"}])

@@ -254,3 +254,29 @@ def test_difficulty_bounds_the_numbers_and_keeps_verifiable_answers():
         assert MATHVerifier().verify(p.answer, p.ground_truth)
     with pytest.raises(ValueError, match="max_operand"):
         problems("gsm8k", "train", 1, seed=0, difficulty={"gsm8k": {"max_operand": 3}})
+
+
+def test_two_step_word_problems_chain_facts_the_training_stories_hold():
+    """steps=2: a held-out story is a new chain, and each of its two facts ("7+5=12", "12-4=8")
+    is in some training answer - what a tiny model can learn, where a one-step held-out story
+    asks a fact it never saw."""
+    two = {"gsm8k": {"max_operand": 8, "steps": 2}}
+    train = problems("gsm8k", "train", 3000, seed=1, stream="sft", difficulty=two)
+    heldout = problems("gsm8k", "heldout", 200, seed=1, difficulty=two)
+    assert {p.key for p in train}.isdisjoint(p.key for p in heldout)
+
+    def facts(p):
+        return p.answer.split(". The answer is")[0].split(". ")
+
+    trained = {f for p in train for f in facts(p)}
+    held_facts = [f for p in heldout for f in facts(p)]
+    assert all(len(facts(p)) == 2 for p in heldout)
+    assert sum(f in trained for f in held_facts) / len(held_facts) > 0.95
+    for p in train[:500] + heldout:
+        assert len(p.prompt.encode()) < MAX_PROMPT_BYTES and len(p.answer.encode()) < MAX_ANSWER_BYTES
+        assert GSM8KVerifier().verify(p.answer, p.ground_truth)
+        assert int(p.ground_truth) >= 1
+    assert problems("gsm8k", "train", 50, seed=2) == problems(
+        "gsm8k", "train", 50, seed=2, difficulty={"gsm8k": {"steps": 1}}), "steps=1 is the old data"
+    with pytest.raises(ValueError, match="steps"):
+        problems("gsm8k", "train", 1, seed=0, difficulty={"gsm8k": {"steps": 3}})

@@ -31,6 +31,7 @@ class TasksConfig:
     heldout_per_task: int = 100
     # task difficulty: GSM8K-style addends 2..N (minuends up to 1.5N), MATH-style denominators 2..N
     gsm8k_max_operand: int = 20
+    gsm8k_steps: int = 1  # operations chained in one word problem: 1 or 2
     math_max_denominator: int = 12
 
     def validate(self) -> None:
@@ -44,14 +45,18 @@ class TasksConfig:
         require(gsm8k.MIN_MAX_OPERAND <= self.gsm8k_max_operand <= gsm8k.MAX_MAX_OPERAND,
                 "pipeline.tasks.gsm8k_max_operand", self.gsm8k_max_operand,
                 f"an integer {gsm8k.MIN_MAX_OPERAND}..{gsm8k.MAX_MAX_OPERAND}")
+        require(self.gsm8k_steps in gsm8k.STEPS, "pipeline.tasks.gsm8k_steps", self.gsm8k_steps,
+                " or ".join(map(str, gsm8k.STEPS)))
         require(math_fractions.MIN_MAX_DENOMINATOR <= self.math_max_denominator <= math_fractions.MAX_MAX_DENOMINATOR,
                 "pipeline.tasks.math_max_denominator", self.math_max_denominator,
                 f"an integer {math_fractions.MIN_MAX_DENOMINATOR}..{math_fractions.MAX_MAX_DENOMINATOR}")
 
     def difficulty(self) -> dict[str, dict[str, int]]:
         """The task generators' keywords (`tulu.data.tasks.problems(difficulty=...)`)."""
-        return {"gsm8k": {"max_operand": self.gsm8k_max_operand},
-                "math": {"max_denominator": self.math_max_denominator}}
+        gsm8k = {"max_operand": self.gsm8k_max_operand}
+        if self.gsm8k_steps != 1:  # data written before the key existed keeps its card
+            gsm8k["steps"] = self.gsm8k_steps
+        return {"gsm8k": gsm8k, "math": {"max_denominator": self.math_max_denominator}}
 
 
 @dataclass(kw_only=True, slots=True)

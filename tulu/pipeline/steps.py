@@ -53,15 +53,14 @@ def export_stage(stage_dir: Path) -> Path:
 
 def pairs_step(pipeline_dir: str, settings: dict) -> dict:
     """Sample the SFT model on training prompts, label by verifier, write ``data/dpo_pairs.jsonl``."""
+    from tulu.pipeline.config import TasksConfig
     from tulu.pipeline.pairs import make_onpolicy_pairs
 
     root = Path(pipeline_dir)
     p, seed = settings["pairs"], settings["seed"]
     model = export_stage(root / "sft")
-    t = settings["tasks"]
-    difficulty = {"gsm8k": {"max_operand": t.get("gsm8k_max_operand", 20)},
-                  "math": {"max_denominator": t.get("math_max_denominator", 12)}}
-    prompts = _pair_prompts(root / "data", t["names"], p["prompts_per_task"], seed, difficulty)
+    t = TasksConfig(**settings["tasks"])
+    prompts = _pair_prompts(root / "data", t.names, p["prompts_per_task"], seed, t.difficulty())
     stats = make_onpolicy_pairs(model, prompts, root / "data" / "dpo_pairs.jsonl",
                                 samples_per_prompt=p["samples_per_prompt"], temperature=p["temperature"],
                                 max_new_tokens=p["max_new_tokens"], seed=seed, engine=p["engine"],

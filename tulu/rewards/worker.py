@@ -30,7 +30,8 @@ def warm_up(names: tuple[str, ...] | None = None) -> None:
     GSM8K-only run skips sympy's seconds of start-up); None: all."""
     from tulu.rewards.verifier import get_verifier
 
-    for name in WARM_UP if names is None else names:
+    # verifier names are case-insensitive (a row's dataset says "MATH"), the table's keys lower-case
+    for name in WARM_UP if names is None else {n.strip().lower() for n in names}:
         if name in WARM_UP:
             get_verifier(name).verify(*WARM_UP[name])
 

@@ -41,9 +41,10 @@ SPLITS = ("train", "heldout")
 _FAMILIES = {"gsm8k": gsm8k, "math": math_fractions, "ifeval": ifeval}
 VERIFIERS = {task: module.VERIFIER for task, module in _FAMILIES.items()}
 """The verifier (the rows' ``dataset``) of each task, as registered in :mod:`tulu.rewards`."""
-DIFFICULTY = {"gsm8k": ("max_operand", gsm8k.MAX_OPERAND), "math": ("max_denominator", math_fractions.MAX_DENOMINATOR)}
-"""Each task's difficulty knob (a keyword of its ``draw``) and its default; ifeval has none.
-``difficulty={"gsm8k": {"max_operand": 10}}`` asks smaller numbers of one task."""
+DIFFICULTY = {"gsm8k": {"max_operand": gsm8k.MAX_OPERAND, "steps": 1},
+              "math": {"max_denominator": math_fractions.MAX_DENOMINATOR}}
+"""Each task's difficulty knobs (keywords of its ``draw``) and their defaults; ifeval has none.
+``difficulty={"gsm8k": {"max_operand": 10, "steps": 2}}`` asks smaller numbers in two-step stories."""
 
 _MAX_FRUITLESS_DRAWS = 50_000
 """Held-out rows are distinct prompts; after this many draws in a row without a new one the

@@ -1,11 +1,17 @@
-"""GSM8K-style word problems: one addition, subtraction or single-digit multiplication in a story.
+"""GSM8K-style word problems: one or two additions, subtractions or single-digit multiplications
+in a story.
 
     "Ann has 23 apples and buys 18 more. How many apples does Ann have now?"
     -> "23+18=41. The answer is 41."        (ground truth "41", verifier "gsm8k": last number)
+    steps=2: "Ann has 7 pens, buys 5 more and gives away 4. How many pens are left?"
+    -> "7+5=12. 12-4=8. The answer is 8."
 
 The operation is only in the words ("buys more", "gives away", "bags of"), so a model must read
-the story, not just the numbers. The problem key is the operation and its operands (sorted where
-order does not matter), so held-out stories ask sums the model never trained on.
+the story, not just the numbers. The problem key is the operations and their operands (sorted
+where order does not matter). With one step a held-out story asks an arithmetic fact the model
+never trained on, which a ~1M-parameter model cannot infer; with two steps (``steps=2``) a
+held-out story chains two facts in a way the model has not seen, while each fact on its own also
+occurs in training stories - the multi-step reasoning GSM8K asks, at a size a tiny model can learn.
 """
 
 from __future__ import annotations
@@ -49,9 +55,38 @@ def _operands(op: str, rng: random.Random, max_operand: int) -> tuple[int, int, 
     return a, b, a * b
 
 
-def draw(rng: random.Random, max_operand: int = MAX_OPERAND) -> Problem:
+TWO_STEP_TEMPLATES = {
+    ("+", "+"): "{n} has {a} {o}, buys {b} more and gets {c} from {m}. How many {o} now?",
+    ("+", "-"): "{n} has {a} {o}, buys {b} more and gives away {c}. How many {o} are left?",
+    ("-", "+"): "{n} has {a} {o}, loses {b} and buys {c} more. How many {o} now?",
+    ("-", "-"): "{n} has {a} {o}, loses {b} and gives away {c}. How many {o} are left?",
+    ("*", "+"): "{n} buys {a} bags of {b} {o} and {c} more. How many {o} in all?",
+    ("*", "-"): "{n} buys {a} bags of {b} {o} and gives away {c}. How many {o} are left?",
+}
+STEPS = (1, 2)
+"""`steps`: one operation per story (the default) or two chained (`pipeline.tasks.gsm8k_steps`)."""
+
+
+def _two_step(rng: random.Random, max_operand: int) -> Problem:
+    op = rng.choice("+-*")
+    a, b, first = _operands(op, rng, max_operand)
+    then = "+" if first < 2 else rng.choice("+-")  # nothing left to give away from one
+    c = rng.randint(2, max_operand) if then == "+" else rng.randint(1, first - 1)
+    value = first + c if then == "+" else first - c
+    name, other = rng.sample(NAMES, 2)
+    prompt = TWO_STEP_TEMPLATES[op, then].format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b, c=c)
+    first_key = f"{op} {a} {b}" if op == "-" else f"{op} {min(a, b)} {max(a, b)}"
+    answer = f"{a}{op}{b}={first}. {first}{then}{c}={value}. The answer is {value}."
+    return Problem(f"{first_key} {then} {c}", prompt, answer, str(value))
+
+
+def draw(rng: random.Random, max_operand: int = MAX_OPERAND, steps: int = 1) -> Problem:
     if not MIN_MAX_OPERAND <= max_operand <= MAX_MAX_OPERAND:
         raise ValueError(f"gsm8k max_operand must be {MIN_MAX_OPERAND}..{MAX_MAX_OPERAND}, got {max_operand}")
+    if steps not in STEPS:
+        raise ValueError(f"gsm8k steps must be one of {STEPS}, got {steps}")
+    if steps == 2:
+        return _two_step(rng, max_operand)
     op = rng.choice(tuple(TEMPLATES))
     a, b, value = _operands(op, rng, max_operand)
     name, other = rng.sample(NAMES, 2)
