@@ -48,8 +48,21 @@ def test_length_normalised_dpo_matches_a_hand_computation():
     logit = beta * ((-1.0 + 1.5) - (-2.0 + 1.5))  # 5
     assert loss.item() == pytest.approx(math.log1p(math.exp(-logit)))
     assert rc.item() == pytest.approx(2.5) and rr.item() == pytest.approx(-2.5)
-    sums = losses.dpo_metric_sums(loss, rc, rr, pi_c, pi_r)
+    sums = losses.dpo_metric_sums(loss, rc, rr, pi_c, pi_r, -pi_c)
     assert sums["accuracy"].item() == 1.0 and sums["margin"].item() == pytest.approx(5.0)
+    assert sums["chosen_nll"].item() == pytest.approx(1.0)
+
+
+def test_rpo_adds_the_chosen_answers_nll_and_its_gradient_raises_the_chosen_alone():
+    """nll_coef (RPO): DPO + coef x the chosen answer's mean token NLL; where the DPO term is
+    saturated (a wide margin) the chosen answer is still pulled up, the rejected one left alone."""
+    pi_c, pi_r = torch.tensor([-1.0], requires_grad=True), torch.tensor([-9.0], requires_grad=True)
+    ref = torch.tensor([-1.0])
+    plain, _, _ = losses.dpo_loss(pi_c, pi_r, ref, ref, beta=5.0)
+    rpo, _, _ = losses.dpo_loss(pi_c, pi_r, ref, ref, beta=5.0, chosen_nll=-pi_c, nll_coef=0.5)
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * 1.0)
+    (rpo - plain).sum().backward()
+    assert pi_c.grad.item() == pytest.approx(-0.5) and pi_r.grad.item() == 0.0
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():

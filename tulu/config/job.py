@@ -237,10 +237,14 @@ class DPOConfig(SFTConfig):
     beta: float = 5.0
     loss: Literal["dpo_norm", "dpo"] = "dpo_norm"  # Tulu 3: length-normalised DPO
     reference_logprobs: Literal["frozen_model", "precomputed"] = "frozen_model"
+    # + nll_coef x the chosen response's mean token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha):
+    # DPO alone can lower the chosen answer's likelihood along with the rejected one's
+    nll_coef: float = 0.0
 
     def validate(self, key: str = "dpo") -> None:
         SFTConfig.validate(self, key)
         require(self.beta > 0, f"{key}.beta", self.beta, "a number > 0")
+        require(self.nll_coef >= 0, f"{key}.nll_coef", self.nll_coef, "a number >= 0 (0: plain DPO)")
 
 
 @dataclass(kw_only=True, slots=True)

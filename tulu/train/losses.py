@@ -11,6 +11,7 @@ response tokens divided by their number, and
 with ``pi``/``ref`` the policy's and the frozen reference's (normalised) log-probs of the chosen
 (``c``) and rejected (``r``) responses. Plain ``dpo`` uses the sums. The implicit rewards are
 ``beta * (pi - ref)``; a pair counts as correct when the chosen reward is higher, half when tied.
+With ``nll_coef`` > 0 each pair adds ``nll_coef`` times the chosen response's mean token NLL (RPO).
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, normalize: bool) -> Tensor
 
 
 def dpo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             beta: float) -> tuple[Tensor, Tensor, Tensor]:
+             beta: float, chosen_nll: Tensor | None = None, nll_coef: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair DPO losses and implicit rewards: ``(losses, chosen_rewards, rejected_rewards)``,
-    each ``[pairs]``. Rewards carry no gradient."""
+    each ``[pairs]``. Rewards carry no gradient. ``chosen_nll`` ([pairs], the chosen responses'
+    mean token NLL) is added times ``nll_coef`` when that is > 0."""
     logits = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     losses = -F.logsigmoid(beta * logits)
+    if nll_coef > 0:
+        losses = losses + nll_coef * chosen_nll
     chosen_rewards = beta * (pi_chosen - ref_chosen).detach()
     rejected_rewards = beta * (pi_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -56,9 +60,11 @@ def pair_correct(chosen: Tensor, rejected: Tensor) -> Tensor:
 
 
 def dpo_metric_sums(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
-                    pi_chosen: Tensor, pi_rejected: Tensor) -> dict[str, Tensor]:
+                    pi_chosen: Tensor, pi_rejected: Tensor, chosen_nll: Tensor) -> dict[str, Tensor]:
     """Sums over pairs (divide by ``pairs`` after reducing across micro-batches and ranks)."""
     return {
+        # falls when DPO raises the chosen answer's likelihood, rises when it displaces it
+        "chosen_nll": chosen_nll.detach().sum(),
         "loss": losses.detach().sum(),
         "chosen_reward": chosen_rewards.sum(),
         "rejected_reward": rejected_rewards.sum(),

@@ -58,10 +58,10 @@ class DPOObjective:
     """
 
     data_kind = "preference"
-    keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "logp_accuracy", "pairs")
+    keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "logp_accuracy", "chosen_nll", "pairs")
 
     def __init__(self, stage_cfg, seq_length: int, num_micro: int, reference):
-        self.beta = stage_cfg.beta
+        self.beta, self.nll_coef = stage_cfg.beta, stage_cfg.nll_coef
         self.normalize = stage_cfg.loss == "dpo_norm"
         self.seq_length, self.num_micro = seq_length, num_micro
         self.reference = reference
@@ -107,10 +107,13 @@ class DPOObjective:
     # -- loss -------------------------------------------------------------------------------------
     def loss_fn(self, mb: dict, output: torch.Tensor):
         m = mb["pairs"]
-        pi = losses.sequence_logps(-output.float(), mb["loss_mask"], self.normalize)
+        token_logps = -output.float()
+        pi = losses.sequence_logps(token_logps, mb["loss_mask"], self.normalize)
+        nll = -(pi[:m] if self.normalize else losses.sequence_logps(token_logps[:m], mb["loss_mask"][:m], True))
         ref = mb["ref_logps"]
-        per_pair, chosen_r, rejected_r = losses.dpo_loss(pi[:m], pi[m:], ref[:m], ref[m:], self.beta)
-        sums = losses.dpo_metric_sums(per_pair, chosen_r, rejected_r, pi[:m], pi[m:])
+        per_pair, chosen_r, rejected_r = losses.dpo_loss(pi[:m], pi[m:], ref[:m], ref[m:], self.beta,
+                                                         chosen_nll=nll, nll_coef=self.nll_coef)
+        sums = losses.dpo_metric_sums(per_pair, chosen_r, rejected_r, pi[:m], pi[m:], nll)
         return per_pair.sum(), torch.tensor(m, dtype=torch.int, device=output.device), sums
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
