@@ -22,9 +22,10 @@ Tasks (``--task``):
         config's shape, 256 positions); the bench does not SFT one. The RL response length and the
         eval budget default to the config's ``pipeline.eval.max_new_tokens`` (48), our engine's
         ``max_model_len`` to the start model's positions. The embedded pipeline's own RLVR differs
-        from the bench defaults: 16 prompts x 4 samples, 80 steps, kl_beta 0.05 (pass them as
-        --prompts-per-step/--num-generations/--steps/--kl-beta, they map as below) and
-        no_eos_penalty 1.0 (no TRL counterpart: 0 on both sides here). Lines carry
+        from the bench defaults: 16 prompts x 4 samples, 160 steps, kl_beta 0.05 (pass them as
+        --prompts-per-step/--num-generations/--steps/--kl-beta, they map as below), rollouts
+        one step ahead (--ours-set rlvr.async_steps=1) and no_eos_penalty 1.0 (no TRL
+        counterpart: 0 on both sides here). Lines carry
         ``"task": "embedded"`` and go to bench/results/grpo_vs_trl-embedded-cpu[-quick]-DATE.jsonl;
         held-out accuracy lines add ``per_task``.
 
