@@ -31,3 +31,7 @@ def test_local_executor_runs_steps_in_turn_and_prints_the_table(tmp_path):
     assert list(results) == ["sft"] and results["sft"]["n"] == 12
     assert "sft" in r.stdout and "all (n=12)" in r.stdout
     assert (root / "sft" / "hf" / "config.json").exists()
+    # each rank runs as a Slurm task would: cluster.cpus_per_task threads (1), not all the cores
+    starts = [line for f in (root / "sft" / "logs").glob("*/*_log.out") for line in f.read_text().splitlines()
+              if "mode train, role training" in line]
+    assert len(starts) == 2 and all(line.endswith(", 1 threads") for line in starts), starts

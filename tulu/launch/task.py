@@ -36,6 +36,8 @@ class JobTask:
 
         cfg = config_from_dict(self.cfg_dict)
         env = task_env.current()
+        if env.cluster == "local":
+            _as_a_slurm_task(cfg)
         plan = build_plan(cfg)
         if env.world_size != plan.world_size:
             raise RuntimeError(f"Slurm started {env.world_size} tasks but the plan needs {plan.world_size} "
@@ -45,7 +47,8 @@ class JobTask:
         ctx.progress = _progress_tracker(ctx)
         ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
                 f"mode {cfg.mode}, role {role.role} rank {role.role_rank}/{role.role_world_size} "
-                f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}")
+                f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}, "
+                f"{_threads()} threads")
         started = time.time()
         result = importlib.import_module(MODES[cfg.mode]).run(ctx)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
@@ -60,6 +63,27 @@ class JobTask:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _as_a_slurm_task(cfg) -> None:
+    """A local-executor task: the environment a Slurm task gets from the sbatch script
+    (`executor.task_environment`: cpus_per_task threads, the job's `cluster.env`, ...). Without it
+    every rank took all the cores (2 ranks x 2 threads on 2 cores) and did its sums in another
+    order than under Slurm, so the same seed trained another model."""
+    import os
+
+    from tulu.launch.executor import run_paths, task_environment
+
+    os.environ.update(task_environment(cfg, run_paths(cfg)))
+    import torch  # after the update: torch reads OMP_NUM_THREADS when it starts
+
+    torch.set_num_threads(cfg.cluster.cpus_per_task)
 
 
 def _progress_tracker(ctx: JobContext):
