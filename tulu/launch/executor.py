@@ -213,23 +213,31 @@ def submit(cfg: JobConfig, plan: RankPlan, config_path: str | None = None,
     return job
 
 
+def _call_in_environment(env: dict[str, str], fn, *args):
+    """A local-executor job: ``fn(*args)`` with the environment the Slurm path exports first."""
+    os.environ.update(env)
+    import torch  # torch reads OMP_NUM_THREADS when it starts; it may have started already
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    return fn(*args)
+
+
 def submit_call(fn, *args, name: str, run_dir: Path, cluster, after_ok: str | None = None) -> submitit.Job:
     """A one-task job running ``fn(*args)`` (a pipeline's data, pairs or evaluation step), with the
     cluster settings of `cluster` (a ClusterConfig) and logs in ``run_dir/logs/<job_id>/``."""
     folder = Path(run_dir) / "logs" / "%j"
+    # one thread per core we asked for: a tiny model gains nothing from more and oversubscribed
+    # cores stall sampling (12 vs 183 samples/s seen on 2 busy cores); plus the job's own
+    # environment (e.g. HF_HUB_CACHE/HF_HUB_OFFLINE), as its tasks get it
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cluster.cpus_per_task),
+           **cluster.env}
     if cluster.executor == "local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=cluster.time_limit_min)
-        return ex.submit(fn, *args)
+        return ex.submit(_call_in_environment, env, fn, *args)
     ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
     params = dict(job_name=name, nodes=1, ntasks_per_node=1, cpus_per_task=cluster.cpus_per_task,
-                  time=cluster.time_limit_min,
-                  # one thread per core we asked for: a tiny model gains nothing from more and
-                  # oversubscribed cores stall sampling (12 vs 183 samples/s seen on 2 busy cores)
-                  setup=[f"export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false "
-                         f"OMP_NUM_THREADS={cluster.cpus_per_task}",
-                         # the job's own environment (e.g. HF_HUB_CACHE/HF_HUB_OFFLINE), as its tasks get it
-                         *(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items())],
+                  time=cluster.time_limit_min, setup=[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
                   additional_parameters=dependency_parameters(after_ok))
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cluster, key):
