@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tulu.data.synthetic import write_jsonl  # noqa: E402
-from tulu.data.tasks import VERIFIERS, HeldOutExhausted, problems  # noqa: E402
+from tulu.data.tasks import heldout_rows_up_to  # noqa: E402
 from tulu.pipeline.config import STAGE_ORDER  # noqa: E402
 from tulu.pipeline.paired import compare, table  # noqa: E402
 from tulu.pipeline.report import evaluate_model  # noqa: E402
@@ -38,13 +38,9 @@ def heldout_rows(data: dict, per_task: int) -> tuple[list[dict], dict[str, int]]
     are when fewer)."""
     rows, counts = [], {}
     for task in data["names"]:
-        try:
-            ps = problems(task, "heldout", per_task, data["seed"], difficulty=data["difficulty"])
-        except HeldOutExhausted as e:
-            ps = problems(task, "heldout", e.found, data["seed"], difficulty=data["difficulty"])
-        counts[task] = len(ps)
-        rows += [{"messages": [{"role": "user", "content": p.prompt}], "ground_truth": p.ground_truth,
-                  "dataset": VERIFIERS[task]} for p in ps]
+        mine = heldout_rows_up_to(task, per_task, data["seed"], difficulty=data["difficulty"])
+        counts[task] = len(mine)
+        rows += mine
     return rows, counts
 
 

@@ -180,7 +180,7 @@ def make_task_prompts(w: Path, train_size: int, eval_size: int, seed: int, names
     split for evaluation), sizes split evenly over the tasks; a task whose held-out split has fewer
     distinct prompts than its share gives all it has. Both files are shuffled (seeded) mixes."""
     from tulu.data.synthetic import write_jsonl
-    from tulu.data.tasks import HeldOutExhausted, task_rows
+    from tulu.data.tasks import heldout_rows_up_to, task_rows
 
     train: list[dict] = []
     held: list[dict] = []
@@ -188,11 +188,9 @@ def make_task_prompts(w: Path, train_size: int, eval_size: int, seed: int, names
     for task, n_train, n_held in zip(names, split_evenly(train_size, len(names)),
                                      split_evenly(eval_size, len(names))):
         train += task_rows(task, "train", n_train, seed, difficulty=difficulty)
-        try:
-            rows = task_rows(task, "heldout", n_held, seed, difficulty=difficulty)
-        except HeldOutExhausted as e:  # all distinct held-out prompts there are (the same draws, fewer)
-            rows = task_rows(task, "heldout", e.found, seed, difficulty=difficulty)
-            info["heldout_capped"][task] = {"asked": n_held, "distinct_heldout_prompts": e.found}
+        rows = heldout_rows_up_to(task, n_held, seed, difficulty=difficulty)
+        if len(rows) < n_held:
+            info["heldout_capped"][task] = {"asked": n_held, "distinct_heldout_prompts": len(rows)}
         held += rows
         info["train_per_task"][task], info["heldout_per_task"][task] = n_train, len(rows)
     seen = {r["messages"][0]["content"] for r in train}
@@ -301,11 +299,9 @@ def run_ours(w: Path, start: Path, train: Path, a) -> dict:
 
 def rlvr_default(name: str):
     """Our rlvr.<name> default (the bench leaves it to our side's config, which does not set it)."""
-    import dataclasses
-
     from tulu.config.job import RLVRConfig
 
-    return next(f.default for f in dataclasses.fields(RLVRConfig) if f.name == name)
+    return getattr(RLVRConfig(), name)
 
 
 def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:

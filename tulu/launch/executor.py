@@ -213,12 +213,18 @@ def submit(cfg: JobConfig, plan: RankPlan, config_path: str | None = None,
     return job
 
 
-def _call_in_environment(env: dict[str, str], fn, *args):
-    """A local-executor job: ``fn(*args)`` with the environment the Slurm path exports first."""
+def apply_environment(env: dict[str, str]) -> None:
+    """In a local-executor process: the environment the Slurm path exports before Python starts,
+    and the threads it asks for (torch reads OMP_NUM_THREADS when it starts, maybe already)."""
     os.environ.update(env)
-    import torch  # torch reads OMP_NUM_THREADS when it starts; it may have started already
+    import torch
 
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+
+
+def _call_in_environment(env: dict[str, str], fn, *args):
+    """A local-executor job: ``fn(*args)`` with the environment the Slurm path exports first."""
+    apply_environment(env)
     return fn(*args)
 
 

@@ -76,14 +76,9 @@ def _as_a_slurm_task(cfg) -> None:
     (`executor.task_environment`: cpus_per_task threads, the job's `cluster.env`, ...). Without it
     every rank took all the cores (2 ranks x 2 threads on 2 cores) and did its sums in another
     order than under Slurm, so the same seed trained another model."""
-    import os
+    from tulu.launch.executor import apply_environment, run_paths, task_environment
 
-    from tulu.launch.executor import run_paths, task_environment
-
-    os.environ.update(task_environment(cfg, run_paths(cfg)))
-    import torch  # after the update: torch reads OMP_NUM_THREADS when it starts
-
-    torch.set_num_threads(cfg.cluster.cpus_per_task)
+    apply_environment(task_environment(cfg, run_paths(cfg)))
 
 
 def _progress_tracker(ctx: JobContext):

@@ -100,6 +100,16 @@ def task_rows(task: str, split: Literal["train", "heldout"], n: int, seed: int,
              "dataset": VERIFIERS[task]} for p in problems(task, split, n, seed, difficulty=difficulty)]
 
 
+def heldout_rows_up_to(task: str, n: int, seed: int,
+                       difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+    """``task_rows(task, "heldout", n, ...)``, or every distinct held-out prompt there is when the
+    task's difficulty has fewer than ``n`` (the same draws, in the same order)."""
+    try:
+        return task_rows(task, "heldout", n, seed, difficulty)
+    except HeldOutExhausted as e:
+        return task_rows(task, "heldout", e.found, seed, difficulty)
+
+
 def sft_rows(task: str, n: int, seed: int,
              difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """``n`` chats from the training split: ``{"messages": [user, assistant]}``, every answer one

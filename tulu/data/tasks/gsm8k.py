@@ -67,6 +67,11 @@ STEPS = (1, 2)
 """`steps`: one operation per story (the default) or two chained (`pipeline.tasks.gsm8k_steps`)."""
 
 
+def _key(op: str, a: int, b: int) -> str:
+    """One operation without its wording: operands sorted where their order does not matter."""
+    return f"{op} {a} {b}" if op == "-" else f"{op} {min(a, b)} {max(a, b)}"
+
+
 def _two_step(rng: random.Random, max_operand: int) -> Problem:
     op = rng.choice("+-*")
     a, b, first = _operands(op, rng, max_operand)
@@ -75,9 +80,8 @@ def _two_step(rng: random.Random, max_operand: int) -> Problem:
     value = first + c if then == "+" else first - c
     name, other = rng.sample(NAMES, 2)
     prompt = TWO_STEP_TEMPLATES[op, then].format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b, c=c)
-    first_key = f"{op} {a} {b}" if op == "-" else f"{op} {min(a, b)} {max(a, b)}"
     answer = f"{a}{op}{b}={first}. {first}{then}{c}={value}. The answer is {value}."
-    return Problem(f"{first_key} {then} {c}", prompt, answer, str(value))
+    return Problem(f"{_key(op, a, b)} {then} {c}", prompt, answer, str(value))
 
 
 def draw(rng: random.Random, max_operand: int = MAX_OPERAND, steps: int = 1) -> Problem:
@@ -91,5 +95,4 @@ def draw(rng: random.Random, max_operand: int = MAX_OPERAND, steps: int = 1) -> 
     a, b, value = _operands(op, rng, max_operand)
     name, other = rng.sample(NAMES, 2)
     prompt = rng.choice(TEMPLATES[op]).format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b)
-    key = f"{op} {a} {b}" if op == "-" else f"{op} {min(a, b)} {max(a, b)}"
-    return Problem(key, prompt, f"{a}{op}{b}={value}. The answer is {value}.", str(value))
+    return Problem(_key(op, a, b), prompt, f"{a}{op}{b}={value}. The answer is {value}.", str(value))
