@@ -353,6 +353,8 @@ def wait_for_state(job_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0) 
 def wait(job_id: str, job=None, out=sys.stdout) -> int:
     rec = resolve(job_id)
     if rec.get("executor") == "local":
+        while not job.done():   # submitit's own wait polls once a second: up to 1 s more per job
+            time.sleep(0.05)
         try:
             job.results()
             print(f"job {job_id}: COMPLETED", file=out)

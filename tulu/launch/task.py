@@ -7,8 +7,11 @@ kill the task outright (seen on the local cluster under load)."""
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import resource
+import sys
 import time
 
 MODES = {
@@ -55,6 +58,7 @@ class JobTask:
         ctx.log(f"finished mode {cfg.mode} in {time.time() - started:.1f} s (peak RSS {peak_mb:.0f} MB): {result}")
         if ctx.progress is not None:
             ctx.progress.exit(0)
+        atexit.register(_exit_without_teardown)
         return result
 
     def checkpoint(self, *args, **kwargs):
@@ -63,6 +67,29 @@ class JobTask:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _exit_without_teardown() -> None:
+    """Registered once the mode has returned, so it runs first at interpreter exit: when submitit
+    has stored this task's successful result, exit 0 without the C++ teardown of torch.distributed and
+    Megatron, which took 1.5-2.5 s at the end of every job (no Python frame in it, 2 busy cores).
+    Anything else (no result or an error stored, not a submitit task) exits the usual way."""
+    import logging
+
+    try:
+        import submitit
+        from submitit.core.utils import pickle_load
+
+        stored = submitit.JobEnvironment().paths.result_pickle
+        succeeded = stored.exists() and pickle_load(stored)[0] == "success"
+    except Exception:  # not in a submitit task (e.g. called in-process)
+        return
+    if not succeeded:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _threads() -> int:

@@ -17,13 +17,14 @@ from tulu.config.job import JobConfig, config_from_dict
 from tulu.launch import executor
 from tulu.plan.layout import RankPlan
 from tulu.train.data import prepare_stage_data, prepared_folder, prepared_summary
-from tulu.train.model import tokenizer_name
 
 
 def preparation(cfg: JobConfig) -> tuple[str, object] | None:
     """("ready" | "needed" | "deferred", folder or reason) for a stage with data to prepare."""
     if cfg.stage not in ("sft", "dpo") or cfg.data.train is None:
         return None
+    from tulu.train.model import tokenizer_name  # here: it imports torch, which `tulu submit` needs not
+
     name = tokenizer_name(cfg.model)
     if name is None:
         return "deferred", "the model's tokenizer is known once the earlier stage has a checkpoint"
@@ -63,6 +64,8 @@ def _environment(env: dict[str, str]):
 def prepare(cfg_dict: dict) -> dict:
     """The preparation job's task (also run in-process for the local executor)."""
     cfg = config_from_dict(cfg_dict)
+    from tulu.train.model import tokenizer_name
+
     t0 = time.perf_counter()
     with _environment(cfg.cluster.env):
         summary = prepare_stage_data(cfg, tokenizer_name(cfg.model), num_proc=cfg.cluster.cpus_per_task)

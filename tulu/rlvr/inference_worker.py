@@ -61,7 +61,8 @@ def run(ctx) -> dict:
     cfg, plan, role = ctx.cfg, ctx.plan, ctx.role
     rl, inf = cfg.rlvr, cfg.groups.inference
     with ctx.phase("setup", 0):
-        bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
+        # The engine is built before meeting the learner at the bridge: the learner builds its
+        # model meanwhile, so start-up costs the slower of the two, not their sum.
         source = resolve_model(cfg.model, cfg.run.seed)
         tokenizer = build_tokenizer(source.tokenizer)
         train_file, _ = prompt_files(cfg)
@@ -80,6 +81,7 @@ def run(ctx) -> dict:
                              gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
                              max_model_len=inf.max_model_len, seed=cfg.run.seed,
                              dtype="float32" if cfg.model.dtype == "fp32" else "auto")
+        bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
         if rl.reference_in_engine:  # the learner sends it first thing (protocol.REFERENCE_VERSION)
             engine.load_reference(receive_weights(bridge, version=protocol.REFERENCE_VERSION))
     engine_index, engines = role.dp_rank, plan.inference_engines
