@@ -216,7 +216,7 @@ class OptimConfig:
 class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 2
-    max_steps: int | None = None
+    max_steps: int | None = None  # when set, the run's length in optimizer steps; epochs is then unused
     global_batch_size: int = 128
     max_seq_len: int = 4096
     packing: bool = True
