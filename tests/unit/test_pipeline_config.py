@@ -47,6 +47,8 @@ def test_skipping_dpo_starts_rlvr_from_sft(tmp_path):
     ("pipeline.tasks.math_max_denominator=2", "pipeline.tasks.math_max_denominator"),
     ("pipeline.tasks.gsm8k_steps=3", "pipeline.tasks.gsm8k_steps"),
     ("pipeline.tasks.math_max_denominator=21", "pipeline.tasks.math_max_denominator"),
+    ("pipeline.tasks.sft_slip=1.0", "pipeline.tasks.sft_slip"),
+    ("pipeline.tasks.sft_slip=-0.1", "pipeline.tasks.sft_slip"),
 ])
 def test_bad_values_name_the_yaml_path(override, key):
     with pytest.raises(ConfigError) as e:
@@ -85,6 +87,31 @@ def test_task_difficulty_reaches_the_generated_data(tmp_path):
     assert gsm and max(gsm) <= 5 * 3   # sums <= 12, differences < 9, products <= 5 x 3
     card = json.loads((tmp_path / "data" / "card.json").read_text())
     assert card["pipeline"]["difficulty"]["math"] == {"max_denominator": 4}
+
+
+def test_careless_sft_answers_reach_the_data_and_its_card(tmp_path):
+    """The embedded default's SFT set holds the share of careless answers it asks for, each one its
+    verifier rejects; the RLVR and held-out files do not change."""
+    import json
+
+    from tulu.pipeline.steps import write_data
+
+    small = [f"pipeline.dir={tmp_path}", "pipeline.tasks.sft_per_task=400", "pipeline.tasks.train_per_task=20",
+             "pipeline.tasks.heldout_per_task=5"]
+    p = load_pipeline(TINY, small)
+    slip = p.settings.tasks.sft_slip
+    assert 0 < slip < 0.5, "the embedded default's teacher is careless less often than not"
+    files = write_data(tmp_path / "a", p.settings)
+    clean = write_data(tmp_path / "b", load_pipeline(TINY, [*small, "pipeline.tasks.sft_slip=0"]).settings)
+    for name in ("rlvr_train", "heldout"):
+        assert files[name].read_bytes() == clean[name].read_bytes(), name
+    rows = [json.loads(line) for line in files["sft"].read_text().splitlines()]
+    card = json.loads((tmp_path / "a" / "card.json").read_text())
+    assert card["sft_slip"] == slip and card["pipeline"]["sft_slip"] == slip
+    clean_rows = [json.loads(line) for line in clean["sft"].read_text().splitlines()]
+    assert [r["messages"][0] for r in rows] == [r["messages"][0] for r in clean_rows]
+    changed = sum(a != b for a, b in zip(rows, clean_rows))
+    assert abs(changed / len(rows) - slip) < 0.05
 
 
 def test_more_held_out_prompts_than_the_difficulty_has_are_refused_by_key(tmp_path):

@@ -25,6 +25,25 @@ def _prompts(rows):
     return [r["messages"][0]["content"] for r in rows]
 
 
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("difficulty", [None, {"gsm8k": {"max_operand": 6, "steps": 2}, "math": {"max_denominator": 6}}])
+def test_a_careless_teachers_answers_are_rejected_and_draw_the_same_problems(task, difficulty):
+    verifier = get_verifier(VERIFIERS[task])
+    drawn = problems(task, "train", 2000, seed=0, stream="sft", difficulty=difficulty)
+    assert all(verifier.verify(p.answer, p.ground_truth) for p in drawn)
+    assert not any(verifier.verify(p.slip, p.ground_truth) for p in drawn)
+    clean = sft_rows(task, 2000, seed=0, difficulty=difficulty)
+    careless = sft_rows(task, 2000, seed=0, difficulty=difficulty, slip=0.3)
+    assert _prompts(careless) == _prompts(clean)
+    answers = [r["messages"][1]["content"] for r in careless]
+    assert answers == [r["messages"][1]["content"] for r in sft_rows(task, 2000, seed=0, difficulty=difficulty, slip=0.3)]
+    slipped = sum(a == p.slip for a, p in zip(answers, drawn))
+    assert slipped + sum(a == p.answer for a, p in zip(answers, drawn)) == len(drawn)
+    assert 0.25 < slipped / len(drawn) < 0.35
+    with pytest.raises(ValueError, match="slip must be a probability"):
+        sft_rows(task, 1, seed=0, slip=1.5)
+
+
 def test_same_arguments_write_byte_identical_files(tmp_path):
     kw = dict(train_per_task=60, heldout_per_task=20, sft_per_task=50)
     a = write_task_data(tmp_path / "a", seed=3, **kw)

@@ -33,6 +33,8 @@ class TasksConfig:
     gsm8k_max_operand: int = 20
     gsm8k_steps: int = 1  # operations chained in one word problem: 1 or 2
     math_max_denominator: int = 12
+    # the share of SFT answers from a careless teacher, which the verifiers reject (tulu.data.sft_rows)
+    sft_slip: float = 0.0
 
     def validate(self) -> None:
         from tulu.data.tasks import TASKS, gsm8k, math_fractions
@@ -50,6 +52,8 @@ class TasksConfig:
         require(math_fractions.MIN_MAX_DENOMINATOR <= self.math_max_denominator <= math_fractions.MAX_MAX_DENOMINATOR,
                 "pipeline.tasks.math_max_denominator", self.math_max_denominator,
                 f"an integer {math_fractions.MIN_MAX_DENOMINATOR}..{math_fractions.MAX_MAX_DENOMINATOR}")
+        require(0.0 <= self.sft_slip < 1.0, "pipeline.tasks.sft_slip", self.sft_slip,
+                "a probability 0 <= p < 1 (the share of careless SFT answers)")
 
     def difficulty(self) -> dict[str, dict[str, int]]:
         """The task generators' keywords (`tulu.data.tasks.problems(difficulty=...)`)."""

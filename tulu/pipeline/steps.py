@@ -23,7 +23,7 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
     card = data_dir / "card.json"
     wanted = {"seed": settings.seed, "names": list(t.names), "sft_per_task": t.sft_per_task,
               "train_per_task": t.train_per_task, "heldout_per_task": t.heldout_per_task,
-              "difficulty": t.difficulty()}
+              "difficulty": t.difficulty(), **({"sft_slip": t.sft_slip} if t.sft_slip else {})}
     names = {"sft": "sft.jsonl", "rlvr_train": "rlvr_train.jsonl", "heldout": "heldout.jsonl"}
     if card.exists() and json.loads(card.read_text()).get("pipeline") == wanted and \
             all((data_dir / f).exists() for f in names.values()):
@@ -31,7 +31,7 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
     try:
         paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
                                 heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task,
-                                tasks=list(t.names), difficulty=t.difficulty())
+                                tasks=list(t.names), difficulty=t.difficulty(), sft_slip=t.sft_slip)
     except HeldOutExhausted as e:
         raise ConfigError("pipeline.tasks.heldout_per_task",
                           f"got {t.heldout_per_task}; only {e.found} distinct held-out {e.task} prompts exist at "

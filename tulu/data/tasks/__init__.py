@@ -111,10 +111,18 @@ def heldout_rows_up_to(task: str, n: int, seed: int,
 
 
 def sft_rows(task: str, n: int, seed: int,
-             difficulty: Mapping[str, Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+             difficulty: Mapping[str, Mapping[str, int]] | None = None, slip: float = 0.0) -> list[dict[str, Any]]:
     """``n`` chats from the training split: ``{"messages": [user, assistant]}``, every answer one
-    the task's verifier accepts."""
-    return [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]}
+    the task's verifier accepts, except that each answer is, with probability ``slip``, a careless
+    teacher's (``Problem.slip``: stops a step early, boxes the numerator alone, ignores the
+    instruction), which the verifier rejects. Real SFT mixtures hold such answers; the preference
+    and verified-reward stages are there to unlearn what imitation copied. The problems drawn do
+    not depend on ``slip``."""
+    if not 0.0 <= slip <= 1.0:
+        raise ValueError(f"slip must be a probability 0..1, got {slip}")
+    careless = random.Random(f"{task}:slip:{seed}")
+    return [{"messages": [{"role": "user", "content": p.prompt},
+                          {"role": "assistant", "content": p.slip if careless.random() < slip else p.answer}]}
             for p in problems(task, "train", n, seed, stream="sft", difficulty=difficulty)]
 
 
@@ -130,6 +138,9 @@ def _readme(card: dict) -> str:
         "byte-identical files.",
         f"About {card['heldout_per_mille'] / 10:g}% of problems are held out by a hash of the problem; "
         "held-out prompts never appear in `sft.jsonl` or `rlvr_train.jsonl`.",
+        *([f"About {card['sft_slip']:.0%} of the answers in `sft.jsonl` are a careless teacher's, which the "
+           "verifiers reject (a step short, the numerator alone boxed, the instruction ignored)."]
+          if card.get("sft_slip") else []),
         "",
         "| task | verifier (`dataset`) | sft | rlvr_train | heldout |",
         "|---|---|---:|---:|---:|",
@@ -144,11 +155,14 @@ def _readme(card: dict) -> str:
 
 def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int,
                     sft_per_task: int, tasks: Sequence[str] = TASKS,
-                    difficulty: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Path]:
+                    difficulty: Mapping[str, Mapping[str, int]] | None = None,
+                    sft_slip: float = 0.0) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rlvr_train.jsonl`` and ``heldout.jsonl`` (``tasks`` mixed, shuffled
-    by seed) and ``README.md``/``card.json`` describing them, each atomically; returns the paths by
-    name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
+    by seed) and ``README.md``/``card.json`` describing them, each atomically; ``sft_slip``: see
+    :func:`sft_rows`. Returns the paths by name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
     tasks = tuple(tasks)
+    if not 0.0 <= sft_slip <= 1.0:
+        raise ValueError(f"sft_slip must be a probability 0..1, got {sft_slip}")
     for task in tasks:
         _family(task)
     if not tasks:
@@ -156,7 +170,7 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mixes: dict[str, list[dict[str, Any]]] = {
-        "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed, difficulty)],
+        "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed, difficulty, sft_slip)],
         "rlvr_train": [r for t in tasks for r in task_rows(t, "train", train_per_task, seed, difficulty)],
         "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout_per_task, seed, difficulty)],
     }
@@ -171,6 +185,7 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
         "generator": "tulu.data.tasks",
         "seed": seed,
         "heldout_per_mille": HELDOUT_PER_MILLE,
+        **({"sft_slip": sft_slip} if sft_slip else {}),
         "tasks": {t: {"verifier": VERIFIERS[t], "sft": sft_per_task, "rlvr_train": train_per_task,
                       "heldout": heldout_per_task, **({"difficulty": dict(difficulty[t])}
                                                       if (difficulty or {}).get(t) else {})} for t in tasks},

@@ -81,7 +81,9 @@ def _two_step(rng: random.Random, max_operand: int) -> Problem:
     name, other = rng.sample(NAMES, 2)
     prompt = TWO_STEP_TEMPLATES[op, then].format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b, c=c)
     answer = f"{a}{op}{b}={first}. {first}{then}{c}={value}. The answer is {value}."
-    return Problem(f"{_key(op, a, b)} {then} {c}", prompt, answer, str(value))
+    # the slip stops after the first step: never right, as c >= 1 changes the value
+    slip = f"{a}{op}{b}={first}. The answer is {first}."
+    return Problem(f"{_key(op, a, b)} {then} {c}", prompt, answer, str(value), slip)
 
 
 def draw(rng: random.Random, max_operand: int = MAX_OPERAND, steps: int = 1) -> Problem:
@@ -95,4 +97,6 @@ def draw(rng: random.Random, max_operand: int = MAX_OPERAND, steps: int = 1) -> 
     a, b, value = _operands(op, rng, max_operand)
     name, other = rng.sample(NAMES, 2)
     prompt = rng.choice(TEMPLATES[op]).format(n=name, m=other, o=rng.choice(OBJECTS), a=a, b=b)
-    return Problem(_key(op, a, b), prompt, f"{a}{op}{b}={value}. The answer is {value}.", str(value))
+    # the slip answers the story's first number (never the value: b >= 1, and >= 2 for * and +)
+    return Problem(_key(op, a, b), prompt, f"{a}{op}{b}={value}. The answer is {value}.", str(value),
+                   f"{a}{op}{b}={value}. The answer is {a}.")

@@ -118,4 +118,5 @@ def draw(rng: random.Random) -> Problem:
     family, variant, instruction, call = rng.choice(_BY_FAMILY[rng.choice(FAMILIES)])
     prompt = f"{rng.choice(REQUESTS).format(t=topic)} {instruction}"
     gt = ground_truth(call["func_name"], **{k: v for k, v in call.items() if k != "func_name"})
-    return Problem(f"{topic} {family} {variant}", prompt, target(family, variant, sentence, verb), gt)
+    # the slip ignores the instruction: the plain sentence meets no family's constraint
+    return Problem(f"{topic} {family} {variant}", prompt, target(family, variant, sentence, verb), gt, sentence)

@@ -64,4 +64,6 @@ def draw(rng: random.Random, max_denominator: int = MAX_DENOMINATOR) -> Problem:
     else:
         simple = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
         answer = f"{worked}={raw}={simple}. \\boxed{{{latex(value)}}}"
-    return Problem(key, prompt, answer, latex(value))
+    # the slip boxes the numerator alone: never the value, as every denominator is at least 2
+    slip = f"{worked}={raw}. \\boxed{{{num}}}"
+    return Problem(key, prompt, answer, latex(value), slip)
