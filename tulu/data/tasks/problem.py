@@ -15,7 +15,7 @@ class Problem:
     """``key`` names the problem without its wording (template, names, topic phrasing), so a
     held-out problem is new to the model, not a rephrasing of one it trained on. ``answer`` is the
     SFT target; ``ground_truth`` is what the verifier checks a completion against. ``slip`` is the
-answer of a careless teacher, one the verifier rejects (see `tulu.data.tasks.sft_rows`)."""
+    answer of a careless teacher, one the verifier rejects (see `tulu.data.tasks.sft_rows`)."""
 
     key: str
     prompt: str
