@@ -90,8 +90,8 @@ def test_task_difficulty_reaches_the_generated_data(tmp_path):
 
 
 def test_careless_sft_answers_reach_the_data_and_its_card(tmp_path):
-    """The embedded default's SFT set holds the share of careless answers it asks for, each one its
-    verifier rejects; the RLVR and held-out files do not change."""
+    """The embedded default's SFT set holds the share of careless answers it asks for (that the
+    verifiers reject each is tests/unit/test_tasks.py's); the RLVR and held-out files do not change."""
     import json
 
     from tulu.pipeline.steps import write_data
