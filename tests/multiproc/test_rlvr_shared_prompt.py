@@ -16,8 +16,8 @@ if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an 
     sys.path.insert(0, str(ROOT))
 
 from tests.dist_helpers import grpo_passes, run_distributed  # noqa: E402
-from tulu.rlvr.batch import (Rollout, build_batch, micro_batches, shared_prompt_flops_ratio,  # noqa: E402
-                             shared_prompt_micro_batches)
+from tulu.rlvr.batch import (Rollout, build_batch, groups_by_length, micro_batches,  # noqa: E402
+                             shared_prompt_flops_ratio, shared_prompt_length, shared_prompt_micro_batches)
 
 GROUP = 4
 
@@ -40,32 +40,55 @@ def _batch(rollouts):
     return build_batch(rollouts, scores, scores, pad_id=0, multiple=1)
 
 
-def test_layout_puts_each_prompt_once_and_each_response_after_it():
+def test_layout_puts_each_prompt_once_and_the_responses_back_to_back():
     rollouts = _rollouts()
     batch = _batch(rollouts)
     mbs = shared_prompt_micro_batches(batch, 8, GROUP)
     W, R = max(len(r.prompt_ids) for r in rollouts), max(len(r.response_ids) for r in rollouts)
-    assert len(mbs) == 2 and mbs[0]["tokens"].shape == (2, W + GROUP * R)
+    assert len(mbs) == 2
     for m, mb in enumerate(mbs):
-        assert mb["targets"].shape == mb["mask"].shape == (8, R)
+        mine = rollouts[m * 8:(m + 1) * 8]
+        # as long as the micro-batch's longest prompt-less sequence: no response padded to R
+        S = W + max(sum(len(r.response_ids) for r in mine[g * GROUP:(g + 1) * GROUP]) for g in range(2))
+        assert mb["tokens"].shape == (2, S) and mb["rope_positions"].shape == (2, S)
+        assert mb["targets"].shape == mb["mask"].shape == (8, R) and mb["logits_at"].shape == (2, GROUP * R)
         for row in range(8):
-            r = rollouts[m * 8 + row]
+            r = mine[row]
             seq, j, p, n = row // GROUP, row % GROUP, len(r.prompt_ids), len(r.response_ids)
+            start = W + sum(len(x.response_ids) for x in mine[seq * GROUP:row])
             tokens = mb["tokens"][seq]
             assert tokens[W - p:W].tolist() == r.prompt_ids and tokens[:W - p].eq(0).all()
-            assert tokens[W + j * R:W + j * R + n].tolist() == r.response_ids
-            # column t: the target is response token t, predicted at logits_at[j * R + t]
+            assert tokens[start:start + n].tolist() == r.response_ids
+            # column t: the target is response token t, predicted at logits_at[seq, j * R + t]
             assert mb["targets"][row, :n].tolist() == r.response_ids and mb["mask"][row].sum() == n
             assert mb["sampler_logprobs"][row, :n].tolist() == pytest.approx(r.sampler_logprobs)
-            at = mb["logits_at"][j * R:j * R + n].tolist()
-            assert at == [W - 1] + [W + j * R + t for t in range(n - 1)]
-            assert mb["rope_positions"][W + j * R:W + j * R + n].tolist() == list(range(W, W + n))
+            at = mb["logits_at"][seq, j * R:j * R + n].tolist()
+            assert at == [W - 1] + [start + t for t in range(n - 1)]
+            assert mb["rope_positions"][seq, start:start + n].tolist() == list(range(W, W + n))
             # a response token sees the real prompt tokens and its own earlier tokens, nothing else
-            q = W + j * R + n - 1
+            q = start + n - 1
             seen = (~mb["attention_mask"][seq, 0, q]).nonzero().flatten().tolist()
-            assert seen == list(range(W - p, W)) + list(range(W + j * R, q + 1))
+            assert seen == list(range(W - p, W)) + list(range(start, q + 1))
         # every query sees at least one key (SDPA gives NaN for a row without any)
         assert (~mb["attention_mask"]).any(dim=-1).all()
+    # pipeline parallelism: one length for every micro-batch, the batch's longest
+    fixed = shared_prompt_micro_batches(batch, 8, GROUP, fixed_length=True)
+    assert {mb["tokens"].shape[1] for mb in fixed} == {max(mb["tokens"].shape[1] for mb in mbs)}
+    assert shared_prompt_length(batch, GROUP) == max(mb["tokens"].shape[1] for mb in mbs)
+
+
+def test_groups_by_length_moves_whole_groups_shortest_first():
+    rollouts = _rollouts(prompts=6, seed=3)
+    batch = _batch(rollouts)
+    out = groups_by_length(batch, GROUP)
+    totals = [int(out.mask[g * GROUP:(g + 1) * GROUP].sum()) for g in range(6)]
+    assert totals == sorted(totals)
+    for g in range(6):  # each group intact: one prompt, its own rows' scores and log-probs
+        rows = out.tokens[g * GROUP:(g + 1) * GROUP]
+        src = [i for i in range(len(rollouts)) if torch.equal(batch.tokens[i], rows[0])][0]
+        assert torch.equal(rows, batch.tokens[src:src + GROUP])
+        assert torch.equal(out.scores[g * GROUP:(g + 1) * GROUP], batch.scores[src:src + GROUP])
+        assert torch.equal(out.sampler_logprobs[g * GROUP:(g + 1) * GROUP], batch.sampler_logprobs[src:src + GROUP])
 
 
 def test_rows_of_a_group_must_share_the_prompt():
@@ -120,9 +143,10 @@ def _worker(rank, world_size):
     batch = _batch(_rollouts())
     objective = GRPOObjective(cfg.rlvr)
     out = {}
-    for layout in ("rows", "shared"):
+    for layout in ("rows", "shared", "sorted"):
         mbs = (micro_batches(batch, 8, response_logits_only=True) if layout == "rows" else
-               shared_prompt_micro_batches(batch, 8, GROUP))
+               shared_prompt_micro_batches(batch, 8, GROUP, fixed_length=world_size > 1) if layout == "shared" else
+               shared_prompt_micro_batches(groups_by_length(batch, GROUP), 8, GROUP, fixed_length=world_size > 1))
         stores, grads = grpo_passes(policy, reference, objective, mbs, batch.seq_length)
         last = ps.is_pipeline_last_stage()
         # reference log-probs per response token, in rollout order (last stage only)
@@ -146,3 +170,8 @@ def test_shared_prompt_passes_give_the_row_layouts_loss_reference_logprobs_and_g
             assert rows["sums"]["tokens"] == sum(len(r.response_ids) for r in _rollouts())
             assert shared["sums"] == pytest.approx(rows["sums"], rel=1e-5, abs=1e-6)
             assert sum(shared["ref"], []) == pytest.approx(sum(rows["ref"], []), abs=1e-5)
+        # groups reordered by length: the same sums and gradients (GRPO's do not depend on order)
+        assert out["sorted"]["grads"] == pytest.approx(rows["grads"], rel=1e-4, abs=1e-7)
+        if rows["sums"] is not None:
+            assert out["sorted"]["sums"] == pytest.approx(rows["sums"], rel=1e-5, abs=1e-6)
+            assert sorted(sum(out["sorted"]["ref"], [])) == pytest.approx(sorted(sum(rows["ref"], [])), abs=1e-5)

@@ -246,12 +246,13 @@ class TransformersEngine(InferenceEngine):
             groups.setdefault(c.prompt_index, []).append(k)
         order = list(groups)
         group = max(len(v) for v in groups.values())
-        layout = SharedPromptLayout(max(len(prompts[i]) for i in order),
-                                    max(1, max(len(c.token_ids) for c in completions)), group)
+        # a prompt with fewer samples than the others gets empty responses in the free slots
+        responses = [[completions[c].token_ids for c in groups[i]] + [[]] * (group - len(groups[i])) for i in order]
+        layout = SharedPromptLayout.of(max(len(prompts[i]) for i in order), [[len(r) for r in rs] for rs in responses])
         tokens = torch.full((len(order), layout.length), self.pad_token_id, dtype=torch.long)
         valid = torch.zeros((len(order), layout.length), dtype=torch.bool)
         for k, i in enumerate(order):
-            layout.place(tokens, valid, k, prompts[i], [completions[c].token_ids for c in groups[i]])
+            layout.place(tokens, valid, k, prompts[i], responses[k])
         logits = self.reference.logits_at(tokens.to(self.device), layout.rope_positions().to(self.device),
                                           layout.allowed(valid).to(self.device), layout.logits_at().to(self.device))
         logprobs = (logits.float() / temperature).log_softmax(-1)  # [prompts, group * R, V]

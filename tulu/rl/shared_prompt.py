@@ -1,10 +1,12 @@
 """The shared-prompt sequence layout: a prompt's ``group`` samples as one sequence,
 
-    [pad.. prompt | response 0 + pad | response 1 + pad | ... ]   (length W + group * R)
+    [pad.. prompt | response 0 | response 1 | ... | response group-1 | pad..]   (length S)
 
-with each response attending to the prompt and to its own earlier tokens only, and RoPE
-positions restarting after the prompt for every response. The prompt runs through the model
-once per group instead of once per sample; every response's log-probs are the one-row-per-sample
+the responses back to back, each attending to the prompt and to its own earlier tokens only,
+and RoPE positions restarting after the prompt for every response. The prompt runs through the
+model once per group instead of once per sample, and no response is padded to the longest one:
+the sequence is ``W + sum of its responses`` long (``S`` is the longest such sum in the
+batch, or a length the caller fixes). Every response's log-probs are the one-row-per-sample
 layout's (up to float rounding). Used by the learner's passes (`tulu.rlvr.batch`) and by the
 transformers engine's reference log-probs.
 """
@@ -12,6 +14,7 @@ transformers engine's reference log-probs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -21,47 +24,100 @@ __all__ = ["SharedPromptLayout"]
 @dataclass(frozen=True)
 class SharedPromptLayout:
     width: int  # W: the longest prompt (shorter ones are left-padded)
-    response_width: int  # R: the longest response (shorter ones are right-padded)
-    group: int
+    response_lengths: tuple[tuple[int, ...], ...]  # per sequence, its responses' lengths, in order
+    length: int  # S
+    response_width: int  # R: the per-token tensors' columns, at least the longest response
+
+    @classmethod
+    def of(cls, width: int, response_lengths: Sequence[Sequence[int]], length: int | None = None,
+           response_width: int | None = None) -> "SharedPromptLayout":
+        """The layout of sequences whose responses have ``response_lengths``. ``length``: a fixed
+        S (pipeline parallelism sends fixed-size activations), ``response_width``: a fixed R (the
+        batch's longest response), each at least what these sequences need."""
+        lengths = tuple(tuple(int(n) for n in r) for r in response_lengths)
+        if not lengths or len({len(r) for r in lengths}) != 1:
+            raise ValueError("a shared-prompt layout needs at least one sequence and the same group size in each")
+        need, longest = width + max(sum(r) for r in lengths), max(1, max(max(r) for r in lengths))
+        if length is not None and length < need:
+            raise ValueError(f"a shared-prompt length of {length} is shorter than the longest sequence ({need})")
+        if response_width is not None and response_width < longest:
+            raise ValueError(f"a response width of {response_width} is shorter than the longest response ({longest})")
+        return cls(width, lengths, need if length is None else length,
+                   longest if response_width is None else response_width)
 
     @property
-    def length(self) -> int:
-        return self.width + self.group * self.response_width
+    def sequences(self) -> int:
+        return len(self.response_lengths)
 
-    def structure(self) -> torch.Tensor:
-        """[S, S] bool, True where query i may attend to key j (before padding is masked)."""
-        W, R, G, S = self.width, self.response_width, self.group, self.length
-        seg = torch.cat([torch.full((W,), -1), torch.arange(G).repeat_interleave(R)])
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        to_prompt = (seg[None, :] == -1) & ((seg[:, None] != -1) | causal)
-        return to_prompt | ((seg[:, None] == seg[None, :]) & causal)
+    @property
+    def group(self) -> int:
+        return len(self.response_lengths[0])
+
+    def _starts(self) -> torch.Tensor:
+        """[B, group]: the position of each response's first token."""
+        lengths = torch.tensor(self.response_lengths, dtype=torch.long)
+        return self.width + lengths.cumsum(dim=1) - lengths
+
+    def segments(self) -> torch.Tensor:
+        """[B, S]: -1 on the prompt's columns, j on response j's tokens, -2 on the tail padding."""
+        B, S, W = self.sequences, self.length, self.width
+        seg = torch.full((B, S), -2, dtype=torch.long)
+        seg[:, :W] = -1
+        for k, lengths in enumerate(self.response_lengths):
+            start = W
+            for j, n in enumerate(lengths):
+                seg[k, start:start + n] = j
+                start += n
+        return seg
 
     def allowed(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, 1, S, S] bool attention (True = attend) for sequences whose real tokens are
         ``valid`` [B, S]; a pad query sees itself only (SDPA gives NaN for a row without keys)."""
-        eye = torch.eye(self.length, dtype=torch.bool)
-        return ((self.structure()[None] & valid[:, None, :]) | eye[None])[:, None]
+        S = self.length
+        seg = self.segments()
+        q, k = seg[:, :, None], seg[:, None, :]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()[None]
+        structure = ((k == -1) & ((q != -1) | causal)) | ((q == k) & (q >= 0) & causal)
+        eye = torch.eye(S, dtype=torch.bool)[None]
+        return ((structure & valid[:, None, :]) | eye)[:, None]
 
     def rope_positions(self) -> torch.Tensor:
-        """[S]: the prompt at 0..W-1, every response at W, W + 1, ... (left padding shifts a whole
-        sequence, and RoPE sees only differences)."""
-        W, R = self.width, self.response_width
-        return torch.cat([torch.arange(W), W + torch.arange(R).repeat(self.group)])
+        """[B, S]: the prompt at 0..W-1, every response at W, W + 1, ... (left padding shifts a whole
+        sequence, and RoPE sees only differences); the tail padding at W."""
+        W = self.width
+        pos = torch.full((self.sequences, self.length), W, dtype=torch.long)
+        pos[:, :W] = torch.arange(W)
+        for k, lengths in enumerate(self.response_lengths):
+            start = W
+            for n in lengths:
+                pos[k, start:start + n] = W + torch.arange(n)
+                start += n
+        return pos
 
     def logits_at(self) -> torch.Tensor:
-        """[group * R]: the sequence position whose logits predict response token t of sample j
-        (index j * R + t): the prompt's last position for t = 0, else the token before."""
+        """[B, group * R]: the sequence position whose logits predict response token t of sample j
+        (column j * R + t): the prompt's last position for t = 0, else the token before; columns
+        past a response's end point at the prompt's last position (their targets are masked)."""
         W, R = self.width, self.response_width
+        lengths = torch.tensor(self.response_lengths, dtype=torch.long)  # [B, G]
         t = torch.arange(R)
-        return torch.where(t == 0, W - 1, W + torch.arange(self.group)[:, None] * R + t - 1).reshape(-1)
+        at = self._starts()[:, :, None] + t - 1  # [B, G, R]
+        at = torch.where((t == 0) | (t >= lengths[:, :, None]), W - 1, at)
+        return at.reshape(self.sequences, -1)
 
     def place(self, tokens: torch.Tensor, valid: torch.Tensor, k: int, prompt, responses) -> None:
-        """Write sequence ``k``: ``prompt`` (ids) and its ``group`` ``responses`` (ids)."""
-        W, R = self.width, self.response_width
+        """Write sequence ``k``: ``prompt`` (ids) and its ``group`` ``responses`` (ids), whose
+        lengths are the layout's ``response_lengths[k]``."""
+        W = self.width
+        if [len(r) for r in responses] != list(self.response_lengths[k]):
+            raise ValueError(f"sequence {k}: responses of lengths {[len(r) for r in responses]}, the layout has "
+                             f"{list(self.response_lengths[k])}")
         p = len(prompt)
         tokens[k, W - p:W] = torch.as_tensor(prompt, dtype=torch.long)
         valid[k, W - p:W] = True
-        for j, resp in enumerate(responses):
+        start = W
+        for resp in responses:
             n = len(resp)
-            tokens[k, W + j * R:W + j * R + n] = torch.as_tensor(resp, dtype=torch.long)
-            valid[k, W + j * R:W + j * R + n] = True
+            tokens[k, start:start + n] = torch.as_tensor(resp, dtype=torch.long)
+            valid[k, start:start + n] = True
+            start += n

@@ -8,8 +8,8 @@ Row layout (right padded to the step's longest sequence L):
 so a per-token log-prob computed at position t belongs to response token t + 1.
 
 Shared-prompt layout (GRPO, `shared_prompt_micro_batches`): the samples of one prompt are one
-sequence, the prompt once and then each response, every response attending to the prompt and
-to itself only; the per-token tensors are [rows, longest response] instead.
+sequence, the prompt once and then the responses back to back, every response attending to the
+prompt and to itself only; the per-token tensors are [rows, longest response] instead.
 """
 
 from __future__ import annotations
@@ -104,19 +104,34 @@ def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool
     return out
 
 
-def _shared_prompt_layout(batch: RLBatch, group: int):
-    """The layout over the whole batch (longest prompt, longest response), so every micro-batch
-    has one shape (pipeline parallelism sends fixed-size activations)."""
-    from tulu.rl.shared_prompt import SharedPromptLayout
+def _response_lengths(batch: RLBatch, group: int, start: int, stop: int) -> list[list[int]]:
+    resp = batch.mask.sum(dim=1).tolist()
+    return [resp[i:i + group] for i in range(start, stop, group)]
 
-    return SharedPromptLayout(int(batch.prompt_lengths.max()), max(int(batch.mask.sum(dim=1).max()), 1), group)
+
+def shared_prompt_length(batch: RLBatch, group: int) -> int:
+    """The shared-prompt layout's longest sequence over the whole batch: the longest prompt plus
+    the longest sum of one group's responses."""
+    return int(batch.prompt_lengths.max()) + max(sum(r) for r in _response_lengths(batch, group, 0, len(batch.mask)))
+
+
+def groups_by_length(batch: RLBatch, group: int) -> RLBatch:
+    """``batch`` with its groups (``group`` consecutive rows) reordered by their responses' total
+    length, so micro-batches of similar sequences pad less; GRPO's sums do not depend on order."""
+    n = batch.tokens.shape[0]
+    totals = [sum(r) for r in _response_lengths(batch, group, 0, n)]
+    order = sorted(range(len(totals)), key=lambda g: (totals[g], g))
+    index = torch.tensor([g * group + j for g in order for j in range(group)], dtype=torch.long)
+    return RLBatch(*(getattr(batch, f)[index] for f in ("tokens", "targets", "mask", "sampler_logprobs",
+                                                        "scores", "advantages", "prompt_lengths")),
+                   ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[index])
 
 
 def shared_prompt_flops_ratio(batch: RLBatch, group: int, hidden: int, linear_params_per_layer: int) -> float:
     """Estimated FLOPs per layer of the shared-prompt layout over the one-row-per-sample layout:
     the linear layers scale with the tokens, attention (dense masks) with the squared lengths."""
     n, L = batch.tokens.shape
-    S = _shared_prompt_layout(batch, group).length
+    S = shared_prompt_length(batch, group)
     seqs = n // group
 
     def flops(rows: int, length: int) -> float:
@@ -124,29 +139,36 @@ def shared_prompt_flops_ratio(batch: RLBatch, group: int, hidden: int, linear_pa
     return flops(seqs, S) / flops(n, L)
 
 
-def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad_id: int = 0) -> list[dict]:
+def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad_id: int = 0,
+                                fixed_length: bool = False) -> list[dict]:
     """Micro-batches of ``micro_size`` rollouts in which the ``group`` samples of a prompt (rows
     ``k * group ... k * group + group - 1``, as GRPO orders them) are one sequence
     (`tulu.rl.shared_prompt.SharedPromptLayout`): the prompt's positions run through the model
-    once per group instead of once per sample; gradients from every response flow back through
-    them, so the loss and its gradient are those of the row layout (up to float rounding).
-    ``attention_mask``: Megatron's convention, True = masked. ``rope_positions``: [S], the same
-    for every sequence. ``logits_at``: the positions whose logits predict the response tokens, so
-    the model computes [sequences, group * R, V] logits, which reshape to [rollouts, R, V] rows
-    for the per-token tensors (``targets``, ``mask``, ``sampler_logprobs``: [micro_size, R],
-    response token t in column t).
+    once per group instead of once per sample, the responses back to back without padding;
+    gradients from every response flow back through the prompt, so the loss and its gradient
+    are those of the row layout (up to float rounding). A micro-batch's sequences are as long as
+    its longest; ``fixed_length``: every micro-batch as long as the batch's longest (pipeline
+    parallelism sends fixed-size activations). ``attention_mask``: Megatron's convention, True =
+    masked. ``rope_positions`` [sequences, S]; ``logits_at`` [sequences, group * R]: the
+    positions whose logits predict the response tokens, so the model computes [sequences,
+    group * R, V] logits, which reshape to [rollouts, R, V] rows for the per-token tensors
+    (``targets``, ``mask``, ``sampler_logprobs``: [micro_size, R], response token t in column t;
+    R is the batch's longest response).
     """
+    from tulu.rl.shared_prompt import SharedPromptLayout
+
     n = batch.tokens.shape[0]
     if n % micro_size or micro_size % group:
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_size} holding whole groups "
                          f"of {group}")
-    layout = _shared_prompt_layout(batch, group)
-    R, S = layout.response_width, layout.length
-    rope, logits_at = layout.rope_positions(), layout.logits_at()
+    W = int(batch.prompt_lengths.max())
     resp_len = batch.mask.sum(dim=1)
+    R = max(int(resp_len.max()), 1)
+    S_all = shared_prompt_length(batch, group) if fixed_length else None
     out = []
     for s in range(0, n, micro_size):
-        seqs = micro_size // group
+        layout = SharedPromptLayout.of(W, _response_lengths(batch, group, s, s + micro_size), S_all, R)
+        seqs, S = layout.sequences, layout.length
         tokens = torch.full((seqs, S), pad_id, dtype=torch.long)
         valid = torch.zeros((seqs, S), dtype=torch.bool)
         targets = torch.full((micro_size, R), pad_id, dtype=torch.long)
@@ -171,8 +193,9 @@ def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad
                 if ref is not None:
                     ref[row, :r] = batch.ref_logprobs[i, p - 1:p - 1 + r]
             layout.place(tokens, valid, k, prompt, responses)
-        mb = {"tokens": tokens, "position_ids": rope[None].expand(seqs, S), "attention_mask": ~layout.allowed(valid),
-              "rope_positions": rope, "logits_at": logits_at, "rows_per_sequence": group,
+        rope = layout.rope_positions()
+        mb = {"tokens": tokens, "position_ids": rope, "attention_mask": ~layout.allowed(valid),
+              "rope_positions": rope, "logits_at": layout.logits_at(), "rows_per_sequence": group,
               "targets": targets, "mask": mask, "sampler_logprobs": sampler,
               "advantages": batch.advantages[s:s + micro_size]}
         if ref is not None:

@@ -51,7 +51,7 @@ from tulu.rewards import RewardConfig, RewardScorer
 from tulu.rl.advantages import grpo_advantages
 from tulu.rl.reward import verifier_accuracy
 from tulu.rlvr import protocol
-from tulu.rlvr.batch import (Rollout, build_batch, micro_batches, shared_prompt_flops_ratio,
+from tulu.rlvr.batch import (Rollout, build_batch, groups_by_length, micro_batches, shared_prompt_flops_ratio,
                              shared_prompt_micro_batches)
 from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
 from tulu.rlvr.rollout_schedule import RolloutSchedule
@@ -352,8 +352,11 @@ class Learner:
         mine = batch.rows(self.dp_rank * n, (self.dp_rank + 1) * n)
         size = self.cfg.groups.training.micro_batch_size
         if self._share_prompts(mine):
+            # groups of similar length share a micro-batch, whose sequences are as long as its longest
+            mine = groups_by_length(mine, self.rl.samples_per_prompt)
             mbs = shared_prompt_micro_batches(mine, size, self.rl.samples_per_prompt,
-                                              pad_id=self.tokenizer.pad_token_id or 0)
+                                              pad_id=self.tokenizer.pad_token_id or 0,
+                                              fixed_length=self.ctx.plan.training_pp > 1)
         else:
             # GRPO's passes need logits at response positions only; PPO's value model scores every
             # position, and sequence parallelism leaves the sequence to the output layer

@@ -68,8 +68,14 @@ def logits_from(model, start):
 
     def keep(_module, args, kwargs):
         hidden = args[0]  # [s, b, h]
-        return (hidden.index_select(0, start.to(hidden.device)) if index else hidden[start:],) + tuple(args[1:]), \
-            kwargs
+        if not index:
+            kept = hidden[start:]
+        elif start.dim() == 1:  # the same positions in every sequence
+            kept = hidden.index_select(0, start.to(hidden.device))
+        else:  # [b, k]: each sequence its own
+            at = start.to(hidden.device).t()  # [k, b]
+            kept = hidden.gather(0, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return (kept,) + tuple(args[1:]), kwargs
 
     handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
     try:
@@ -82,16 +88,22 @@ def logits_from(model, start):
 def rope_positions(model, positions: torch.Tensor | None):
     """While active, ``model``'s rotary embedding gives position ``positions[i]`` to sequence
     position i instead of i (Megatron's GPTModel derives RoPE from the sequence index alone and
-    ignores ``position_ids``). None: a no-op."""
+    ignores ``position_ids``); ``positions`` [b, s]: each sequence its own (the embedding then
+    has a batch dimension, [s, b, 1, dim], which Megatron's unfused RoPE broadcasts). None: a
+    no-op."""
     rope = getattr(_inner(model), "rotary_pos_emb", None)
     if positions is None:
         yield
         return
     if rope is None:
         raise ValueError("rope_positions: the model has no rotary embedding")
+    if positions.dim() == 2 and getattr(_inner(model).config, "apply_rope_fusion", False):
+        raise ValueError("rope_positions: per-sequence positions need the unfused RoPE (model.apply_rope_fusion false)")
 
     def remap(_module, _args, emb):  # [s, 1, 1, dim], position i in row i
-        return emb.index_select(0, positions.to(emb.device))
+        if positions.dim() == 1:
+            return emb.index_select(0, positions.to(emb.device))
+        return emb[:, 0, 0][positions.to(emb.device).t()][:, :, None]  # [s, b, 1, dim]
 
     handle = rope.register_forward_hook(remap)
     try:
