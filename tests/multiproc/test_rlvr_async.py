@@ -102,6 +102,9 @@ def test_engine_generates_each_step_with_the_previous_steps_weights(uninterrupte
     assert [r["rollout_policy_version"] for r in rows] == [0, 0, 1, 2, 3, 4]
     # a version is sent once: the step that reuses W_0 receives nothing
     assert [r.get("weight_sync_bytes", 0) > 0 for r in rows] == [True, True, True, True, True, False]
+    # at TP 1 the weights go from a thread the optimizer step waits for; the engine still got exactly
+    # the weights of the step's start (sampler_kl below)
+    assert ["weight_sync_wait_s" in r for r in rows] == [True, True, True, True, True, False]
     # the rewards vary, so the policy moves every step: one step of lag shows in sampler_kl
     assert all(0 < r["reward_mean"] < 1 for r in rows[:3]), [r["reward_mean"] for r in rows]
     assert abs(rows[0]["sampler_kl"]) < 1e-5  # on-policy: the engine held exactly W_0

@@ -14,6 +14,7 @@ metadata) is gloo/TCP either way; only the weight buckets take the data groups (
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -188,6 +189,14 @@ class BridgeGroup:
         return cls(node_address(host), env.port_base() + BRIDGE_PORT_OFFSET, role.bridge_rank, plan.bridge_size,
                    plan.training_pp, timeout_s, device=bridge_device_type(env.local_rank),
                    node=role.global_rank // plan.gpus_per_node)
+
+    def with_own_store(self) -> "BridgeGroup":
+        """This bridge (its groups and transport) with a store client of its own, for a thread:
+        a blocking get holds its client, so a thread that meets the engines through the store
+        must not share the client another thread waits on."""
+        view = copy.copy(self)
+        view.store = self.store.clone()
+        return view
 
     @property
     def is_inference(self) -> bool:

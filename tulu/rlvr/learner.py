@@ -1,7 +1,8 @@
 """The training group of an RLVR job: Megatron policy + frozen reference, one RL step at a time.
 
     per step: request rollouts (control "go" + the weights version, `tulu.rlvr.rollout_schedule`)
-              -> weight sync (stage leaders send) -> this step's rollouts from the engines ->
+              -> weight sync (stage leaders send; at TP 1 from a thread, which the optimizer step
+              waits for: the send overlaps scoring, forward and backward) -> this step's rollouts from the engines ->
               verifiers score (process pool, time-outs) -> group-normalised advantages ->
               reference log-probs (forward only) -> clipped policy loss + KL -> optimizer step
               -> metrics -> checkpoint (interval; RL counters and in-flight rollouts inside) ->
@@ -35,6 +36,7 @@ scores, and broadcasts the batch to the other training ranks.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +198,8 @@ class Learner:
         self.metrics: MetricsLog | None = None
         self.scorer: RewardScorer | None = None
         self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
+        self._sending: tuple | None = None  # (thread, result box) of a background weight send
+        self._send_bridge = None  # the bridge with the sending thread's own store client
 
     def resume(self) -> dict[int, list[dict]]:
         """Load the newest verified checkpoint, if any; returns the in-flight rollouts it holds
@@ -252,9 +256,10 @@ class Learner:
         return held
 
     # ------------------------------------------------------------------ phases
-    def _send_model(self, model, version: int):
-        """Stream ``model``'s stage to the inference group as weights ``version``; the stage
-        leader's send stats (None on other ranks). TP peers of a leader take part in the gather."""
+    def _send_model(self, model, version: int, bridge=None):
+        """Stream ``model``'s stage to the inference group as weights ``version`` (over ``bridge``,
+        default the learner's); the stage leader's send stats (None on other ranks). TP peers of a
+        leader take part in the gather."""
         if not self.gathers_weights:
             return None
         named = iter_hf_weights(model, self.source.hf_config)
@@ -263,15 +268,48 @@ class Learner:
                 pass
             return None
         # the stage's whole [name, shape, dtype] list goes first: engines check it up front
-        return send_weights(self.bridge, self.ctx.role.pp_rank, named, version=version,
+        return send_weights(bridge or self.bridge, self.ctx.role.pp_rank, named, version=version,
                             bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
                             index=hf_weight_index(model, self.source.hf_config))
 
-    def sync_weights(self) -> dict:
-        st = self._send_model(self.policy.module, self.step)
+    def sync_weights(self, bridge=None) -> dict:
+        st = self._send_model(self.policy.module, self.step, bridge)
         if st is None:
             return {}
         return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets, "weight_sync_send_s": st.seconds}
+
+    def _sends_in_background(self) -> bool:
+        """A stage leader that needs no collective to read its weights (TP 1) sends them from a
+        thread while this step's rollouts are scored and its forward and backward run; the
+        optimizer waits for it (`_await_send`), as the weights must not change mid-send."""
+        return self.sends_weights and self.ctx.plan.training_tp == 1
+
+    def _start_send(self) -> None:
+        box: dict = {}
+        if self._send_bridge is None:  # its own store client: this thread blocks on the store meanwhile
+            self._send_bridge = self.bridge.with_own_store()
+
+        def send():
+            try:
+                box["stats"] = self.sync_weights(self._send_bridge)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+                box["error"] = e
+        thread = threading.Thread(target=send, name=f"weight-send-{self.step}", daemon=True)
+        thread.start()
+        self._sending = (thread, box)
+
+    def _await_send(self) -> dict:
+        """Wait for the background send of this step's weights (if any); its stats."""
+        if self._sending is None:
+            return {}
+        thread, box = self._sending
+        self._sending = None
+        t0 = time.perf_counter()
+        with self.ctx.phase("weight_sync", self.step):
+            thread.join()
+        if "error" in box:
+            raise box["error"]
+        return {**box["stats"], "weight_sync_wait_s": time.perf_counter() - t0}
 
     def send_reference(self) -> None:
         """The KL reference's weights to the inference group, once per attempt (they score)."""
@@ -370,13 +408,14 @@ class Learner:
         mbs = [to_device(mb, device()) for mb in mbs]  # a no-op on CPU
         L = batch.seq_length  # run_logits_schedule takes a shared-prompt batch's length from it
         if self.ppo:
+            sent = self._await_send()
             lr = self.schedule.current_lr
             # the value model follows the policy's schedule, scaled to rlvr.value_lr
             v_lr = lr * value_lr(self.rl) / self.rl.optim.lr
             out = ppo_step(self.objective, self.policy, self.value, self.reference, mbs, seq_length=L, lr=lr,
                            value_lr=v_lr, epochs=self.rl.ppo_epochs)
             self.schedule.advance()
-            return out
+            return {**out, **sent}
         # No old-log-prob pass: GRPO takes one optimizer step, so on-policy the old log-probs are
         # the training forward's own (detached); off-policy they are the engine's (set above).
         if self.rl.reference_in_engine and any("ref_logprobs" not in mb for mb in mbs):
@@ -393,12 +432,13 @@ class Learner:
         lr = self.schedule.current_lr
         p.set_lr(lr)
         stores = run_logits_schedule(p.ddp, mbs, self.objective.loss_fn, seq_length=L, forward_only=False)
+        sent = self._await_send()
         ok, grad_norm, _ = p.optimizer.step()
         if not ok:
             raise FloatingPointError("the optimizer skipped the step (inf/nan gradients)")
         self.schedule.advance()
         sums = reduce_sums(stores, self.objective.keys)
-        return {**self.objective.metrics(sums), "grad_norm": float(grad_norm or 0.0), "lr": lr}
+        return {**self.objective.metrics(sums), "grad_norm": float(grad_norm or 0.0), "lr": lr, **sent}
 
     def save(self) -> None:
         self.ctx.fault_point("checkpoint", self.step)
@@ -428,6 +468,9 @@ class Learner:
         if not todo:
             return {}
         self.ctx.fault_point("weight_sync", self.step)
+        if self._sends_in_background():
+            self._start_send()
+            return {}
         with self.ctx.phase("weight_sync", self.step):
             return self.sync_weights()
 
@@ -493,6 +536,7 @@ class Learner:
         return self.finish({"step": self.step, "stopped": stopped, "last": last})
 
     def finish(self, result: dict) -> dict:
+        self._await_send()
         if self.scorer is not None:
             self.scorer.close()
         close_training_world(self.metrics)

