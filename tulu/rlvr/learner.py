@@ -2,7 +2,8 @@
 
     per step: request rollouts (control "go" + the weights version, `tulu.rlvr.rollout_schedule`)
               -> weight sync (stage leaders send; at TP 1 from a thread, which the optimizer step
-              waits for: the send overlaps scoring, forward and backward) -> this step's rollouts from the engines ->
+              waits for: the send overlaps scoring, forward and backward) -> this step's rollouts
+              from the engines ->
               verifiers score (process pool, time-outs) -> group-normalised advantages ->
               reference log-probs (forward only) -> clipped policy loss + KL -> optimizer step
               -> metrics -> checkpoint (interval; RL counters and in-flight rollouts inside) ->
