@@ -142,15 +142,11 @@ class LlamaDecoder:
     @torch.inference_mode()
     def logits_at(self, ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
                   at: torch.Tensor) -> torch.Tensor:
-        """One uncached forward of whole sequences ``ids`` [B, T] (RoPE ``positions`` [B, T] or [T],
-        boolean ``attn_mask`` [B, 1, T, T], True = attend); the logits at sequence positions
-        ``at`` [K] or [B, K] (each sequence its own): [B, K, V]."""
+        """One uncached forward of whole sequences ``ids`` [B, T] (RoPE ``positions`` [B, T],
+        boolean ``attn_mask`` [B, 1, T, T], True = attend); the logits at each sequence's positions
+        ``at`` [B, K]: [B, K, V]."""
         self._rope(int(positions.max()) + 1, ids.device)
-        if positions.dim() == 1:
-            positions = positions[None].expand(ids.shape[0], -1)
         hidden = self._forward(ids, positions, attn_mask, cached=False)
-        if at.dim() == 1:
-            return hidden[:, at] @ self.head
         return hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1])) @ self.head
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

@@ -50,9 +50,10 @@ def _inner(model):
 @contextlib.contextmanager
 def logits_from(model, start):
     """While active, ``model`` (a GPTModel, or a wrapper of one) computes logits at sequence
-    positions ``start:`` only (an int), or at the positions an index tensor names (the
-    shared-prompt layout, `tulu.rlvr.batch.shared_prompt_micro_batches`): a pre-hook on its output
-    layer keeps only those hidden states, as Megatron's own inference path drops all but the last.
+    positions ``start:`` only (an int), or at the positions an index tensor [b, k] names for each
+    sequence (the shared-prompt layout, `tulu.rlvr.batch.shared_prompt_micro_batches`): a pre-hook
+    on its output layer keeps only those hidden states, as Megatron's own inference path drops all
+    but the last.
     The output layer, the log-softmax and their backward then run on the response positions alone;
     the prompt's logits carry no loss, so nothing else changes. A no-op for ``start == 0`` and on
     pipeline stages without the output layer."""
@@ -70,9 +71,7 @@ def logits_from(model, start):
         hidden = args[0]  # [s, b, h]
         if not index:
             kept = hidden[start:]
-        elif start.dim() == 1:  # the same positions in every sequence
-            kept = hidden.index_select(0, start.to(hidden.device))
-        else:  # [b, k]: each sequence its own
+        else:
             at = start.to(hidden.device).t()  # [k, b]
             kept = hidden.gather(0, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return (kept,) + tuple(args[1:]), kwargs
@@ -86,23 +85,20 @@ def logits_from(model, start):
 
 @contextlib.contextmanager
 def rope_positions(model, positions: torch.Tensor | None):
-    """While active, ``model``'s rotary embedding gives position ``positions[i]`` to sequence
-    position i instead of i (Megatron's GPTModel derives RoPE from the sequence index alone and
-    ignores ``position_ids``); ``positions`` [b, s]: each sequence its own (the embedding then
-    has a batch dimension, [s, b, 1, dim], which Megatron's unfused RoPE broadcasts). None: a
-    no-op."""
+    """While active, ``model``'s rotary embedding gives position ``positions[k, i]`` to position i
+    of sequence k instead of i (Megatron's GPTModel derives RoPE from the sequence index alone and
+    ignores ``position_ids``): the embedding then has a batch dimension, [s, b, 1, dim], which
+    Megatron's unfused RoPE broadcasts. None: a no-op."""
     rope = getattr(_inner(model), "rotary_pos_emb", None)
     if positions is None:
         yield
         return
     if rope is None:
         raise ValueError("rope_positions: the model has no rotary embedding")
-    if positions.dim() == 2 and getattr(_inner(model).config, "apply_rope_fusion", False):
+    if getattr(_inner(model).config, "apply_rope_fusion", False):
         raise ValueError("rope_positions: per-sequence positions need the unfused RoPE (model.apply_rope_fusion false)")
 
     def remap(_module, _args, emb):  # [s, 1, 1, dim], position i in row i
-        if positions.dim() == 1:
-            return emb.index_select(0, positions.to(emb.device))
         return emb[:, 0, 0][positions.to(emb.device).t()][:, :, None]  # [s, b, 1, dim]
 
     handle = rope.register_forward_hook(remap)
