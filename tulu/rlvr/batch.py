@@ -47,9 +47,13 @@ class RLBatch:
         return self.tokens.shape[1]
 
     def rows(self, start: int, stop: int) -> "RLBatch":
-        return RLBatch(*(getattr(self, f)[start:stop] for f in ("tokens", "targets", "mask", "sampler_logprobs",
-                                                                  "scores", "advantages", "prompt_lengths")),
-                       ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[start:stop])
+        return self.select(slice(start, stop))
+
+    def select(self, rows) -> "RLBatch":
+        """The rows ``rows`` (a slice or an index tensor) of every per-row tensor."""
+        return RLBatch(*(getattr(self, f)[rows] for f in ("tokens", "targets", "mask", "sampler_logprobs",
+                                                          "scores", "advantages", "prompt_lengths")),
+                       ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows])
 
 
 def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch.Tensor, pad_id: int,
@@ -104,27 +108,24 @@ def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool
     return out
 
 
-def _response_lengths(batch: RLBatch, group: int, start: int, stop: int) -> list[list[int]]:
+def _response_lengths(batch: RLBatch, group: int) -> list[list[int]]:
+    """Each group's (``group`` consecutive rows) response lengths, in row order."""
     resp = batch.mask.sum(dim=1).tolist()
-    return [resp[i:i + group] for i in range(start, stop, group)]
+    return [resp[i:i + group] for i in range(0, len(resp), group)]
 
 
 def shared_prompt_length(batch: RLBatch, group: int) -> int:
     """The shared-prompt layout's longest sequence over the whole batch: the longest prompt plus
     the longest sum of one group's responses."""
-    return int(batch.prompt_lengths.max()) + max(sum(r) for r in _response_lengths(batch, group, 0, len(batch.mask)))
+    return int(batch.prompt_lengths.max()) + max(sum(r) for r in _response_lengths(batch, group))
 
 
 def groups_by_length(batch: RLBatch, group: int) -> RLBatch:
     """``batch`` with its groups (``group`` consecutive rows) reordered by their responses' total
     length, so micro-batches of similar sequences pad less; GRPO's sums do not depend on order."""
-    n = batch.tokens.shape[0]
-    totals = [sum(r) for r in _response_lengths(batch, group, 0, n)]
+    totals = [sum(r) for r in _response_lengths(batch, group)]
     order = sorted(range(len(totals)), key=lambda g: (totals[g], g))
-    index = torch.tensor([g * group + j for g in order for j in range(group)], dtype=torch.long)
-    return RLBatch(*(getattr(batch, f)[index] for f in ("tokens", "targets", "mask", "sampler_logprobs",
-                                                        "scores", "advantages", "prompt_lengths")),
-                   ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[index])
+    return batch.select(torch.tensor([g * group + j for g in order for j in range(group)], dtype=torch.long))
 
 
 def shared_prompt_flops_ratio(batch: RLBatch, group: int, hidden: int, linear_params_per_layer: int) -> float:
@@ -162,12 +163,13 @@ def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_size} holding whole groups "
                          f"of {group}")
     W = int(batch.prompt_lengths.max())
-    resp_len = batch.mask.sum(dim=1)
-    R = max(int(resp_len.max()), 1)
+    per_group = _response_lengths(batch, group)
+    R = max(1, max(max(r) for r in per_group))
     S_all = shared_prompt_length(batch, group) if fixed_length else None
     out = []
     for s in range(0, n, micro_size):
-        layout = SharedPromptLayout.of(W, _response_lengths(batch, group, s, s + micro_size), S_all, R)
+        mine = per_group[s // group:(s + micro_size) // group]
+        layout = SharedPromptLayout.of(W, mine, S_all, R)
         seqs, S = layout.sequences, layout.length
         tokens = torch.full((seqs, S), pad_id, dtype=torch.long)
         valid = torch.zeros((seqs, S), dtype=torch.bool)
@@ -185,7 +187,7 @@ def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad
                 if int(batch.prompt_lengths[i]) != p or not torch.equal(batch.tokens[i, :p], prompt):
                     raise ValueError(f"rollout {i} does not share the prompt of rollout {first}: a shared-prompt "
                                      f"batch needs each prompt's {group} samples in consecutive rows")
-                r = int(resp_len[i])
+                r = mine[k][j]
                 responses.append(batch.tokens[i, p:p + r])
                 row = i - s
                 targets[row, :r], mask[row, :r] = batch.targets[i, p - 1:p - 1 + r], True
