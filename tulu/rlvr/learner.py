@@ -200,7 +200,7 @@ class Learner:
         self.scorer: RewardScorer | None = None
         self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
         self._sending: tuple | None = None  # (thread, result box) of a background weight send
-        self._send_bridge = None  # the bridge with the sending thread's own store client
+        self._send_bridge = None  # `_sender_bridge`
 
     def resume(self) -> dict[int, list[dict]]:
         """Load the newest verified checkpoint, if any; returns the in-flight rollouts it holds
@@ -257,10 +257,9 @@ class Learner:
         return held
 
     # ------------------------------------------------------------------ phases
-    def _send_model(self, model, version: int, bridge=None):
-        """Stream ``model``'s stage to the inference group as weights ``version`` (over ``bridge``,
-        default the learner's); the stage leader's send stats (None on other ranks). TP peers of a
-        leader take part in the gather."""
+    def _send_model(self, model, version: int):
+        """Stream ``model``'s stage to the inference group as weights ``version``; the stage
+        leader's send stats (None on other ranks). TP peers of a leader take part in the gather."""
         if not self.gathers_weights:
             return None
         named = iter_hf_weights(model, self.source.hf_config)
@@ -269,12 +268,12 @@ class Learner:
                 pass
             return None
         # the stage's whole [name, shape, dtype] list goes first: engines check it up front
-        return send_weights(bridge or self.bridge, self.ctx.role.pp_rank, named, version=version,
+        return send_weights(self._sender_bridge(), self.ctx.role.pp_rank, named, version=version,
                             bucket_bytes=int(self.rl.weight_sync_bucket_mb * 2**20),
                             index=hf_weight_index(model, self.source.hf_config))
 
-    def sync_weights(self, bridge=None) -> dict:
-        st = self._send_model(self.policy.module, self.step, bridge)
+    def sync_weights(self) -> dict:
+        st = self._send_model(self.policy.module, self.step)
         if st is None:
             return {}
         return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets, "weight_sync_send_s": st.seconds}
@@ -285,14 +284,23 @@ class Learner:
         optimizer waits for it (`_await_send`), as the weights must not change mid-send."""
         return self.sends_weights and self.ctx.plan.training_tp == 1
 
+    def _sender_bridge(self):
+        """The bridge the weights go over. A background sender's is a view with its own store
+        client (the training thread blocks on the store meanwhile), made once, so the reference
+        and every policy version share its pack buffers."""
+        if not self._sends_in_background():
+            return self.bridge
+        if self._send_bridge is None:
+            self._send_bridge = self.bridge.with_own_store()
+        return self._send_bridge
+
     def _start_send(self) -> None:
         box: dict = {}
-        if self._send_bridge is None:  # its own store client: this thread blocks on the store meanwhile
-            self._send_bridge = self.bridge.with_own_store()
+        self._sender_bridge()  # made here, not in the thread
 
         def send():
             try:
-                box["stats"] = self.sync_weights(self._send_bridge)
+                box["stats"] = self.sync_weights()
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 box["error"] = e
         thread = threading.Thread(target=send, name=f"weight-send-{self.step}", daemon=True)
