@@ -8,7 +8,7 @@ For each run: held-out prompts of each task of its data (seed, tasks, difficulty
 `<run>/data/card.json`), as many
 as ``--per-task`` or as many distinct ones as the task's difficulty has (math with denominators
 up to 6: 114), written to ``<run>/eval-large/heldout.jsonl``; each stage's exported model
-(`<run>/<stage>/hf`) answers them greedily (the pipeline's evaluator and token budget) into
+(`<run>/<stage>/hf`, and the untrained one `<run>/eval/untrained-hf`) answers them greedily (the pipeline's evaluator and token budget) into
 ``<run>/eval-large/eval/samples-<stage>.jsonl``. Then `tulu.pipeline.paired` over all runs: one
 JSON line per stage transition and task (gain, standard error, n), appended to
 bench/results/embedded_stages-DATE.jsonl.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from tulu.data.synthetic import write_jsonl  # noqa: E402
 from tulu.data.tasks import heldout_rows_up_to  # noqa: E402
-from tulu.pipeline.config import STAGE_ORDER  # noqa: E402
+from tulu.pipeline.config import EVAL_ORDER, UNTRAINED  # noqa: E402
 from tulu.pipeline.paired import compare, table  # noqa: E402
 from tulu.pipeline.report import evaluate_model  # noqa: E402
 
@@ -50,8 +50,8 @@ def score_run(run: Path, per_task: int, max_new_tokens: int) -> dict:
     rows, counts = heldout_rows(data, per_task)
     heldout = write_jsonl(rows, out / "heldout.jsonl")
     accuracy = {}
-    for stage in STAGE_ORDER:
-        hf = run / stage / "hf"
+    for stage in EVAL_ORDER:
+        hf = run / "eval" / f"{UNTRAINED}-hf" if stage == UNTRAINED else run / stage / "hf"
         if not hf.is_dir():
             continue
         r = evaluate_model(hf, heldout, max_new_tokens=max_new_tokens,

@@ -28,7 +28,7 @@ def test_local_executor_runs_steps_in_turn_and_prints_the_table(tmp_path):
     assert [s["step"] for s in record["steps"]] == ["sft", "eval"] and record["executor"] == "local"
     results = json.loads((root / "eval" / "accuracy.json").read_text())
     results = results.get("results", results)
-    assert list(results) == ["sft"] and results["sft"]["n"] == 12
+    assert list(results) == ["untrained", "sft"] and results["sft"]["n"] == results["untrained"]["n"] == 12
     assert "sft" in r.stdout and "all (n=12)" in r.stdout
     assert (root / "sft" / "hf" / "config.json").exists()
     # each rank runs as a Slurm task would: cluster.cpus_per_task threads (1), not all the cores

@@ -83,7 +83,7 @@ def test_pipeline_chains_stage_jobs_and_finishes_after_rlvr_rank_is_killed(slurm
 
     acc = json.loads((root / "eval" / "accuracy.json").read_text())
     results = acc.get("results", acc)
-    assert list(results) == ["sft", "dpo", "rlvr"]
+    assert list(results) == ["untrained", "sft", "dpo", "rlvr"]
     for stage in results.values():
         assert set(stage["per_task"]) == {"gsm8k", "math", "ifeval"}
         assert stage["n"] == 24

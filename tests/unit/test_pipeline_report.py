@@ -119,3 +119,37 @@ def test_rlvr_curves_are_trailing_means_that_start_with_the_first_values():
 
     assert _smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert _smooth([0.5, 0.0], 1) == [0.5, 0.0]
+
+
+def test_untrained_model_has_the_trained_models_shape_and_tokenizer_and_fresh_weights(tmp_path):
+    """The evaluation's first row: a seeded random model of the SFT model's shape, with its tokenizer."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from tulu.data.tokenizer import save_tiny_tokenizer
+    from tulu.models.llama import tiny_llama_config
+    from tulu.pipeline.steps import untrained_model
+
+    trained = tmp_path / "sft-hf"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=176,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=16, max_position_embeddings=128))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # "trained": far from any initialisation
+    model.save_pretrained(trained)
+    save_tiny_tokenizer(trained)
+
+    a = untrained_model(trained, tmp_path / "a", seed=1)
+    b = untrained_model(trained, tmp_path / "b", seed=1)
+    c = untrained_model(trained, tmp_path / "c", seed=2)
+    shape = {k: v for k, v in json.loads((trained / "config.json").read_text()).items() if k != "dtype"}
+    assert {k: v for k, v in json.loads((a / "config.json").read_text()).items() if k != "dtype"} == shape
+    assert (a / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    wa, wb, wc, wt = (load_file(str(d / "model.safetensors")) for d in (a, b, c, trained))
+    assert wa.keys() == wt.keys()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(wa[name], wb[name]) and not torch.equal(wa[name], wc[name])
+    assert wa[name].std() < 0.1 and wt[name].mean() > 0.9  # an initialisation, not the trained weights

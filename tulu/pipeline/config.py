@@ -20,6 +20,9 @@ from tulu.config.job import JobConfig, apply_overrides, is_plain_name, load_raw,
 from tulu.config.schema import ConfigError, from_dict, require
 
 STAGE_ORDER = ("sft", "dpo", "rlvr")
+UNTRAINED = "untrained"
+EVAL_ORDER = (UNTRAINED, *STAGE_ORDER)
+"""The evaluation's rows: with an SFT stage, a randomly initialised model of its shape comes first."""
 PIPELINE_KEYS = ("pipeline", "defaults", "stages")  # a pipeline config's top level
 
 

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from tulu.pipeline.config import STAGE_ORDER
+from tulu.pipeline.config import EVAL_ORDER
 
 ALL = "all"
 
@@ -46,7 +46,7 @@ def paired_difference(diffs: Sequence[int]) -> dict:
 
 def compare(run_dirs: Sequence[str | Path], stages: Sequence[str] | None = None) -> list[dict]:
     """One row per (stage after the first, task or ``all``): the paired gain over the stage before."""
-    stages = list(stages or [s for s in STAGE_ORDER
+    stages = list(stages or [s for s in EVAL_ORDER
                              if all((Path(r) / "eval" / f"samples-{s}.jsonl").exists() for r in run_dirs)])
     if len(stages) < 2:
         raise ValueError(f"need two evaluated stages in every run; found {stages or 'none'}")

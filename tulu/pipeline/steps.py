@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tulu.atomic import write_json_atomic
+from tulu.pipeline.config import UNTRAINED
 
 
 def write_data(data_dir: Path, settings) -> dict[str, Path]:
@@ -86,8 +87,27 @@ def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int,
     return write_jsonl(rows, data_dir / "pair_prompts.jsonl")
 
 
+def untrained_model(like: Path, out: Path, seed: int) -> Path:
+    """A randomly initialised model of ``like``'s shape (its ``config.json``), seeded, with
+    ``like``'s tokenizer files, as an HF folder ``out``: what SFT starts from (SFT draws its own
+    initial weights alike, through Megatron), so the report shows what SFT adds."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(like))
+    model.save_pretrained(out)  # the same files every time, so a repeated evaluation overwrites them
+    for f in like.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+    return out
+
+
 def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
-    """Every stage's model on the held-out prompts: accuracy per stage and task, a table, a plot."""
+    """Every stage's model on the held-out prompts (with an SFT stage, an untrained model of its
+    shape first): accuracy per stage and task, a table, a plot."""
     from tulu.pipeline.plot import plot_pipeline
     from tulu.pipeline.report import accuracy_table, evaluate_model, write_report
 
@@ -95,13 +115,20 @@ def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
     e = settings["eval"]
     out = root / "eval"
     results = {}
+
+    def score(name: str, model: Path, t0: float) -> None:
+        results[name] = evaluate_model(model, root / "data" / "heldout.jsonl", max_new_tokens=e["max_new_tokens"],
+                                       engine=e["engine"], samples_out=out / f"samples-{name}.jsonl")
+        results[name]["eval_s"] = round(time.time() - t0, 1)
+        print(f"{name}: held-out accuracy {results[name]['accuracy']:.3f} (n={results[name]['n']})", flush=True)
+
     for stage in stages:
         t0 = time.time()
         model = export_stage(root / stage)
-        results[stage] = evaluate_model(model, root / "data" / "heldout.jsonl", max_new_tokens=e["max_new_tokens"],
-                                        engine=e["engine"], samples_out=out / f"samples-{stage}.jsonl")
-        results[stage]["eval_s"] = round(time.time() - t0, 1)
-        print(f"{stage}: held-out accuracy {results[stage]['accuracy']:.3f} (n={results[stage]['n']})", flush=True)
+        if stage == "sft":  # SFT starts from a random initialisation: the row its gain is measured from
+            score(UNTRAINED, untrained_model(model, out / f"{UNTRAINED}-hf", settings["seed"]), t0)
+            t0 = time.time()
+        score(stage, model, t0)
     png = plot_pipeline({s: root / s for s in stages}, results, out / "curves.png")
     write_report(out, results, curves_png=png)
     print(accuracy_table(results), flush=True)
