@@ -67,9 +67,10 @@ def compare(run_dirs: Sequence[str | Path], stages: Sequence[str] | None = None)
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'stage':<12} {'task':<8} {'n':>5} {'gain':>7} {'SE':>6} {'gain/SE':>8}"]
+    width = max([len("stage")] + [len(r["from"]) + 2 + len(r["to"]) for r in rows])
+    lines = [f"{'stage':<{width}} {'task':<8} {'n':>5} {'gain':>7} {'SE':>6} {'gain/SE':>8}"]
     for r in rows:
-        lines.append(f"{r['from'] + '->' + r['to']:<12} {r['task']:<8} {r['n']:>5} {r['gain']:>+7.3f} "
+        lines.append(f"{r['from'] + '->' + r['to']:<{width}} {r['task']:<8} {r['n']:>5} {r['gain']:>+7.3f} "
                      f"{r['se']:>6.3f} {r['z']:>8.1f}")
     return "\n".join(lines)
 
