@@ -8,8 +8,8 @@ For each run: held-out prompts of each task of its data (seed, tasks, difficulty
 `<run>/data/card.json`), as many
 as ``--per-task`` or as many distinct ones as the task's difficulty has (math with denominators
 up to 6: 114), written to ``<run>/eval-large/heldout.jsonl``; each stage's exported model
-(`<run>/<stage>/hf`, and the untrained one `<run>/eval/untrained-hf`) answers them greedily (the pipeline's evaluator and token budget) into
-``<run>/eval-large/eval/samples-<stage>.jsonl``. Then `tulu.pipeline.paired` over all runs: one
+(`<run>/<stage>/hf`, and the untrained one, `<run>/eval/untrained-hf`) answers them greedily
+(the pipeline's evaluator and token budget) into ``<run>/eval-large/eval/samples-<stage>.jsonl``. Then `tulu.pipeline.paired` over all runs: one
 JSON line per stage transition and task (gain, standard error, n), appended to
 bench/results/embedded_stages-DATE.jsonl.
 """
