@@ -31,6 +31,7 @@ from tulu.data.tasks import heldout_rows_up_to  # noqa: E402
 from tulu.pipeline.config import EVAL_ORDER, UNTRAINED  # noqa: E402
 from tulu.pipeline.paired import compare, table  # noqa: E402
 from tulu.pipeline.report import evaluate_model  # noqa: E402
+from tulu.pipeline.steps import untrained_dir  # noqa: E402
 
 
 def heldout_rows(data: dict, per_task: int) -> tuple[list[dict], dict[str, int]]:
@@ -51,7 +52,7 @@ def score_run(run: Path, per_task: int, max_new_tokens: int) -> dict:
     heldout = write_jsonl(rows, out / "heldout.jsonl")
     accuracy = {}
     for stage in EVAL_ORDER:
-        hf = run / "eval" / f"{UNTRAINED}-hf" if stage == UNTRAINED else run / stage / "hf"
+        hf = untrained_dir(run) if stage == UNTRAINED else run / stage / "hf"
         if not hf.is_dir():
             continue
         r = evaluate_model(hf, heldout, max_new_tokens=max_new_tokens,

@@ -87,6 +87,11 @@ def _pair_prompts(data_dir: Path, tasks: list[str], per_task: int, seed: int,
     return write_jsonl(rows, data_dir / "pair_prompts.jsonl")
 
 
+def untrained_dir(pipeline_dir: str | Path) -> Path:
+    """Where the evaluation writes the untrained model (:func:`untrained_model`) as an HF folder."""
+    return Path(pipeline_dir) / "eval" / f"{UNTRAINED}-hf"
+
+
 def untrained_model(like: Path, out: Path, seed: int) -> Path:
     """A randomly initialised model of ``like``'s shape (its ``config.json``), seeded, with
     ``like``'s tokenizer files, as an HF folder ``out``: what SFT starts from (SFT draws its own
@@ -126,8 +131,9 @@ def evaluate_step(pipeline_dir: str, settings: dict, stages: list[str]) -> dict:
         t0 = time.time()
         model = export_stage(root / stage)
         if stage == "sft":  # SFT starts from a random initialisation: the row its gain is measured from
-            score(UNTRAINED, untrained_model(model, out / f"{UNTRAINED}-hf", settings["seed"]), t0)
-            t0 = time.time()
+            t1 = time.time()
+            score(UNTRAINED, untrained_model(model, untrained_dir(root), settings["seed"]), t1)
+            t0 += time.time() - t1  # SFT's time is its export and its evaluation, not the untrained row's
         score(stage, model, t0)
     png = plot_pipeline({s: root / s for s in stages}, results, out / "curves.png")
     write_report(out, results, curves_png=png)
