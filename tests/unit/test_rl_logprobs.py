@@ -38,15 +38,18 @@ def test_token_logprobs_position_t_scores_the_next_token():
     assert out[0, 1].item() < -1e3  # tokens[2] == 1: impossible
 
 
-def test_token_logprobs_gradient_matches_autograd_of_the_naive_version():
+@pytest.mark.parametrize("chunk_size", [5, 1024])  # several chunks; one chunk (no gradient copy)
+@pytest.mark.parametrize("temperature", [0.8, 1.0])  # 1.0: the logits are used unscaled
+def test_token_logprobs_gradient_matches_autograd_of_the_naive_version(chunk_size, temperature):
     logits, tokens = _inputs(1)
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
     w = torch.randn(B, T - 1)
-    (token_logprobs(a, tokens, 0.8, chunk_size=5) * w).sum().backward()
-    naive = torch.log_softmax(b[:, :-1] / 0.8, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    (token_logprobs(a, tokens, temperature, chunk_size=chunk_size) * w).sum().backward()
+    naive = torch.log_softmax(b[:, :-1] / temperature, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
     (naive * w).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(a, b)  # the backward's buffers are its own, never the logits
 
 
 def test_custom_backwards_pass_gradcheck():
@@ -54,6 +57,7 @@ def test_custom_backwards_pass_gradcheck():
     logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 5, (2, 3), generator=g)
     assert torch.autograd.gradcheck(lambda x: selected_logprobs(x, labels, 0.9, chunk_size=2), (logits,))
+    assert torch.autograd.gradcheck(lambda x: selected_logprobs(x, labels, 1.0, chunk_size=64), (logits,))
     assert torch.autograd.gradcheck(lambda x: entropy_from_logits(x, 1.3, chunk_size=4), (logits,))
 
 

@@ -46,12 +46,13 @@ class JobTask:
             raise RuntimeError(f"Slurm started {env.world_size} tasks but the plan needs {plan.world_size} "
                                f"({plan.nodes} nodes x {plan.gpus_per_node}); check the sbatch script")
         role = plan.role_of(env.global_rank)
+        malloc = _tune_host_memory()
         ctx = JobContext(cfg, plan, role, env, stop, Path(self.run_dir))
         ctx.progress = _progress_tracker(ctx)
         ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
                 f"mode {cfg.mode}, role {role.role} rank {role.role_rank}/{role.role_world_size} "
                 f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}, "
-                f"{_threads()} threads")
+                f"{_threads()} threads, {malloc}")
         started = time.time()
         result = importlib.import_module(MODES[cfg.mode]).run(ctx)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
@@ -90,6 +91,14 @@ def _exit_without_teardown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _tune_host_memory() -> str:
+    import torch
+
+    from tulu.launch.host_memory import tune_for_cpu_job
+
+    return tune_for_cpu_job(on_gpu=torch.cuda.is_available())
 
 
 def _threads() -> int:

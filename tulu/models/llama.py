@@ -17,6 +17,9 @@ sequence parallelism) wherever Megatron's local spec would pick its torch norm.
 On a CPU-only torch the CUDA redirects of :mod:`tulu.models.megatron_cpu` are applied and
 parameters are fp32; on a GPU they are bf16.
 
+The attention applies RoPE through ``tulu.models.rope`` (installed here): Megatron's unfused
+rotation in four ops each way, the same numbers.
+
 ``LLAMA_PRESETS`` holds the shapes of the real Llama 3.1 models (no weights): the memory planner
 reads them; ``tiny_llama_config`` makes a test-sized config.
 """
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from tulu.models import megatron_cpu
+from tulu.models import rope as rope_patch
 from tulu.models.presets import LLAMA_PRESETS
 
 __all__ = [
@@ -208,6 +212,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     megatron_cpu.apply()
+    rope_patch.install()
     if not ps.model_parallel_is_initialized():
         raise RuntimeError(
             "build_gpt_model needs Megatron's parallel state: call "

@@ -30,6 +30,13 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``logits / temperature`` in ``dtype`` (a view of the input when nothing changes: T = 1 in
+    the input's dtype; callers never write to it)."""
+    x = logits.to(dtype)
+    return x if temperature == 1.0 else x / temperature
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (vLLM's sampling temperature), got {temperature}")
@@ -42,24 +49,29 @@ class _SelectedLogProb(torch.autograd.Function):
         out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
         for i in range(0, logits.shape[0], chunk):
-            x = logits[i : i + chunk].to(dtype) / temperature
+            x = _scaled(logits[i : i + chunk], dtype, temperature)
             lse[i : i + chunk] = torch.logsumexp(x, dim=-1)
             out[i : i + chunk] = x.gather(-1, labels[i : i + chunk, None]).squeeze(-1) - lse[i : i + chunk]
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.save_for_backward(logits, labels)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
-        grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], chunk):
-            p = torch.exp(logits[i : i + chunk].to(lse.dtype) / t - lse[i : i + chunk, None])
-            g = grad_out[i : i + chunk, None].to(lse.dtype)
-            d = -p * g
+        # (onehot(y) - p) * g / t, built in the softmax's own buffer: 4 passes over a chunk
+        # (scale, softmax, multiply, scatter) and, for a single chunk, no copy into a gradient.
+        logits, labels = ctx.saved_tensors
+        t, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        n = logits.shape[0]
+        grad = torch.empty_like(logits) if n > chunk else None
+        for i in range(0, n, chunk):
+            g = grad_out[i : i + chunk, None].to(dtype) / t
+            d = torch.softmax(_scaled(logits[i : i + chunk], dtype, t), dim=-1)
+            d.mul_(-g)
             d.scatter_add_(-1, labels[i : i + chunk, None], g)
-            grad[i : i + chunk] = d / t
+            if grad is None:
+                return d.to(logits.dtype), None, None, None
+            grad[i : i + chunk] = d
         return grad, None, None, None
 
 
