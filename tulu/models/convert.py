@@ -188,21 +188,29 @@ def _gather_tp(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
 
 
 def _hf_tensors(mname: str, t: torch.Tensor, layer_of: dict[int, int],
-                s: _Shapes) -> list[tuple[str, torch.Tensor]]:
-    """Full HF tensors for the Megatron tensor ``mname`` (collective over the TP group)."""
+                s: _Shapes, copy: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """Full HF tensors for the Megatron tensor ``mname`` (collective over the TP group);
+    ``copy=False``: views of ``t`` where the HF tensor is a slice of it (module doc of
+    :func:`iter_hf_weights`)."""
+    def cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 and not copy else torch.cat(parts, dim=dim)
+
+    def alone(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().clone() if copy else x.detach()
+
     if mname in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        full = torch.cat(_gather_tp(t, 0))[: s.vocab]
+        full = cat(_gather_tp(t, 0))[: s.vocab]
         name = "model.embed_tokens.weight" if mname.startswith("embedding") else "lm_head.weight"
         return [(name, full)]
     if mname == "decoder.final_layernorm.weight":
-        return [("model.norm.weight", t.detach().clone())]
+        return [("model.norm.weight", alone(t))]
     parts = mname.split(".")
     local, rest = int(parts[2]), ".".join(parts[3:])
     p = f"model.layers.{layer_of[local]}."
     if rest == "input_layernorm.weight":
-        return [(p + "input_layernorm.weight", t.detach().clone())]
+        return [(p + "input_layernorm.weight", alone(t))]
     if rest == "pre_mlp_layernorm.weight":
-        return [(p + "post_attention_layernorm.weight", t.detach().clone())]
+        return [(p + "post_attention_layernorm.weight", alone(t))]
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         full = torch.cat(_gather_tp(t, 0))
@@ -214,18 +222,23 @@ def _hf_tensors(mname: str, t: torch.Tensor, layer_of: dict[int, int],
                 (f"{p}self_attn.k_proj.{kind}", k.reshape(-1, *tail).contiguous()),
                 (f"{p}self_attn.v_proj.{kind}", v.reshape(-1, *tail).contiguous())]
     if rest == "self_attention.linear_proj.weight":
-        return [(p + "self_attn.o_proj.weight", torch.cat(_gather_tp(t, 1), dim=1))]
+        return [(p + "self_attn.o_proj.weight", cat(_gather_tp(t, 1), dim=1))]
     if rest == "mlp.linear_fc1.weight":
         halves = [x.chunk(2, dim=0) for x in _gather_tp(t, 0)]
-        return [(p + "mlp.gate_proj.weight", torch.cat([g for g, _ in halves])),
-                (p + "mlp.up_proj.weight", torch.cat([u for _, u in halves]))]
+        return [(p + "mlp.gate_proj.weight", cat([g for g, _ in halves])),
+                (p + "mlp.up_proj.weight", cat([u for _, u in halves]))]
     if rest == "mlp.linear_fc2.weight":
-        return [(p + "mlp.down_proj.weight", torch.cat(_gather_tp(t, 1), dim=1))]
+        return [(p + "mlp.down_proj.weight", cat(_gather_tp(t, 1), dim=1))]
     raise KeyError(f"no HF mapping for Megatron tensor {mname!r}")
 
 
-def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(model, hf_config, *, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for this pipeline stage's weights, one at a time.
+
+    ``copy=False`` (the weight sync, which packs every tensor into its send buffer before the
+    optimizer changes the weights): where the HF tensor is the Megatron tensor or a contiguous
+    slice of it (norms, embedding, head, o_proj, gate/up and down at TP 1), it is yielded as a view
+    of the parameter instead of a copy; q/k/v are copies either way.
 
     Each tensor is gathered over the tensor-parallel group, so every TP rank of the stage must
     iterate in step (it is a collective); all of them receive the full tensors. Order: embedding
@@ -239,7 +252,7 @@ def iter_hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     for mname, t in model.state_dict(keep_vars=True).items():
         if mname.endswith("_extra_state") or t is None:
             continue
-        yield from _hf_tensors(_strip_prefix(mname), t, layer_of, s)
+        yield from _hf_tensors(_strip_prefix(mname), t, layer_of, s, copy)
 
 
 def _hf_shapes(mname: str, t: torch.Tensor, layer_of: dict[int, int], s: _Shapes) -> list[tuple[str, list[int]]]:

@@ -262,7 +262,8 @@ class Learner:
         leader's send stats (None on other ranks). TP peers of a leader take part in the gather."""
         if not self.gathers_weights:
             return None
-        named = iter_hf_weights(model, self.source.hf_config)
+        # views of the parameters where possible: the optimizer step waits for the send
+        named = iter_hf_weights(model, self.source.hf_config, copy=False)
         if not self.sends_weights:
             for _ in named:  # TP peers: the gather is collective
                 pass
