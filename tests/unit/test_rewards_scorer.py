@@ -126,6 +126,18 @@ def test_stuck_worker_is_killed_and_replaced_and_scoring_continues(scorer, monke
     _still_usable(scorer)
 
 
+def test_rows_queued_behind_a_stuck_row_are_scored_by_the_other_workers(scorer, monkeypatch):
+    """Each worker has several rows queued (IN_FLIGHT); the ones behind a row that times out were
+    never started: they are scored elsewhere, not counted as time-outs."""
+    monkeypatch.setattr(scorer, "timeout_s", 1.0)
+    before = scorer.stats.timeouts
+    stuck = {"dataset": "test-sleep", "completion": "", "ground_truth": "3600"}
+    results = scorer.score([stuck] + [GOOD_ROW] * 9)
+    assert [(r.verified, r.error) for r in results] == [(False, "timeout")] + [(True, None)] * 9
+    assert scorer.stats.timeouts == before + 1
+    _still_usable(scorer)
+
+
 def test_crashing_worker_scores_zero_is_counted_and_replaced(scorer):
     before = scorer.stats.errors, scorer.stats.workers_replaced
     [crash, good] = scorer.score([{"dataset": "test-crash", "completion": "", "ground_truth": ""}, GOOD_ROW])

@@ -1,9 +1,14 @@
 """`RewardScorer`: scores rows in a pool of worker processes, each call under a hard time-out.
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker (only the whole
-pool, and a killed worker breaks it). Here each worker has its own pipe; the parent sends one task
-to an idle worker, waits on all pipes with the earliest deadline, and when a task overruns it
-SIGKILLs that worker and starts a replacement. So the pool never hangs, a time-out costs one
+pool, and a killed worker breaks it). Here each worker has its own pipe; the parent keeps up to
+:data:`IN_FLIGHT` tasks queued at each worker (at most :data:`IN_FLIGHT_BYTES` of them, so a send
+never blocks on a full pipe), which answers them in order, so a worker never sits idle waiting
+for the parent between rows (32 GSM8K rows on 2 workers, idle machine: 1.5 ms with one row per
+worker at a time, 0.56 ms like this). The task at the head of a worker's queue has the deadline, set when the worker could start
+it (the send, or the answer before it); the parent waits on all pipes with the earliest deadline,
+and when a task overruns it SIGKILLs that worker, starts a replacement and gives the tasks queued
+behind the stuck one to the other workers. So the pool never hangs, a time-out costs one
 worker restart (a new interpreter, ready in a second or two), and nothing a verifier does — an
 exception, a ``RecursionError``, running out of its memory limit, a crash — reaches the caller:
 such a row scores as unverified and is counted in :attr:`RewardScorer.stats`.
@@ -89,6 +94,11 @@ class ScoreStats:
         return out
 
 
+IN_FLIGHT = 8
+"""Tasks sent to one worker ahead of its answers."""
+IN_FLIGHT_BYTES = 32 << 10
+"""...and their text, at most (a lone task may be longer): well under a socket pair's buffer."""
+
 MAX_STARTUP_FAILURES = 3
 """Workers dying this many times in a row before they are ready means a broken environment."""
 
@@ -98,7 +108,7 @@ class RewardScorerError(RuntimeError):
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "ready", "task", "deadline", "started")
+    __slots__ = ("proc", "conn", "ready", "tasks", "bytes", "deadline", "started")
 
     def __init__(self, memory_limit_mb: int | None, plugins: tuple[str, ...], warm: tuple[str, ...] | None):
         parent_sock, child_sock = socket.socketpair()
@@ -111,8 +121,9 @@ class _Worker:
         child_sock.close()
         self.conn = multiprocessing.connection.Connection(parent_sock.detach())
         self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0
+        self.tasks: deque[tuple[int, int]] = deque()  # (row, bytes) sent and not answered, in order
+        self.bytes = 0
+        self.deadline = 0.0  # the first task's
         self.started = time.monotonic()
 
     @property
@@ -208,7 +219,7 @@ class RewardScorer:
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while not all(w.ready for w in self._workers):
-            self._poll(max(0.0, deadline - time.monotonic()), {}, lambda *a: None)
+            self._poll(max(0.0, deadline - time.monotonic()), {}, lambda *a: None, None)
             if time.monotonic() > deadline:
                 raise RewardScorerError(
                     f"reward workers did not start within {self.startup_timeout_s:.0f} s"
@@ -281,28 +292,53 @@ class RewardScorer:
         def done(i: int, verified: bool, error: str | None) -> None:
             results[i] = self._result(keys[i], verified, eos[i], error)
 
-        while queue or any(w.task is not None for w in self._workers):
-            for w in self._workers:
-                if w.ready and w.task is None and queue:
+        def size(i: int) -> int:
+            row = rows[i]
+            return len(row["completion"]) + len(str(row["ground_truth"]))
+
+        def takes(w: _Worker) -> bool:
+            return w.ready and len(w.tasks) < IN_FLIGHT and (not w.tasks or w.bytes + size(queue[0]) <= IN_FLIGHT_BYTES)
+
+        while queue or any(w.tasks for w in self._workers):
+            # one row per worker in turn, so a short batch spreads over all of them
+            while queue and (ready := [w for w in self._workers if takes(w)]):
+                for w in ready:
+                    if not queue:
+                        break
                     i = queue.popleft()
                     row = rows[i]
                     try:
                         w.conn.send((i, keys[i], row["completion"], row["ground_truth"]))
-                    except (OSError, ValueError):  # died while idle: retry the row elsewhere
+                    except (OSError, ValueError):  # it died: the row goes elsewhere, as do its queue's
                         queue.appendleft(i)
-                        self._replace(w)
+                        self._lost(w, "worker died (exit code {})", done, queue)
                         continue
-                    w.task, w.deadline = i, time.monotonic() + self.timeout_s
-            self._poll(self._next_wait(), results, done)
+                    if not w.tasks:
+                        w.deadline = time.monotonic() + self.timeout_s
+                    w.tasks.append((i, size(i)))
+                    w.bytes += w.tasks[-1][1]
+            self._poll(self._next_wait(), results, done, queue)
         return results  # type: ignore[return-value]
+
+    def _lost(self, w: _Worker, why: str, done, queue: deque | None) -> None:
+        """``w`` is dead or killed: its first task gets ``why`` (exit code filled in), the tasks
+        queued behind it go back to the front of ``queue``, and a new worker takes its place."""
+        if w.tasks:
+            head, _ = w.tasks.popleft()
+            if queue is not None:
+                queue.extendleft(i for i, _ in reversed(w.tasks))
+            w.tasks.clear()
+            w.kill()  # reaps it, so the exit code is known
+            done(head, False, why.format(w.exitcode))
+        self._replace(w)
 
     def _next_wait(self) -> float:
         now = time.monotonic()
-        deadlines = [w.deadline for w in self._workers if w.task is not None]
+        deadlines = [w.deadline for w in self._workers if w.tasks]
         deadlines += [w.started + self.startup_timeout_s for w in self._workers if not w.ready]
         return max(0.0, min(deadlines) - now) if deadlines else 0.05
 
-    def _poll(self, wait_s: float, results, done) -> None:
+    def _poll(self, wait_s: float, results, done, queue: deque | None = None) -> None:
         by_conn = {w.conn: w for w in self._workers}
         for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
             w = by_conn[conn]
@@ -319,25 +355,21 @@ class RewardScorer:
                             f"(last exit code {w.exitcode}); run `python -c 'import "
                             "tulu.rewards.worker as w; w.warm_up()'` to see why"
                         )
-                if w.task is not None:
-                    done(w.task, False, f"worker died (exit code {w.exitcode})")
-                    w.task = None
-                self._replace(w)
+                self._lost(w, "worker died (exit code {})", done, queue)
                 continue
             if msg[0] == "ready":
                 w.ready = True
                 self._startup_failures = 0
                 continue
             task_id, verified, error = msg
-            if task_id == w.task:
+            if w.tasks and task_id == w.tasks[0][0]:
+                w.bytes -= w.tasks.popleft()[1]
                 done(task_id, verified, error)
-                w.task = None
+                w.deadline = time.monotonic() + self.timeout_s  # the next task starts now
         now = time.monotonic()
         for w in list(self._workers):
-            if w.task is not None and now >= w.deadline:
-                done(w.task, False, "timeout")
-                w.task = None
-                self._replace(w)
+            if w.tasks and now >= w.deadline:
+                self._lost(w, "timeout", done, queue)
             elif not w.ready and now >= w.started + self.startup_timeout_s:
                 self.close()
                 raise RewardScorerError(

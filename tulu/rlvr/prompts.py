@@ -42,6 +42,7 @@ class PromptSet:
             raise ValueError(f"no usable RLVR prompts ({self.skipped} rows skipped: missing messages, "
                              f"ground_truth or dataset, or longer than {max_prompt_tokens} tokens)")
         self.seed = seed
+        self._epoch, self._epoch_order = None, None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,8 +51,15 @@ class PromptSet:
         out, n = [], len(self.prompts)
         for k in range(step * count, (step + 1) * count):
             epoch, pos = divmod(k, n)
-            out.append(self.prompts[int(epoch_order(n, self.seed, epoch)[pos])])
+            out.append(self.prompts[int(self._order(epoch)[pos])])
         return out
+
+    def _order(self, epoch: int):
+        """The epoch's permutation, kept while steps stay in that epoch (each step asks for it
+        once per prompt: 0.1 ms per permutation of 4,096 prompts)."""
+        if self._epoch != epoch:
+            self._epoch, self._epoch_order = epoch, epoch_order(len(self.prompts), self.seed, epoch)
+        return self._epoch_order
 
 
 def read_rows(source: str | Path, split: str = "train", cache_dir: str | Path | None = None) -> list[dict]:
