@@ -53,22 +53,22 @@ class SharedPromptLayout:
     def group(self) -> int:
         return len(self.response_lengths[0])
 
-    def _starts(self) -> torch.Tensor:
+    def starts(self) -> torch.Tensor:
         """[B, group]: the position of each response's first token."""
         lengths = torch.tensor(self.response_lengths, dtype=torch.long)
         return self.width + lengths.cumsum(dim=1) - lengths
 
+    def _response_of(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, S] which response each position holds, or ``group`` past the last; [B, S] the
+        position's offset after the prompt)."""
+        lengths = torch.tensor(self.response_lengths, dtype=torch.long)
+        offset = (torch.arange(self.length) - self.width).expand(self.sequences, -1).contiguous()
+        return torch.searchsorted(lengths.cumsum(dim=1), offset, right=True), offset
+
     def segments(self) -> torch.Tensor:
         """[B, S]: -1 on the prompt's columns, j on response j's tokens, -2 on the tail padding."""
-        B, S, W = self.sequences, self.length, self.width
-        seg = torch.full((B, S), -2, dtype=torch.long)
-        seg[:, :W] = -1
-        for k, lengths in enumerate(self.response_lengths):
-            start = W
-            for j, n in enumerate(lengths):
-                seg[k, start:start + n] = j
-                start += n
-        return seg
+        j, offset = self._response_of()
+        return torch.where(offset < 0, -1, torch.where(j < self.group, j, -2))
 
     def allowed(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, 1, S, S] bool attention (True = attend) for sequences whose real tokens are
@@ -85,14 +85,10 @@ class SharedPromptLayout:
         """[B, S]: the prompt at 0..W-1, every response at W, W + 1, ... (left padding shifts a whole
         sequence, and RoPE sees only differences); the tail padding at W."""
         W = self.width
-        pos = torch.full((self.sequences, self.length), W, dtype=torch.long)
-        pos[:, :W] = torch.arange(W)
-        for k, lengths in enumerate(self.response_lengths):
-            start = W
-            for n in lengths:
-                pos[k, start:start + n] = W + torch.arange(n)
-                start += n
-        return pos
+        j, offset = self._response_of()
+        inside = (offset >= 0) & (j < self.group)
+        start = (self.starts() - W).gather(1, j.clamp(max=self.group - 1))  # each position's response's start
+        return torch.where(offset < 0, offset + W, torch.where(inside, W + offset - start, W))
 
     def logits_at(self) -> torch.Tensor:
         """[B, group * R]: the sequence position whose logits predict response token t of sample j
@@ -101,7 +97,7 @@ class SharedPromptLayout:
         W, R = self.width, self.response_width
         lengths = torch.tensor(self.response_lengths, dtype=torch.long)  # [B, G]
         t = torch.arange(R)
-        at = self._starts()[:, :, None] + t - 1  # [B, G, R]
+        at = self.starts()[:, :, None] + t - 1  # [B, G, R]
         at = torch.where((t == 0) | (t >= lengths[:, :, None]), W - 1, at)
         return at.reshape(self.sequences, -1)
 

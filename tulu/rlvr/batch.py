@@ -58,27 +58,28 @@ class RLBatch:
 
 def build_batch(rollouts: list[Rollout], scores: torch.Tensor, advantages: torch.Tensor, pad_id: int,
                 multiple: int = 8) -> RLBatch:
-    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-    L = -(-max(lengths) // multiple) * multiple
-    n = len(rollouts)
-    tokens = torch.full((n, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, L), dtype=torch.bool)
-    sampler = torch.zeros((n, L), dtype=torch.float32)
+    # Whole rows as Python lists, one tensor per field, instead of slice assignments per row
+    # (with shared_prompt_micro_batches' gathers: 2.0 -> 0.8 ms for a step's 32 rollouts).
+    plen = [len(r.prompt_ids) for r in rollouts]
+    rlen = [len(r.response_ids) for r in rollouts]
+    L = -(-max(p + q for p, q in zip(plen, rlen)) // multiple) * multiple
+    tokens = torch.tensor([r.prompt_ids + r.response_ids + [pad_id] * (L - p - q)
+                           for r, p, q in zip(rollouts, plen, rlen)], dtype=torch.long)
+    # target position t holds token t + 1: response tokens sit at targets[p-1 : p-1+resp]
+    P, Q = torch.tensor(plen, dtype=torch.long), torch.tensor(rlen, dtype=torch.long)
+    col = torch.arange(L)
+    mask = (col >= P[:, None] - 1) & (col < (P + Q - 1)[:, None])
+
+    def at_targets(values: list[list[float]]) -> torch.Tensor:
+        return torch.tensor([[0.0] * (p - 1) + list(v[:q]) + [0.0] * (L - p + 1 - q) if q else [0.0] * L
+                             for v, p, q in zip(values, plen, rlen)], dtype=torch.float32)
+
+    sampler = at_targets([r.sampler_logprobs for r in rollouts])
     with_ref = all(r.ref_logprobs is not None for r in rollouts)
-    ref = torch.zeros((n, L), dtype=torch.float32) if with_ref else None
-    for i, r in enumerate(rollouts):
-        p, resp = len(r.prompt_ids), len(r.response_ids)
-        tokens[i, :p + resp] = torch.tensor(r.prompt_ids + r.response_ids)
-        # target position t holds token t + 1: response tokens sit at targets[p-1 : p-1+resp]
-        mask[i, p - 1:p - 1 + resp] = True
-        if resp:
-            sampler[i, p - 1:p - 1 + resp] = torch.tensor(r.sampler_logprobs[:resp], dtype=torch.float32)
-            if with_ref:
-                ref[i, p - 1:p - 1 + resp] = torch.tensor(r.ref_logprobs[:resp], dtype=torch.float32)
+    ref = at_targets([r.ref_logprobs for r in rollouts]) if with_ref else None
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
-    return RLBatch(tokens, targets, mask, sampler, scores.float(), advantages.float(),
-                   torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long), ref_logprobs=ref)
+    return RLBatch(tokens, targets, mask, sampler, scores.float(), advantages.float(), P, ref_logprobs=ref)
 
 
 def micro_batches(batch: RLBatch, micro_size: int, *, response_logits_only: bool = False) -> list[dict]:
@@ -158,49 +159,58 @@ def shared_prompt_micro_batches(batch: RLBatch, micro_size: int, group: int, pad
     """
     from tulu.rl.shared_prompt import SharedPromptLayout
 
-    n = batch.tokens.shape[0]
+    n, L = batch.tokens.shape
     if n % micro_size or micro_size % group:
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_size} holding whole groups "
                          f"of {group}")
+    _check_shared_prompts(batch, group)
     W = int(batch.prompt_lengths.max())
     per_group = _response_lengths(batch, group)
     R = max(1, max(max(r) for r in per_group))
     S_all = shared_prompt_length(batch, group) if fixed_length else None
+    # whole micro-batches by gathers, no Python loop over rows (see build_batch)
+    P, Q, t = batch.prompt_lengths, batch.mask.sum(dim=1), torch.arange(R)
     out = []
     for s in range(0, n, micro_size):
-        mine = per_group[s // group:(s + micro_size) // group]
-        layout = SharedPromptLayout.of(W, mine, S_all, R)
+        rows = slice(s, s + micro_size)
+        layout = SharedPromptLayout.of(W, per_group[s // group:(s + micro_size) // group], S_all, R)
         seqs, S = layout.sequences, layout.length
+        p, q = P[rows], Q[rows]
+        # per-token tensors [rollouts, R]: response token t of a row in column t
+        mask = t < q[:, None]
+        at = (p[:, None] - 1 + t).clamp(max=L - 1)
+        targets = torch.where(mask, batch.targets[rows].gather(1, at), pad_id)
+        sampler = torch.where(mask, batch.sampler_logprobs[rows].gather(1, at), 0.0)
+        # sequences [seqs, S]: each group's prompt (left-padded to W), then its responses back to back
         tokens = torch.full((seqs, S), pad_id, dtype=torch.long)
         valid = torch.zeros((seqs, S), dtype=torch.bool)
-        targets = torch.full((micro_size, R), pad_id, dtype=torch.long)
-        mask = torch.zeros((micro_size, R), dtype=torch.bool)
-        sampler = torch.zeros((micro_size, R), dtype=torch.float32)
-        ref = torch.zeros((micro_size, R), dtype=torch.float32) if batch.ref_logprobs is not None else None
-        for k in range(seqs):
-            first = s + k * group
-            p = int(batch.prompt_lengths[first])
-            prompt = batch.tokens[first, :p]
-            responses = []
-            for j in range(group):
-                i = first + j
-                if int(batch.prompt_lengths[i]) != p or not torch.equal(batch.tokens[i, :p], prompt):
-                    raise ValueError(f"rollout {i} does not share the prompt of rollout {first}: a shared-prompt "
-                                     f"batch needs each prompt's {group} samples in consecutive rows")
-                r = mine[k][j]
-                responses.append(batch.tokens[i, p:p + r])
-                row = i - s
-                targets[row, :r], mask[row, :r] = batch.targets[i, p - 1:p - 1 + r], True
-                sampler[row, :r] = batch.sampler_logprobs[i, p - 1:p - 1 + r]
-                if ref is not None:
-                    ref[row, :r] = batch.ref_logprobs[i, p - 1:p - 1 + r]
-            layout.place(tokens, valid, k, prompt, responses)
+        heads = torch.arange(s, s + micro_size, group)
+        src = torch.arange(W) - (W - P[heads])[:, None]  # [seqs, W]: prompt column, < 0 on the padding
+        in_prompt = src >= 0
+        tokens[:, :W] = torch.where(in_prompt, batch.tokens[heads].gather(1, src.clamp(min=0)), pad_id)
+        valid[:, :W] = in_prompt
+        dest = (torch.arange(micro_size) // group * S)[:, None] + layout.starts().reshape(-1, 1) + t
+        tokens.view(-1)[dest[mask]] = batch.tokens[rows].gather(1, (p[:, None] + t).clamp(max=L - 1))[mask]
+        valid.view(-1)[dest[mask]] = True
         rope = layout.rope_positions()
         mb = {"tokens": tokens, "position_ids": rope, "attention_mask": ~layout.allowed(valid),
               "rope_positions": rope, "logits_at": layout.logits_at(), "rows_per_sequence": group,
               "targets": targets, "mask": mask, "sampler_logprobs": sampler,
-              "advantages": batch.advantages[s:s + micro_size]}
-        if ref is not None:
-            mb["ref_logprobs"] = ref
+              "advantages": batch.advantages[rows]}
+        if batch.ref_logprobs is not None:
+            mb["ref_logprobs"] = torch.where(mask, batch.ref_logprobs[rows].gather(1, at), 0.0)
         out.append(mb)
     return out
+
+
+def _check_shared_prompts(batch: RLBatch, group: int) -> None:
+    """Refuse a batch whose ``group`` consecutive rows do not share one prompt."""
+    n, L = batch.tokens.shape
+    lengths = batch.prompt_lengths.view(-1, group)
+    tokens = batch.tokens.view(-1, group, L)
+    in_prompt = torch.arange(L) < lengths[:, :1, None]
+    same = (lengths == lengths[:, :1]) & ((tokens == tokens[:, :1]) | ~in_prompt).all(dim=-1)
+    if not bool(same.all()):
+        i = int((~same).reshape(-1).nonzero()[0])
+        raise ValueError(f"rollout {i} does not share the prompt of rollout {i - i % group}: a shared-prompt "
+                         f"batch needs each prompt's {group} samples in consecutive rows")

@@ -47,7 +47,8 @@ def reduce_sums(stores: list[dict], keys: Sequence[str]) -> dict[str, float]:
     for d in stores:
         local += torch.stack([torch.as_tensor(d[k], dtype=torch.float64, device=local.device).detach().reshape(())
                               for k in keys])
-    dist.all_reduce(local, group=ps.get_data_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:  # a one-rank group's all-reduce is a round trip for nothing
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds non-zeros
         dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
     return dict(zip(keys, local.tolist()))
