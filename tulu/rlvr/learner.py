@@ -37,8 +37,10 @@ scores, and broadcasts the batch to the other training ranks.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +118,31 @@ def build_models(cfg, ppo: bool) -> Models:
     both = PolicyAndValueState(policy, value)
     fp["rlvr.algorithm"] = "ppo"  # a GRPO checkpoint has no value model: refused by name
     return Models(source, tokenizer, policy, reference, value, both, both.optimizer, fp)
+
+
+class _Background:
+    """One daemon thread running the calls given to :meth:`submit` in turn (a daemon, unlike
+    ``ThreadPoolExecutor``'s: a learner that fails mid-send must not wait for it at exit)."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - re-raised by future.result() on the caller's thread
+                future.set_exception(e)
+
+    def submit(self, fn) -> Future:
+        future: Future = Future()
+        self._calls.put((fn, future))
+        return future
+
+    def close(self) -> None:
+        self._calls.put(None)
 
 
 @dataclass
@@ -199,7 +226,8 @@ class Learner:
         self.metrics: MetricsLog | None = None
         self.scorer: RewardScorer | None = None
         self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
-        self._sending: tuple | None = None  # (thread, result box) of a background weight send
+        self._sender: _Background | None = None  # the background weight sends' thread
+        self._sending: Future | None = None  # this step's send
         self._send_bridge = None  # `_sender_bridge`
 
     def resume(self) -> dict[int, list[dict]]:
@@ -296,30 +324,21 @@ class Learner:
         return self._send_bridge
 
     def _start_send(self) -> None:
-        box: dict = {}
         self._sender_bridge()  # made here, not in the thread
-
-        def send():
-            try:
-                box["stats"] = self.sync_weights()
-            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-                box["error"] = e
-        thread = threading.Thread(target=send, name=f"weight-send-{self.step}", daemon=True)
-        thread.start()
-        self._sending = (thread, box)
+        if self._sender is None:  # one thread for the run: starting one per step kept the step waiting
+            self._sender = _Background("weight-send")
+        self._sending = self._sender.submit(self.sync_weights)
 
     def _await_send(self) -> dict:
-        """Wait for the background send of this step's weights (if any); its stats."""
+        """Wait for the background send of this step's weights (if any); its stats (its error is
+        raised here)."""
         if self._sending is None:
             return {}
-        thread, box = self._sending
-        self._sending = None
+        sending, self._sending = self._sending, None
         t0 = time.perf_counter()
         with self.ctx.phase("weight_sync", self.step):
-            thread.join()
-        if "error" in box:
-            raise box["error"]
-        return {**box["stats"], "weight_sync_wait_s": time.perf_counter() - t0}
+            stats = sending.result()
+        return {**stats, "weight_sync_wait_s": time.perf_counter() - t0}
 
     def send_reference(self) -> None:
         """The KL reference's weights to the inference group, once per attempt (they score)."""
@@ -547,6 +566,8 @@ class Learner:
 
     def finish(self, result: dict) -> dict:
         self._await_send()
+        if self._sender is not None:
+            self._sender.close()
         if self.scorer is not None:
             self.scorer.close()
         close_training_world(self.metrics)
