@@ -55,7 +55,7 @@ class StopRequest:
 
     def agree(self, group=None) -> bool:
         """True on every rank of `group` if any rank got the signal. Collective: all ranks call it."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:  # nobody to agree with
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0])
         if dist.get_backend(group) == "nccl":
