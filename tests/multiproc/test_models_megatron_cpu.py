@@ -105,3 +105,26 @@ def test_megatron_trains_on_cpu_with_ddp_adam_and_grad_clipping(run):
 
 def test_rng_tracker_forks_the_cpu_generator_and_restores_it(run):
     assert run["fork_restores_default_stream"] and run["fork_advances_its_stream"]
+
+
+def _grad_norm_worker(rank, world_size):
+    from tulu.models import megatron_cpu
+
+    megatron_cpu.apply()
+    import megatron.core.optimizer.optimizer as opt
+
+    megatron_s = megatron_cpu.original("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32")
+    out = []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        grads = [torch.randn(64, 24), torch.randn(9) * 1e-3, torch.randn(4, 4, 4)]
+        out.append((opt.get_grad_norm_fp32(grads), megatron_s(grads)))
+    out.append((opt.get_grad_norm_fp32(grads, norm_type=float("inf")), megatron_s(grads, norm_type=float("inf"))))
+    out.append((opt.get_grad_norm_fp32([]), 0.0))
+    return out
+
+
+def test_the_one_rank_grad_norm_is_megatrons_to_the_bit():
+    (pairs,) = run_distributed(_grad_norm_worker, 1, timeout=120)
+    for ours, megatron in pairs:
+        assert ours == megatron

@@ -28,7 +28,10 @@ a model (``tulu.models.llama.build_gpt_model`` does). The patches:
 5. Gradient clipping: ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts
    ``param.grad.type() == 'torch.cuda.FloatTensor'``; it is replaced (in ``clip_grads`` and in
    ``optimizer.optimizer``, which imported it by name) by the same scaling with the assert
-   relaxed to "fp32 gradient on any device".
+   relaxed to "fp32 gradient on any device". The gradient norm the optimizer clips by
+   (``get_grad_norm_fp32``, as ``optimizer.optimizer`` imported it) is taken by one
+   ``torch._foreach_norm`` and no all-reduce when its statistics group has one rank (TP = PP = 1,
+   replicated optimizer); any other case is Megatron's function.
 
 6. The distributed optimizer's constructor sorts parameters by ``param.type()`` against the CUDA
    type names ("torch.cuda.FloatTensor", ...) and raises on a CPU tensor:
@@ -93,6 +96,8 @@ PATCH_TARGETS = (
      ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
      ("parameters", "max_norm", "total_norm", "use_decoupled_grad")),
+    ("megatron.core.optimizer.optimizer", "get_grad_norm_fp32",
+     ("grads_for_norm", "norm_type", "grad_stats_parallel_group")),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__", ("self",)),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
      ("self", "use_gloo_comm", "empty_data", "return_on_all_ranks")),
@@ -280,9 +285,29 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+@torch.no_grad()
+def _grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None) -> float:
+    """get_grad_norm_fp32 where the statistics group has one rank (TP = PP = 1, replicated
+    optimizer): the 2-norm by one foreach call and no all-reduce (without Apex Megatron takes
+    each tensor's norm in a Python loop, then all-reduces over the one-rank group: ~1 ms of each
+    ~65 ms step of the CPU RL learner). Anything else is Megatron's own."""
+    import torch.distributed as dist
+
+    grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+    alone = not dist.is_initialized() or dist.get_world_size(grad_stats_parallel_group) == 1
+    if float(norm_type) != 2.0 or not alone or any(type(g) is not torch.Tensor for g in grads):
+        return original("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32")(
+            grads_for_norm, norm_type=norm_type, grad_stats_parallel_group=grad_stats_parallel_group)
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return float(norm ** 2) ** 0.5  # Megatron's rounding: the float32 square, then the root
+
+
 def _patch_grad_clipping() -> None:
     for m in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         _replace(m, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    _replace("megatron.core.optimizer.optimizer", "get_grad_norm_fp32", _grad_norm_fp32)
 
 
 # --- 6 and 7: the distributed optimizer's parameter type checks and checkpoint gather ---------
