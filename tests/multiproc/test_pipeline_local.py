@@ -35,3 +35,6 @@ def test_local_executor_runs_steps_in_turn_and_prints_the_table(tmp_path):
     starts = [line for f in (root / "sft" / "logs").glob("*/*_log.out") for line in f.read_text().splitlines()
               if "mode train, role training" in line]
     assert len(starts) == 2 and all(line.endswith(", 1 threads") for line in starts), starts
+    # and with glibc's allocator set for a CPU task (tulu.launch.host_memory), said in its log
+    logs = [f.read_text() for f in (root / "sft" / "logs").glob("*/*_log.out")]
+    assert len(logs) == 2 and all("malloc: mmap_threshold 32 MiB, trim_threshold 256 MiB" in log for log in logs)

@@ -52,7 +52,8 @@ class JobTask:
         ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
                 f"mode {cfg.mode}, role {role.role} rank {role.role_rank}/{role.role_world_size} "
                 f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}, "
-                f"{_threads()} threads, {malloc}")
+                f"{_threads()} threads")
+        ctx.log(malloc)
         started = time.time()
         result = importlib.import_module(MODES[cfg.mode]).run(ctx)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
