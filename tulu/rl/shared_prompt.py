@@ -13,6 +13,7 @@ transformers engine's reference log-probs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,21 +54,26 @@ class SharedPromptLayout:
     def group(self) -> int:
         return len(self.response_lengths[0])
 
+    @functools.cached_property
+    def _lengths(self) -> torch.Tensor:
+        """[B, group]: ``response_lengths`` as a tensor (the layout is frozen: made once, read only)."""
+        return torch.tensor(self.response_lengths, dtype=torch.long)
+
     def starts(self) -> torch.Tensor:
         """[B, group]: the position of each response's first token."""
-        lengths = torch.tensor(self.response_lengths, dtype=torch.long)
-        return self.width + lengths.cumsum(dim=1) - lengths
+        return self.width + self._lengths.cumsum(dim=1) - self._lengths
 
+    @functools.cached_property
     def _response_of(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, S] which response each position holds, or ``group`` past the last; [B, S] the
-        position's offset after the prompt)."""
-        lengths = torch.tensor(self.response_lengths, dtype=torch.long)
+        position's offset after the prompt); read only, shared by :meth:`segments` and
+        :meth:`rope_positions`."""
         offset = (torch.arange(self.length) - self.width).expand(self.sequences, -1).contiguous()
-        return torch.searchsorted(lengths.cumsum(dim=1), offset, right=True), offset
+        return torch.searchsorted(self._lengths.cumsum(dim=1), offset, right=True), offset
 
     def segments(self) -> torch.Tensor:
         """[B, S]: -1 on the prompt's columns, j on response j's tokens, -2 on the tail padding."""
-        j, offset = self._response_of()
+        j, offset = self._response_of
         return torch.where(offset < 0, -1, torch.where(j < self.group, j, -2))
 
     def allowed(self, valid: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,7 @@ class SharedPromptLayout:
         """[B, S]: the prompt at 0..W-1, every response at W, W + 1, ... (left padding shifts a whole
         sequence, and RoPE sees only differences); the tail padding at W."""
         W = self.width
-        j, offset = self._response_of()
+        j, offset = self._response_of
         inside = (offset >= 0) & (j < self.group)
         start = (self.starts() - W).gather(1, j.clamp(max=self.group - 1))  # each position's response's start
         return torch.where(offset < 0, offset + W, torch.where(inside, W + offset - start, W))
@@ -95,10 +101,9 @@ class SharedPromptLayout:
         (column j * R + t): the prompt's last position for t = 0, else the token before; columns
         past a response's end point at the prompt's last position (their targets are masked)."""
         W, R = self.width, self.response_width
-        lengths = torch.tensor(self.response_lengths, dtype=torch.long)  # [B, G]
         t = torch.arange(R)
         at = self.starts()[:, :, None] + t - 1  # [B, G, R]
-        at = torch.where((t == 0) | (t >= lengths[:, :, None]), W - 1, at)
+        at = torch.where((t == 0) | (t >= self._lengths[:, :, None]), W - 1, at)
         return at.reshape(self.sequences, -1)
 
     def place(self, tokens: torch.Tensor, valid: torch.Tensor, k: int, prompt, responses) -> None:
