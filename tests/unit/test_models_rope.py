@@ -1,4 +1,4 @@
-"""tulu.models.rope: the attention's RoPE in four ops gives Megatron's values and gradients, and
+"""tulu.models.rope: the attention's RoPE in three ops gives Megatron's values and gradients, and
 hands every case it does not take to Megatron's own function."""
 
 from __future__ import annotations
@@ -111,3 +111,28 @@ def test_install_routes_the_attention_through_it_once():
     rope.install()
     assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb
     assert rope.original() is rope_utils.apply_rotary_pos_emb
+
+
+def _per_half(x, cos, sin, sign):
+    """The four-op form this replaced: a multiply and a multiply-add on each half."""
+    h = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1)
+    o1.addcmul_(x2, sin[..., h:] if sign < 0 else sin[..., :h], value=-sign)
+    torch.mul(x2, cos[..., h:], out=o2)
+    o2.addcmul_(x1, sin[..., :h] if sign < 0 else sin[..., h:], value=sign)
+    return out
+
+
+@pytest.mark.parametrize("heads", [4, 2])
+def test_the_rotation_equals_the_four_op_form_bit_for_bit(heads):
+    """Three ops (a full-width multiply, then a multiply-add per half with -sin folded in) give
+    the four-op form's values exactly, both ways (negation is exact)."""
+    torch.manual_seed(heads)
+    s, b, d = 11, 3, 16
+    h = d // 2
+    x = torch.randn(s, b, heads, d)
+    cos, sin, neg_sin = rope._cos_sin(_freqs(s, d, b), torch.float32)
+    assert torch.equal(rope._rotate(x, cos, neg_sin[..., :h], sin[..., h:]), _per_half(x, cos, sin, 1.0))
+    assert torch.equal(rope._rotate(x, cos, sin[..., h:], neg_sin[..., :h]), _per_half(x, cos, sin, -1.0))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from tulu.models import megatron_cpu
 from tulu.models import rope as rope_patch
+from tulu.models import swiglu as swiglu_patch
 from tulu.models.presets import LLAMA_PRESETS
 
 __all__ = [
@@ -211,7 +212,10 @@ def build_gpt_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    megatron_cpu.apply()
+    if megatron_cpu.apply():
+        # the MLP's SwiGLU in one autograd node (tulu.models.swiglu) instead of Megatron's op-by-op glu
+        swiglu_patch.install()
+        config_overrides.setdefault("bias_activation_fusion", True)
     rope_patch.install()
     if not ps.model_parallel_is_initialized():
         raise RuntimeError(
