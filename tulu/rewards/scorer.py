@@ -300,23 +300,29 @@ class RewardScorer:
             return w.ready and len(w.tasks) < IN_FLIGHT and (not w.tasks or w.bytes + size(queue[0]) <= IN_FLIGHT_BYTES)
 
         while queue or any(w.tasks for w in self._workers):
-            # one row per worker in turn, so a short batch spreads over all of them
+            # one row per worker in turn, so a short batch spreads over all of them; each worker's
+            # rows of a round go in one message (a message per row cost ~50 us each way)
+            batches: dict[_Worker, list[int]] = {}
             while queue and (ready := [w for w in self._workers if takes(w)]):
                 for w in ready:
                     if not queue:
                         break
                     i = queue.popleft()
-                    row = rows[i]
-                    try:
-                        w.conn.send((i, keys[i], row["completion"], row["ground_truth"]))
-                    except (OSError, ValueError):  # it died: the row goes elsewhere, as do its queue's
-                        queue.appendleft(i)
-                        self._lost(w, "worker died (exit code {})", done, queue)
-                        continue
-                    if not w.tasks:
-                        w.deadline = time.monotonic() + self.timeout_s
+                    batches.setdefault(w, []).append(i)
                     w.tasks.append((i, size(i)))
                     w.bytes += w.tasks[-1][1]
+            for w, batch in batches.items():
+                started = len(w.tasks) == len(batch)  # its queue was empty: the first row starts now
+                try:
+                    w.conn.send([(i, keys[i], rows[i]["completion"], rows[i]["ground_truth"]) for i in batch])
+                except (OSError, ValueError):  # it died: these rows go elsewhere, as do its queue's
+                    for _ in batch:
+                        w.bytes -= w.tasks.pop()[1]
+                    queue.extendleft(reversed(batch))
+                    self._lost(w, "worker died (exit code {})", done, queue)
+                    continue
+                if started:
+                    w.deadline = time.monotonic() + self.timeout_s
             self._poll(self._next_wait(), results, done, queue)
         return results  # type: ignore[return-value]
 
@@ -338,12 +344,11 @@ class RewardScorer:
         deadlines += [w.started + self.startup_timeout_s for w in self._workers if not w.ready]
         return max(0.0, min(deadlines) - now) if deadlines else 0.05
 
-    def _poll(self, wait_s: float, results, done, queue: deque | None = None) -> None:
-        by_conn = {w.conn: w for w in self._workers}
-        for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
-            w = by_conn[conn]
+    def _read(self, w: _Worker, done, queue: deque | None) -> None:
+        """Every message ``w`` has sent so far (its results answer its rows in order)."""
+        while True:
             try:
-                msg = conn.recv()
+                msg = w.conn.recv()
             except (EOFError, OSError):  # the worker died (crash, OOM killer, external kill)
                 w.kill()  # reaps it, so the exit code is known
                 if not w.ready:
@@ -356,16 +361,26 @@ class RewardScorer:
                             "tulu.rewards.worker as w; w.warm_up()'` to see why"
                         )
                 self._lost(w, "worker died (exit code {})", done, queue)
-                continue
+                return
             if msg[0] == "ready":
                 w.ready = True
                 self._startup_failures = 0
-                continue
-            task_id, verified, error = msg
-            if w.tasks and task_id == w.tasks[0][0]:
-                w.bytes -= w.tasks.popleft()[1]
-                done(task_id, verified, error)
-                w.deadline = time.monotonic() + self.timeout_s  # the next task starts now
+            else:
+                task_id, verified, error = msg
+                if w.tasks and task_id == w.tasks[0][0]:
+                    w.bytes -= w.tasks.popleft()[1]
+                    done(task_id, verified, error)
+                    w.deadline = time.monotonic() + self.timeout_s  # the next task starts now
+            try:
+                if not w.conn.poll():
+                    return
+            except (EOFError, OSError):
+                return  # closed: the next wait reports it
+
+    def _poll(self, wait_s: float, results, done, queue: deque | None = None) -> None:
+        by_conn = {w.conn: w for w in self._workers}
+        for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
+            self._read(by_conn[conn], done, queue)
         now = time.monotonic()
         for w in list(self._workers):
             if w.tasks and now >= w.deadline:
