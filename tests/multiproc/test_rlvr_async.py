@@ -196,12 +196,16 @@ def test_logits_at_response_positions_only_give_the_same_loss_and_gradients():
     assert only["grads"] == pytest.approx(full["grads"], rel=1e-5, abs=1e-9)
 
 
-def test_reference_logprobs_from_the_engine_give_the_learners_kl(uninterrupted, prompts, tmp_path):
+def test_reference_logprobs_and_scores_from_the_engine_give_the_learners_kl_and_rewards(
+        uninterrupted, prompts, tmp_path):
     """rlvr.reference_logprobs: inference: the learner sends the reference to the engine once and
-    runs no reference pass; the engine's log-probs give the same KL, loss and updates."""
+    runs no reference pass; the engine's log-probs give the same KL, loss and updates.
+    rlvr.score_on: engine: the engine scores its completions (beside that pass) and the learner's
+    rewards are the ones it would have scored itself."""
     run_dir, _ = uninterrupted
     cfg = _config(tmp_path, prompts, async_steps=1)
     cfg["rlvr"]["reference_logprobs"] = "inference"
+    cfg["rlvr"]["score_on"] = "engine"
     _job(cfg)
     ours, theirs = _rows(tmp_path), _rows(run_dir)
     assert len(ours) == len(theirs) == STEPS
@@ -210,3 +214,5 @@ def test_reference_logprobs_from_the_engine_give_the_learners_kl(uninterrupted, 
         assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6)
         assert "reference_s" in a and "reference_s" not in b
+        assert "engine_score_wait_s" in a and "engine_score_wait_s" not in b
+        assert a["verified_all"] == b["verified_all"] and a["score_errors"] == b["score_errors"] == 0

@@ -1,4 +1,4 @@
-"""The learner's background thread for weight sends (tulu.rlvr.learner._Background): one daemon
+"""The learner's background thread for weight sends (tulu.rlvr.background.Background): one daemon
 thread for the run, calls in order, a failing call's error raised where its result is asked for."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # pytest's rootdir is not on sys.path without an install
     sys.path.insert(0, str(ROOT))
 
-from tulu.rlvr.learner import _Background  # noqa: E402
+from tulu.rlvr.background import Background as _Background  # noqa: E402
 
 
 def test_calls_run_in_turn_on_one_daemon_thread_and_errors_reach_the_caller():

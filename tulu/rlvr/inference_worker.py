@@ -8,11 +8,13 @@ the learner's (the checkpoint's) weights, never the folder the engine was starte
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
 
-from tulu.rlvr import protocol
+from tulu.rlvr import protocol, scoring
+from tulu.rlvr.background import Background
 from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
 
 
@@ -51,6 +53,10 @@ def engine_model_dir(ctx, source) -> Path:
     return out
 
 
+def _score(scorer, prompts, responses, tokenizer):
+    return scoring.score(scorer, scoring.rows(prompts, responses, tokenizer))
+
+
 def run(ctx) -> dict:
     from tulu.dist import groups as tdist
     from tulu.inference.engine import SamplingSettings, make_engine
@@ -81,11 +87,16 @@ def run(ctx) -> dict:
                              gpu_memory_utilization=inf.gpu_memory_utilization if tdist.backend() == "nccl" else None,
                              max_model_len=inf.max_model_len, seed=cfg.run.seed,
                              dtype="float32" if cfg.model.dtype == "fp32" else "auto")
+        engine_index, engines = role.dp_rank, plan.inference_engines
+        reports = role.tp_rank == 0 and role.pp_rank == 0
+        # the reporting rank scores its completions (rlvr.score_on), in a thread beside the reference
+        # pass; its verifier workers start while the learner builds its model
+        scorer = scoring.build_scorer(rl, (p.dataset for p in prompts.prompts)) \
+            if reports and rl.score_on == "engine" else None
+        scorer_thread = Background("score") if scorer is not None else None
         bridge = tdist.BridgeGroup.for_role(plan, role, ctx.env, timeout_s=cfg.monitoring.collective_timeout_s)
         if rl.reference_in_engine:  # the learner sends it first thing (protocol.REFERENCE_VERSION)
             engine.load_reference(receive_weights(bridge, version=protocol.REFERENCE_VERSION))
-    engine_index, engines = role.dp_rank, plan.inference_engines
-    reports = role.tp_rank == 0 and role.pp_rank == 0
     step = protocol.get(bridge.store, protocol.START)
     ctx.log(f"inference engine {engine_index}/{engines} ({inf.engine}, TP{inf.tp} PP{inf.pp}) ready; first step {step}")
     generated, loaded, versions = 0, None, []
@@ -115,13 +126,21 @@ def run(ctx) -> dict:
                                         seed=cfg.run.seed * 100_003 + step, stop_token_ids=(tokenizer.eos_token_id,))
             outs = engine.generate([p.token_ids for p in mine], n=rl.samples_per_prompt, sampling=sampling)
             gen_s = time.perf_counter() - t0
+            scored = None if scorer is None else scorer_thread.submit(functools.partial(
+                _score, scorer, [mine[o.prompt_index] for o in outs], [o.token_ids for o in outs], tokenizer))
             refs = engine.reference_logprobs([p.token_ids for p in mine], outs, rl.temperature) \
                 if rl.reference_in_engine else [None] * len(outs)
             ref_s = time.perf_counter() - t0 - gen_s
+            if scored is not None:
+                results, score_errors = scored.result()
+            score_s = time.perf_counter() - t0 - gen_s - ref_s
         generated += sum(len(o.token_ids) for o in outs)
         versions.append([step, loaded])
         if reports:
+            payload = {} if scored is None else {"scores": scoring.encode(results), "score_errors": score_errors,
+                                                 "score_wait_s": score_s}
             protocol.put(bridge.store, protocol.rollout_key(step, engine_index), {
+                **payload,
                 "prompts": [p.index for p in mine],
                 "completions": [[o.prompt_index, o.sample_index, o.token_ids, o.logprobs, o.finish_reason, ref]
                                 for o, ref in zip(outs, refs)],
@@ -135,5 +154,8 @@ def run(ctx) -> dict:
         ctx.step_done(step + 1)
         step += 1
     engine.close()
+    if scorer is not None:
+        scorer_thread.close()
+        scorer.close()
     # (step, weights version) of every rollout this rank generated: what tests check the schedule by
     return {"steps_generated_until": step, "tokens_generated": generated, "rollout_versions": versions}

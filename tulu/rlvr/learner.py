@@ -3,8 +3,9 @@
     per step: request rollouts (control "go" + the weights version, `tulu.rlvr.rollout_schedule`)
               -> weight sync (stage leaders send; at TP 1 from a thread, which the optimizer step
               waits for: the send overlaps scoring, forward and backward) -> this step's rollouts
-              from the engines ->
-              verifiers score (process pool, time-outs) -> group-normalised advantages ->
+              from the engines, scored by the verifiers (process pools, time-outs) on the engines
+              beside their reference pass, or here (rlvr.score_on, `tulu.rlvr.scoring`) ->
+              group-normalised advantages ->
               reference log-probs (forward only) -> clipped policy loss + KL -> optimizer step
               -> metrics -> checkpoint (interval; RL counters and in-flight rollouts inside) ->
               stop agreement
@@ -32,13 +33,11 @@
               optimizer step per epoch (tulu.train.rl_objectives.ppo_step); the value model and its
               optimizer are saved in the same checkpoint as the policy (tulu.rlvr.value).
 The role's rank 0 (pipeline stage 0's leader, bridge rank 0) talks to the inference group,
-scores, and broadcasts the batch to the other training ranks.
+scores what came unscored, and broadcasts the batch to the other training ranks.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -52,10 +51,11 @@ from tulu.config.job import ConfigError
 from tulu.dist import groups as tdist
 from tulu.dist.weight_sync import send_weights
 from tulu.models.convert import hf_weight_index, iter_hf_weights
-from tulu.rewards import RewardConfig, RewardScorer
+from tulu.rewards import RewardScorer
 from tulu.rl.advantages import grpo_advantages
 from tulu.rl.reward import verifier_accuracy
-from tulu.rlvr import protocol
+from tulu.rlvr import protocol, scoring
+from tulu.rlvr.background import Background
 from tulu.rlvr.batch import (Rollout, build_batch, groups_by_length, micro_batches, shared_prompt_flops_ratio,
                              shared_prompt_micro_batches)
 from tulu.rlvr.prompts import PromptSet, prompt_files, read_rows
@@ -120,37 +120,12 @@ def build_models(cfg, ppo: bool) -> Models:
     return Models(source, tokenizer, policy, reference, value, both, both.optimizer, fp)
 
 
-class _Background:
-    """One daemon thread running the calls given to :meth:`submit` in turn (a daemon, unlike
-    ``ThreadPoolExecutor``'s: a learner that fails mid-send must not wait for it at exit)."""
-
-    def __init__(self, name: str):
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            fn, future = item
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - re-raised by future.result() on the caller's thread
-                future.set_exception(e)
-
-    def submit(self, fn) -> Future:
-        future: Future = Future()
-        self._calls.put((fn, future))
-        return future
-
-    def close(self) -> None:
-        self._calls.put(None)
-
-
 @dataclass
 class LeaderIO:
     """What only the learner's leader holds: the prompt set, the verifiers and the metrics log."""
 
     prompts: PromptSet
-    scorer: RewardScorer
+    scorer: RewardScorer | None
     metrics: MetricsLog
 
 
@@ -159,10 +134,9 @@ def build_leader_io(ctx, tokenizer, step: int) -> LeaderIO:
     train_file, _ = prompt_files(cfg)
     prompts = PromptSet(read_rows(train_file, cfg.data.split, cfg.data.cache_dir), tokenizer,
                         cfg.data.shuffle_seed, cfg.groups.inference.max_model_len - rl.response_length)
-    scorer = RewardScorer(RewardConfig(verified_reward=rl.verified_reward, unverified_reward=rl.unverified_reward,
-                                       no_eos_penalty=rl.no_eos_penalty or None),
-                          workers=rl.verifier_workers, timeout_s=rl.verifier_timeout_s,
-                          verifiers=sorted({p.dataset for p in prompts.prompts}))
+    # with rlvr.score_on engine the engines score, and a scorer starts here only if a payload
+    # comes without results (`Learner._score_missing`)
+    scorer = scoring.build_scorer(rl, (p.dataset for p in prompts.prompts)) if rl.score_on == "learner" else None
     metrics = MetricsLog(ctx.run_dir, log=ctx.log)
     metrics.truncate_after(step)
     return LeaderIO(prompts, scorer, metrics)
@@ -224,9 +198,10 @@ class Learner:
         self.rollouts: RolloutSchedule | None = None
         self.prompts: PromptSet | None = None
         self.metrics: MetricsLog | None = None
-        self.scorer: RewardScorer | None = None
+        self.scorer: RewardScorer | None = None  # the leader's, when it scores (`_score_missing`)
+        self.score_errors = 0  # verifier errors (a verifier raised or its worker died) since the start
         self.pending: dict[int, list[dict]] = {}  # leader: rollouts read from the store, not yet trained on
-        self._sender: _Background | None = None  # the background weight sends' thread
+        self._sender: Background | None = None  # the background weight sends' thread
         self._sending: Future | None = None  # this step's send
         self._send_bridge = None  # `_sender_bridge`
 
@@ -302,10 +277,12 @@ class Learner:
                             index=hf_weight_index(model, self.source.hf_config))
 
     def sync_weights(self) -> dict:
+        cpu0 = time.thread_time()
         st = self._send_model(self.policy.module, self.step)
         if st is None:
             return {}
-        return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets, "weight_sync_send_s": st.seconds}
+        return {"weight_sync_bytes": st.bytes, "weight_sync_buckets": st.buckets, "weight_sync_send_s": st.seconds,
+                "weight_sync_send_cpu_s": time.thread_time() - cpu0}
 
     def _sends_in_background(self) -> bool:
         """A stage leader that needs no collective to read its weights (TP 1) sends them from a
@@ -326,7 +303,7 @@ class Learner:
     def _start_send(self) -> None:
         self._sender_bridge()  # made here, not in the thread
         if self._sender is None:  # one thread for the run: starting one per step kept the step waiting
-            self._sender = _Background("weight-send")
+            self._sender = Background("weight-send")
         self._sending = self._sender.submit(self.sync_weights)
 
     def _await_send(self) -> dict:
@@ -357,32 +334,53 @@ class Learner:
         if len(versions) != 1:
             raise RuntimeError(f"step {self.step}: the engines generated with different weights versions {versions}")
         engine_cpu_s = max(p["engine_cpu_s"] for p in payloads)
+        results: list = []
+        engine_score_s = 0.0
         for payload in payloads:
             gen_s, sync_s = max(gen_s, payload["generate_s"]), max(sync_s, payload["weight_sync_s"])
             stop = stop or payload["stop_requested"]
             ref_s = max(ref_s, payload.get("reference_s", 0.0))
-            for pi, si, ids, lps, finish, *ref in payload["completions"]:
+            scored = scoring.decode(payload["scores"]) if "scores" in payload else [None] * len(payload["completions"])
+            self.score_errors += payload.get("score_errors", 0)
+            engine_score_s = max(engine_score_s, payload.get("score_wait_s", 0.0))
+            for (pi, si, ids, lps, finish, *ref), result in zip(payload["completions"], scored, strict=True):
                 p = self.prompts.prompts[payload["prompts"][pi]]
                 rollouts.append(Rollout(p.index, p.token_ids, ids, lps, finish, p.dataset, p.ground_truth,
                                         ref_logprobs=ref[0] if ref else None))
+                results.append(result)
         # group by prompt (GRPO groups are contiguous per prompt, samples in order)
         order = self.prompts.for_step(self.step, rl.prompts_per_step)
         rank = {p.index: k for k, p in enumerate(order)}
-        rollouts.sort(key=lambda r: rank[r.prompt_index])
-        eos = self.tokenizer.eos_token_id
-        rows = [{"completion": self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
-                 "dataset": r.dataset, "ground_truth": r.ground_truth,
-                 "ended_with_eos": bool(r.response_ids) and r.response_ids[-1] == eos} for r in rollouts]
+        by_prompt = sorted(range(len(rollouts)), key=lambda i: rank[rollouts[i].prompt_index])
+        rollouts, results = [rollouts[i] for i in by_prompt], [results[i] for i in by_prompt]
         t0 = time.perf_counter()
-        results = self.scorer.score(rows)
+        self._results = self._score_missing(rollouts, results)
         score_s = time.perf_counter() - t0
-        self._results = results
         if stop:
             self.ctx.stop.requested = True  # an inference rank got the signal: the learner agrees on it
         timing = {"reference_s": ref_s} if self.rl.reference_in_engine else {}
+        timing.update({"engine_score_wait_s": engine_score_s} if rl.score_on == "engine" else {})
         return rollouts, {**timing, "generate_s": gen_s, "weight_sync_s": sync_s, "score_s": score_s,
                           "rollout_wait_s": wait_s,
                           "engine_cpu_s": engine_cpu_s, "rollout_policy_version": versions.pop()}
+
+    def _score_missing(self, rollouts: list[Rollout], results: list) -> list:
+        """``results`` with the rollouts that came without one (rlvr.score_on learner, or stored by
+        an older checkpoint) scored here."""
+        todo = [i for i, r in enumerate(results) if r is None]
+        if not todo:
+            return results
+        if self.scorer is None:
+            self.ctx.log(f"step {self.step}: {len(todo)} rollout(s) came without verifier results; scoring them here")
+            self.scorer = scoring.build_scorer(self.rl, (p.dataset for p in self.prompts.prompts))
+        prompts = self.prompts.prompts
+        mine, errors = scoring.score(self.scorer, scoring.rows(
+            [prompts[rollouts[i].prompt_index] for i in todo], [rollouts[i].response_ids for i in todo], self.tokenizer))
+        self.score_errors += errors
+        results = list(results)
+        for i, r in zip(todo, mine, strict=True):
+            results[i] = r
+        return results
 
     def _read_rollouts(self, step: int) -> list[dict]:
         """Leader: every engine's payload for ``step`` (blocks until generated), once."""
@@ -523,7 +521,7 @@ class Learner:
                 info = {"reward_mean": float(batch.scores.mean()), "verified": acc,
                         "response_length": sum(lengths) / len(lengths),
                         "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-                        "generated_tokens": sum(lengths), "score_errors": self.scorer.stats.errors,
+                        "generated_tokens": sum(lengths), "score_errors": self.score_errors,
                         "stop": ctx.stop.requested, **timing, **sync}
                 batch_obj = [(batch, info)]
             with ctx.phase("train", self.step):
