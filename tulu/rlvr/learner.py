@@ -508,12 +508,19 @@ class Learner:
         stopped = False
         while self.step < rl.steps:
             t_step, cpu_step = time.perf_counter(), time.process_time()
-            sync = self.request_rollouts()
+            # Rollouts requested at an earlier step (async_steps >= 1) are collected and scored
+            # before this step's weights go out: the send's thread would slow the scoring it ran
+            # beside, and the engines, a step ahead, can wait those few ms.
+            ahead = self.rollouts.next_generated > self.step
+            sync = {} if ahead else self.request_rollouts()
             batch_obj = [None]
             timing: dict = {}
             if self.is_leader:
                 with ctx.phase("generate", self.step):  # waiting for the engines
                     rollouts, timing = self.collect_and_score()
+            if ahead:
+                sync = self.request_rollouts()
+            if self.is_leader:
                 batch = self.make_batch(rollouts, self._results)
                 verified = torch.tensor([r.verified for r in self._results], dtype=torch.float32)
                 acc = verifier_accuracy(verified, [r.dataset for r in rollouts])
