@@ -88,7 +88,7 @@ def test_what_it_does_not_take_goes_to_megatron(case, monkeypatch):
         calls.append(case)
         return t
 
-    monkeypatch.setitem(rope._STATE, "original", megatron)
+    monkeypatch.setattr(rope._PATCH, "_original", megatron)
     t = torch.randn(4, 1, 2, 8)
     freqs = _freqs(4, 8)
     kwargs, config = {}, _config()

@@ -20,9 +20,9 @@ gradients against Megatron's.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
+
+from tulu.models.name_patch import NamePatch
 
 __all__ = ["PATCH_TARGET", "apply_rotary_pos_emb", "install", "original"]
 
@@ -30,7 +30,7 @@ __all__ = ["PATCH_TARGET", "apply_rotary_pos_emb", "install", "original"]
 PATCH_TARGET = ("megatron.core.transformer.attention", "apply_rotary_pos_emb",
                 ("t", "freqs", "config", "cu_seqlens", "mscale", "cp_group"))
 
-_STATE: dict = {"original": None, "freqs": None, "cos_sin": None}
+_STATE: dict = {"freqs": None, "cos_sin": None}
 
 
 class _Rotate(torch.autograd.Function):
@@ -83,24 +83,18 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
              and not config.rotary_interleaved and not config.multi_latent_attention
              and freqs.shape[-1] == t.shape[-1] and t.shape[-1] % 2 == 0 and not freqs.requires_grad)
     if not plain:
-        return _STATE["original"](t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+        return _PATCH.original()(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
     return _Rotate.apply(t, *_cos_sin(freqs, t.dtype))
+
+
+_PATCH = NamePatch(*PATCH_TARGET, apply_rotary_pos_emb)
 
 
 def original():
     """Megatron's own function (before or after :func:`install`)."""
-    if _STATE["original"] is not None:
-        return _STATE["original"]
-    module, name, _ = PATCH_TARGET
-    return getattr(importlib.import_module(module), name)
+    return _PATCH.original()
 
 
 def install() -> None:
     """Route the attention's RoPE through :func:`apply_rotary_pos_emb` (idempotent)."""
-    module, name, _ = PATCH_TARGET
-    owner = importlib.import_module(module)
-    current = getattr(owner, name)
-    if current is apply_rotary_pos_emb:
-        return
-    _STATE["original"] = current
-    setattr(owner, name, apply_rotary_pos_emb)
+    _PATCH.install()

@@ -17,18 +17,16 @@ go to Megatron's own function. ``tests/unit/test_models_swiglu.py`` checks it.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
+
+from tulu.models.name_patch import NamePatch
 
 __all__ = ["PATCH_TARGET", "bias_swiglu_impl", "install", "original", "swiglu"]
 
 #: (module, attribute, parameters relied on): the name the MLP calls the fused SwiGLU by.
 PATCH_TARGET = ("megatron.core.transformer.mlp", "bias_swiglu_impl",
                 ("input", "bias", "fp8_input_store", "cpu_offload_input"))
-
-_STATE: dict = {"original": None}
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -64,24 +62,18 @@ def bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=False
     """Megatron's ``bias_swiglu_impl`` contract; without bias, fp8 storage or offloading by
     :func:`swiglu`, anything else by Megatron's own function."""
     if bias is not None or fp8_input_store or cpu_offload_input:
-        return _STATE["original"](input, bias, fp8_input_store, cpu_offload_input)
+        return _PATCH.original()(input, bias, fp8_input_store, cpu_offload_input)
     return swiglu(input)
+
+
+_PATCH = NamePatch(*PATCH_TARGET, bias_swiglu_impl)
 
 
 def original():
     """Megatron's own function (before or after :func:`install`)."""
-    if _STATE["original"] is not None:
-        return _STATE["original"]
-    module, name, _ = PATCH_TARGET
-    return getattr(importlib.import_module(module), name)
+    return _PATCH.original()
 
 
 def install() -> None:
     """Route the MLP's fused SwiGLU through :func:`bias_swiglu_impl` (idempotent)."""
-    module, name, _ = PATCH_TARGET
-    owner = importlib.import_module(module)
-    current = getattr(owner, name)
-    if current is bias_swiglu_impl:
-        return
-    _STATE["original"] = current
-    setattr(owner, name, bias_swiglu_impl)
+    _PATCH.install()
