@@ -18,7 +18,7 @@ On a CPU-only torch the CUDA redirects of :mod:`tulu.models.megatron_cpu` are ap
 parameters are fp32; on a GPU they are bf16.
 
 The attention applies RoPE through ``tulu.models.rope`` (installed here): Megatron's unfused
-rotation in four ops each way (the same rotation; a result may differ from Megatron's in its last bit).
+rotation in three ops each way (the same rotation; a result may differ from Megatron's in its last bit).
 
 ``LLAMA_PRESETS`` holds the shapes of the real Llama 3.1 models (no weights): the memory planner
 reads them; ``tiny_llama_config`` makes a test-sized config.

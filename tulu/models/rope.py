@@ -11,7 +11,8 @@ forward and backward, for the arithmetic of two multiplies and an add per elemen
 (where the attention calls it) by :func:`apply_rotary_pos_emb`, which computes the same rotation
 with :class:`_Rotate` (out = t * cos + rotate_half(t) * sin: one full-width multiply and a
 multiply-add per half, and its transpose for the gradient) and takes the cosine and sine of a
-frequency tensor once for all the calls that get that same tensor (every layer's query and key in one forward). Anything else -
+frequency tensor once for all the calls that get that same tensor (every layer's query and key in
+one forward). Anything else -
 packed sequences (``cu_seqlens``), the fused (TE) kernels, interleaved or partial rotary
 dimensions, multi-latent attention, ``mscale`` != 1 - goes to Megatron's own function unchanged.
 The same code runs on CPU and GPU. ``tests/unit/test_models_rope.py`` checks values and

@@ -4,7 +4,7 @@ Started by the scorer as ``python -m tulu.rewards.worker FD MEMORY_LIMIT_MB [PLU
 one end of a socket pair as FD; PLUGINS is a comma-separated list of modules to import first (they
 register custom verifiers); WARM a comma-separated list of the built-in verifiers to warm up, or
 ``*`` (the default) for all of them. Protocol over it (parent -> worker): a list of ``(task_id,
-verifier_name, completion, ground_truth)`` tasks (or one such tuple) or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
+verifier_name, completion, ground_truth)`` tasks or ``None`` to stop. Worker -> parent: ``("ready", pid)`` once warm, then
 ``(task_id, verified, error)`` per task, where ``error`` is None or ``"ExcType: message"``.
 The worker never decides time-outs: the parent kills it when a task overruns.
 """
@@ -69,7 +69,7 @@ def worker_main(conn, memory_limit_mb: int | None, plugins: tuple[str, ...] = ()
             return
         if msg is None:
             return
-        for task_id, name, completion, ground_truth in msg if isinstance(msg, list) else [msg]:
+        for task_id, name, completion, ground_truth in msg:
             try:
                 verified, error = bool(get_verifier(name).verify(completion, ground_truth)), None
             except (Exception, RecursionError, MemoryError) as exc:  # noqa: BLE001 - scored 0, counted

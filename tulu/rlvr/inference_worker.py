@@ -133,7 +133,7 @@ def run(ctx) -> dict:
             ref_s = time.perf_counter() - t0 - gen_s
             if scored is not None:
                 results, score_errors = scored.result()
-            score_s = time.perf_counter() - t0 - gen_s - ref_s
+                score_s = time.perf_counter() - t0 - gen_s - ref_s
         generated += sum(len(o.token_ids) for o in outs)
         versions.append([step, loaded])
         if reports:

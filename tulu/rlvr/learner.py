@@ -2,9 +2,10 @@
 
     per step: request rollouts (control "go" + the weights version, `tulu.rlvr.rollout_schedule`)
               -> weight sync (stage leaders send; at TP 1 from a thread, which the optimizer step
-              waits for: the send overlaps scoring, forward and backward) -> this step's rollouts
-              from the engines, scored by the verifiers (process pools, time-outs) on the engines
-              beside their reference pass, or here (rlvr.score_on, `tulu.rlvr.scoring`) ->
+              waits for: the send overlaps forward and backward; with rollouts a step ahead it
+              starts after they are collected and scored) -> this step's rollouts from the
+              engines, scored by the verifiers (process pools, time-outs) on the engines beside
+              their reference pass, or here (rlvr.score_on, `tulu.rlvr.scoring`) ->
               group-normalised advantages ->
               reference log-probs (forward only) -> clipped policy loss + KL -> optimizer step
               -> metrics -> checkpoint (interval; RL counters and in-flight rollouts inside) ->
@@ -286,8 +287,8 @@ class Learner:
 
     def _sends_in_background(self) -> bool:
         """A stage leader that needs no collective to read its weights (TP 1) sends them from a
-        thread while this step's rollouts are scored and its forward and backward run; the
-        optimizer waits for it (`_await_send`), as the weights must not change mid-send."""
+        thread while its forward and backward run (and, with synchronous rollouts, while they are
+        scored); the optimizer waits for it (`_await_send`), as the weights must not change mid-send."""
         return self.sends_weights and self.ctx.plan.training_tp == 1
 
     def _sender_bridge(self):
