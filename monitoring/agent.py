@@ -40,7 +40,7 @@ from pathlib import Path
 
 from monitoring.config import MonitorConfig
 from monitoring.injob import current_attempt
-from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
+from monitoring.record import STATE_RUNNING, RankRecord, monitor_session, monitor_start, read_all
 from monitoring.stacks import RankStack, collect_stacks, on_node, proc_state, request_flight_recorder_dumps
 from monitoring.storage import _atomic_write
 
@@ -106,7 +106,7 @@ class NodeAgent:
         self.job_id = job_id
         self.host = host or socket.gethostname()
         self.clock = clock
-        self.since = monitor_start()
+        self.since, self.session = monitor_start(), monitor_session()
 
     def my_ranks(self) -> list[RankRecord]:
         """This attempt's running ranks whose records say they run on this node. The attempt
@@ -114,7 +114,7 @@ class NodeAgent:
         of an allocation."""
         if self.job_id:
             self.attempt = current_attempt(self.dir, self.job_id, self.attempt)
-        return [r for r in read_all(self.dir, self.world_size, since=self.since)
+        return [r for r in read_all(self.dir, self.world_size, since=self.since, session=self.session)
                 if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING
                 and on_node(r, self.host, self.node)]
 

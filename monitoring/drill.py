@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0"))
                                              % 20000))
-    tracker = ProgressTracker(args.monitor_dir, rank, world, role="drill", attempt=attempt)
+    tracker = ProgressTracker(args.monitor_dir, rank, world, role="drill", attempt=attempt,
+                              session=os.environ.get("TULU_MONITOR_SESSION", ""))
 
     with tracker.phase("setup"):
         maybe_inject("setup", 0, rank, attempt)

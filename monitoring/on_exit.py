@@ -42,7 +42,7 @@ from monitoring import injob, slurm
 from monitoring.config import MonitorConfig
 from monitoring.detect import Fault
 from monitoring.diagnosis import diagnose, write_report
-from monitoring.record import STATE_FAILED, monitor_start, read_all
+from monitoring.record import STATE_FAILED, monitor_session, monitor_start, read_all
 from monitoring.recovery import (
     EXIT_DO_NOT_REQUEUE, EXIT_REQUEUE_FAILED, RequeueFailed, already_requeued, handle_fault,
     record_decision, report_requeue_failure, requeue, requeue_requested, stop_reason,
@@ -122,7 +122,7 @@ def decide_on_exit(rc: int, monitor_dir: str | os.PathLike, world_size: int,
         log(f"srun exited {rc}; already requeued by {who}")
         return rc
 
-    records = read_all(d, world_size, since=monitor_start())
+    records = read_all(d, world_size, since=monitor_start(), session=monitor_session())
     records = [r if r is not None and r.attempt == attempt else None for r in records]
     failed = tuple(r.rank for r in records if r is not None and r.state == STATE_FAILED)
     why = f"srun exited with status {rc}" + (

@@ -121,7 +121,9 @@ class ProgressTracker:
     plan; default ``TULU_NODE`` or the hostname): recovery excludes culprit nodes by it.
     ``attempt`` is the job's restart count (Slurm's ``SLURM_RESTART_COUNT``): the sidecar of
     attempt N ignores records left by attempt N-1. ``from_env`` reads it from ``TULU_ATTEMPT``,
-    which the monitor's setup lines export for every task.
+    which the monitor's setup lines export for every task. ``session`` (``from_env``:
+    ``TULU_MONITOR_SESSION``, also exported by the setup lines) is stamped into the record, so
+    that the monitor of a later job in the same run folder never takes it for its own.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class ProgressTracker:
         *,
         role: str = "",
         attempt: int = 0,
+        session: str = "",
         host: str | None = None,
         node: str | None = None,
         install_hooks: bool = True,
@@ -164,6 +167,7 @@ class ProgressTracker:
         L.PHASE.pack_into(buf, L.OFF_PHASE, b"", -1, now, now)
         L.DONE.pack_into(buf, L.OFF_DONE, -1, now, 0.0, 0, now)
         L.EXIT.pack_into(buf, L.OFF_EXIT, STATE_RUNNING, 0, 0.0, b"")
+        L.SESSION.pack_into(buf, L.OFF_SESSION, _b(session, L.SESSION.size))
         _write_atomic(path, bytes(buf))  # a reader never sees a half-initialised record
         self._fd = os.open(path, os.O_RDWR)
         self._mm = mmap.mmap(self._fd, RECORD_SIZE)
@@ -187,11 +191,13 @@ class ProgressTracker:
     @classmethod
     def from_env(cls, rank: int, world_size: int, **kwargs) -> "ProgressTracker | None":
         """A tracker configured by the monitor's setup lines (``TULU_MONITOR_DIR``,
-        ``TULU_ATTEMPT``), or None when the job runs without a monitor."""
+        ``TULU_ATTEMPT``, ``TULU_MONITOR_SESSION``), or None when the job runs without a
+        monitor."""
         monitor_dir = os.environ.get("TULU_MONITOR_DIR")
         if not monitor_dir:
             return None
         kwargs.setdefault("attempt", int(os.environ.get("TULU_ATTEMPT", "0") or 0))
+        kwargs.setdefault("session", os.environ.get("TULU_MONITOR_SESSION", ""))
         return cls(monitor_dir, rank, world_size, **kwargs)
 
     # ------------------------------------------------------------------ hot path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "RECORD_SIZE", "STATE_RUNNING", "STATE_EXITED", "STATE_FAILED", "RankRecord",
-    "RecordLayout", "read_record", "read_all", "record_path",
+    "RecordLayout", "monitor_session", "monitor_start", "read_record", "read_all", "record_path",
 ]
 
 MAGIC = b"TPR1"
@@ -53,6 +53,7 @@ class RecordLayout:
     EXIT = struct.Struct("<iid160s")          # state exit_code exit_time error
     SLOT = struct.Struct("<32sdq")            # phase name, longest duration, count
     DETAIL = struct.Struct("<640s")           # JSON: a storage fault's path, errno, bytes
+    SESSION = struct.Struct("<64s")           # the monitor session ($TULU_MONITOR_SESSION)
 
     OFF_SEQ = 0
     OFF_IDENT = OFF_SEQ + SEQ.size
@@ -61,7 +62,8 @@ class RecordLayout:
     OFF_EXIT = OFF_DONE + DONE.size
     OFF_SLOTS = OFF_EXIT + EXIT.size
     OFF_DETAIL = OFF_SLOTS + N_PHASE_SLOTS * SLOT.size
-    END = OFF_DETAIL + DETAIL.size
+    OFF_SESSION = OFF_DETAIL + DETAIL.size
+    END = OFF_SESSION + SESSION.size
 
 
 assert RecordLayout.END <= RECORD_SIZE, RecordLayout.END
@@ -101,6 +103,7 @@ class RankRecord:
     error: str
     phase_stats: dict[str, tuple[float, int]] = field(default_factory=dict)  # name: (max s, n)
     detail: str = ""      # JSON written with a failure: a storage fault's path, errno, bytes
+    session: str = ""     # the batch script's monitor session ("" from a writer without one)
 
     @property
     def state_name(self) -> str:
@@ -127,6 +130,7 @@ def decode(buf: bytes) -> RankRecord | None:
     done_step, done_time, max_gap, n_steps, done_updated = L.DONE.unpack_from(buf, L.OFF_DONE)
     state, exit_code, exit_time, error = L.EXIT.unpack_from(buf, L.OFF_EXIT)
     (detail,) = L.DETAIL.unpack_from(buf, L.OFF_DETAIL)
+    (session,) = L.SESSION.unpack_from(buf, L.OFF_SESSION)
     stats: dict[str, tuple[float, int]] = {}
     for i in range(N_PHASE_SLOTS):
         name, longest, count = L.SLOT.unpack_from(buf, L.OFF_SLOTS + i * L.SLOT.size)
@@ -138,7 +142,7 @@ def decode(buf: bytes) -> RankRecord | None:
         phase_start=phase_start, updated=max(updated, done_updated), done_step=done_step,
         done_time=done_time, max_step_gap=max_gap, n_steps=n_steps, state=state,
         exit_code=exit_code, exit_time=exit_time, error=_s(error), phase_stats=stats,
-        detail=_s(detail),
+        detail=_s(detail), session=_s(session),
     )
 
 
@@ -165,16 +169,32 @@ def read_record(path: str | os.PathLike, retries: int = 50) -> RankRecord | None
         os.close(fd)
 
 
-def read_all(monitor_dir: str | os.PathLike, world_size: int,
-             since: float | None = None) -> list[RankRecord | None]:
-    """Records of ranks 0..world_size-1 (None where a rank has not reported yet). With ``since``
-    (when this job's monitor started, ``$TULU_MONITOR_START``), a record last updated before it
-    is None too: it was left by an earlier job in the same run folder (a resubmission starts at
-    attempt 0 again), and its failure is not this job's. 2 s of slack cover clock skew."""
+def read_all(monitor_dir: str | os.PathLike, world_size: int, since: float | None = None,
+             session: str | None = None) -> list[RankRecord | None]:
+    """Records of ranks 0..world_size-1 (None where a rank has not reported yet), and None for
+    a record an earlier job left in the same run folder (a resubmission starts at attempt 0
+    again, and that job's failure is not this one's):
+
+    - with ``session`` (this batch script's ``$TULU_MONITOR_SESSION``), a record stamped with
+      another session is not this job's, however recent: a resubmission can start within
+      seconds of the last job's final updates;
+    - a record without a stamp (written without the setup lines' environment) is judged by
+      ``since`` (when this job's monitor started, ``$TULU_MONITOR_START``): one last updated
+      before it is not this job's. 2 s of slack cover clock skew."""
     out = [read_record(record_path(monitor_dir, r)) for r in range(world_size)]
-    if since is not None:
-        out = [r if r is not None and r.updated >= since - 2.0 else None for r in out]
-    return out
+    return [r if r is not None and _this_jobs(r, since, session) else None for r in out]
+
+
+def _this_jobs(r: RankRecord, since: float | None, session: str | None) -> bool:
+    if session and r.session:
+        return r.session == session
+    return since is None or r.updated >= since - 2.0
+
+
+def monitor_session() -> str | None:
+    """``$TULU_MONITOR_SESSION``: the batch script's monitor session (its job id, pid and start
+    time), which every rank stamps into its record; None without the setup lines."""
+    return os.environ.get("TULU_MONITOR_SESSION") or None
 
 
 def monitor_start() -> float | None:

@@ -523,6 +523,12 @@ def _restart_in_job(monitor_dir, d: Decision, common: dict, exclude: list[str],
 AGENTS_STEP = "tulu-monitor-agents"   # the agents' srun step: an in-job restart spares it
 
 
+# Stamped into every rank's record (`monitoring.record.read_all`): this batch script's records,
+# never those a job that ended a second ago left in the same run folder. One per allocation:
+# in-job restarts keep it (the attempt tells them apart); a requeue runs the script again.
+SESSION_LINE = "export TULU_MONITOR_SESSION=\"${SLURM_JOB_ID:-local}.$$.$(date +%s%N)\""
+
+
 def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
                 cfg: MonitorConfig | None = None, *, python: str | None = None,
                 train_nodes: int = 0, spare_nodes: int = 0) -> list[str]:
@@ -530,8 +536,9 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
     host, before ``srun``):
 
     1. export ``TULU_MONITOR_DIR`` and ``TULU_ATTEMPT`` (srun passes them to every task, so
-       ``ProgressTracker.from_env`` finds the monitor) and ``TULU_MONITOR_START`` (records older
-       than it were left by an earlier job in the same run folder);
+       ``ProgressTracker.from_env`` finds the monitor), ``TULU_MONITOR_SESSION`` (each rank
+       stamps it into its record) and ``TULU_MONITOR_START`` (unstamped records older than it
+       were left by an earlier job in the same run folder);
     2. start the sidecar in the background, its log in the monitor dir; under Slurm also one
        monitor agent per node (`monitoring.agent`: one ``srun --overlap`` step, its log beside
        the sidecar's), which reads its node's pids and stacks for the sidecar;
@@ -574,6 +581,7 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
             f"export TULU_MONITOR_DIR={d}",
             "export TULU_ATTEMPT=\"${SLURM_RESTART_COUNT:-0}\"",
             "export TULU_MONITOR_START=\"$(date +%s)\"",
+            SESSION_LINE,
             # srun's verdicts accumulate in this log across requeues: mark where an attempt starts
             "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
             f"mkdir -p {d}",
@@ -606,6 +614,7 @@ def setup_lines(monitor_dir: str | os.PathLike, world_size: int,
         "not be set up (above); the job ends\" >&2; exit 1; }",
         "export TULU_ATTEMPT",
         "export TULU_MONITOR_START=\"$(date +%s)\"",
+        SESSION_LINE,
         "echo \"tulu-hpc monitor: attempt $TULU_ATTEMPT of job ${SLURM_JOB_ID:-local} starts\" >&2",
         f"_tulu_start_sidecar() {{ {sidecar} TULU_SIDECAR_PID=$!; }}",
         "_tulu_start_sidecar",

@@ -37,7 +37,7 @@ from monitoring.config import MonitorConfig
 from monitoring.detect import Detector, Fault
 from monitoring.agent import agent_liveness, rank_alive
 from monitoring.diagnosis import diagnose, write_report
-from monitoring.record import STATE_RUNNING, RankRecord, monitor_start, read_all
+from monitoring.record import STATE_RUNNING, RankRecord, monitor_session, monitor_start, read_all
 from monitoring.recovery import AGENTS_STEP, handle_fault, settle_pending_requeues
 from monitoring.stacks import on_node
 from monitoring import slurm, storage
@@ -90,6 +90,7 @@ class Sidecar:
         self.node = node or None
         self.clock = clock
         self.since = monitor_start()   # records older than this job's start are not its own
+        self.session = monitor_session()   # nor are records another session stamped
         self.detector = Detector(cfg, world_size, attempt, start_time=clock())
         self.detector.observed.update(self._load_learned())
         self._saved_learned: dict = dict(self.detector.observed)
@@ -123,7 +124,7 @@ class Sidecar:
                 failure=(storage.files_for(self.dir).failures or [{}])[-1])
 
     def snapshot(self) -> tuple[list[RankRecord | None], dict[int, bool | None]]:
-        records = read_all(self.dir, self.world_size, since=self.since)
+        records = read_all(self.dir, self.world_size, since=self.since, session=self.session)
         running = [r for r in records
                    if r is not None and r.attempt == self.attempt and r.state == STATE_RUNNING]
         alive = {r.rank: pid_alive(r, self.host, self.node) for r in running}

@@ -37,6 +37,17 @@ def runner(slurm_cluster, tmp_path):
     return Runner(tmp_path)
 
 
+def _why(runner: Runner, job: str, st: dict, monitor_dir: Path) -> str:
+    """Everything that says why a job ended as it did: its status, the monitor's logs and
+    decisions, and the tail of every rank's log."""
+    parts = [runner.tulu("status", job, check=False).stdout]
+    for p in sorted(monitor_dir.glob(f"*_{job}_*.log")) + [monitor_dir / "decisions.jsonl"]:
+        if p.exists():
+            parts.append(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}")
+    parts.append(runner.logs(job)[-4000:])
+    return "\n".join(parts)
+
+
 def _committed(ck_dir: Path) -> dict[int, list[str]]:
     from tulu.checkpoint import CheckpointManager
 
@@ -103,7 +114,7 @@ def test_a_run_folder_that_fills_during_a_save_is_reported_as_enospc_not_requeue
     # A resubmit (no fault) resumes from the last committed step and finishes.
     job2 = runner.submit("tiny-cpu-sft.yaml", *sets)
     st2 = runner.wait_done(job2, timeout=240)
-    assert st2["state"] == "COMPLETED", (st2, runner.logs(job2)[-4000:])
+    assert st2["state"] == "COMPLETED", _why(runner, job2, st2, run_dir / "monitor")
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{INTERVAL}'} at step {INTERVAL}" in runner.logs(job2, "--rank", "0")
     committed = _committed(run_dir / "checkpoints")
     assert max(committed) == STEPS and all(v == [] for v in committed.values()), committed

@@ -124,6 +124,8 @@ def test_from_env_uses_the_setup_lines_variables(tmp_path, monkeypatch):
     assert ProgressTracker.from_env(0, 1) is None
     monkeypatch.setenv("TULU_MONITOR_DIR", str(tmp_path))
     monkeypatch.setenv("TULU_ATTEMPT", "2")
+    monkeypatch.setenv("TULU_MONITOR_SESSION", "77.4242.1796600000123456789")
     t = ProgressTracker.from_env(0, 1, install_hooks=False, flight_recorder=False)
-    assert read_record(record_path(tmp_path, 0)).attempt == 2
+    rec = read_record(record_path(tmp_path, 0))
+    assert rec.attempt == 2 and rec.session == "77.4242.1796600000123456789"
     t.close()

@@ -242,6 +242,29 @@ def test_setup_lines_exit_with_do_not_requeue_code_once_the_chain_is_stopped(tmp
     assert fake.actions() == []
 
 
+def test_setup_lines_give_each_batch_script_its_own_session_so_a_fresh_record_of_the_job_before_is_ignored(
+        tmp_path, fake):
+    # Job 76 hit a full disk in this run folder a moment ago (its rank record says FAILED with
+    # ENOSPC, updated now, within the clock rule's slack); job 77 resumes there and finishes:
+    # its sidecar must not take 76's storage fault for its own and stop the chain (exit 79).
+    script, mon = _script(tmp_path, 'echo "$TULU_MONITOR_SESSION" > "$TULU_MONITOR_DIR/session"\n'
+                                    "sleep 2  # srun: the ranks train and exit 0")
+    subprocess.run([sys.executable, "-c", (
+        "import errno, sys; from monitoring.progress import ProgressTracker, storage_detail\n"
+        "t = ProgressTracker(sys.argv[1], 0, 1, install_hooks=False, flight_recorder=False, "
+        "session='76.1234.1796600000000000000')\n"
+        "e = OSError(errno.ENOSPC, 'No space left on device', sys.argv[1] + '/step_20.tmp')\n"
+        "t.exit(1, error=f'StorageFullError: {e}', detail=storage_detail(e)); t.close()"), str(mon)],
+        check=True, cwd=ROOT, timeout=60)
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="0")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.stderr, (mon / "monitor_77_0.log").read_text())
+    session = (mon / "session").read_text().strip()
+    assert session.startswith("77.") and session != "76.1234.1796600000000000000"
+    assert [e["action"] for e in read_decisions(mon)] == ["none"] and fake.actions() == []
+
+
 def test_setup_lines_quote_every_path_and_use_this_python():
     lines = setup_lines("/x/it's here", 8, CFG, python="/opt/py 3/bin/python")
     text = "\n".join(lines)

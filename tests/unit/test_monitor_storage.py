@@ -236,6 +236,28 @@ def test_records_left_by_an_earlier_job_in_the_same_run_folder_are_not_this_jobs
     assert side.check_once() == [] and read_all(mon, 1, since=_time.time() + 10) == [None]
 
 
+def test_a_failed_record_of_the_job_before_is_not_this_jobs_even_when_it_is_a_second_old(
+        tmp_path, monkeypatch):
+    # A resubmission can start within the clock rule's slack of the last job's final record
+    # updates (CI: a stale ENOSPC record made the resumed job's sidecar stop it, exit 79): the
+    # session stamp tells the two apart, whatever the clocks say.
+    import time as _time
+
+    mon = tmp_path / "mon"
+    t = ProgressTracker(mon, 0, 1, install_hooks=False, flight_recorder=False, session="206.11.1")
+    t.exit(1, error="StorageFullError: [Errno 28] ...")
+    t.close()
+    now = _time.time()
+    assert read_all(mon, 1, since=now)[0] is not None               # the clock alone: this job's
+    assert read_all(mon, 1, since=now, session="207.12.2") == [None]
+    assert read_all(mon, 1, since=now + 60, session="206.11.1")[0].session == "206.11.1"
+    monkeypatch.setenv("TULU_MONITOR_START", str(int(now)))
+    monkeypatch.setenv("TULU_MONITOR_SESSION", "207.12.2")
+    assert Sidecar(mon, 1, MonitorConfig(), job_id="207").check_once() == []
+    monkeypatch.setenv("TULU_MONITOR_SESSION", "206.11.1")     # its own job does see the crash
+    assert [f.kind for f in Sidecar(mon, 1, MonitorConfig(), job_id="206").check_once()] == ["crash"]
+
+
 def test_the_exit_trap_removes_zero_byte_temp_files_a_full_disk_left_in_the_log_folder(tmp_path):
     from monitoring.on_exit import _remove_empty_temp_files
 

@@ -123,8 +123,10 @@ def _progress_tracker(ctx: JobContext):
         return None
     try:
         from monitoring.progress import ProgressTracker
+        from monitoring.record import monitor_session
     except ImportError:
         return None
     # Slurm's node name, not the host name: the recovery policy excludes nodes by that name.
     return ProgressTracker(str(ctx.monitor_dir), ctx.env.global_rank, ctx.env.world_size, role=ctx.role.role,
-                           attempt=ctx.env.restart_count, node=ctx.env.hostname)
+                           attempt=ctx.env.restart_count, node=ctx.env.hostname,
+                           session=monitor_session() or "")
