@@ -219,7 +219,7 @@ class RewardScorer:
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while not all(w.ready for w in self._workers):
-            self._poll(max(0.0, deadline - time.monotonic()), {}, lambda *a: None, None)
+            self._poll(max(0.0, deadline - time.monotonic()), lambda *a: None, None)
             if time.monotonic() > deadline:
                 raise RewardScorerError(
                     f"reward workers did not start within {self.startup_timeout_s:.0f} s"
@@ -323,7 +323,7 @@ class RewardScorer:
                     continue
                 if started:
                     w.deadline = time.monotonic() + self.timeout_s
-            self._poll(self._next_wait(), results, done, queue)
+            self._poll(self._next_wait(), done, queue)
         return results  # type: ignore[return-value]
 
     def _lost(self, w: _Worker, why: str, done, queue: deque | None) -> None:
@@ -377,7 +377,7 @@ class RewardScorer:
             except (EOFError, OSError):
                 return  # closed: the next wait reports it
 
-    def _poll(self, wait_s: float, results, done, queue: deque | None = None) -> None:
+    def _poll(self, wait_s: float, done, queue: deque | None = None) -> None:
         by_conn = {w.conn: w for w in self._workers}
         for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
             self._read(by_conn[conn], done, queue)
