@@ -10,6 +10,8 @@ Fields: ``kind`` (below), ``rank`` (default: every rank), ``step`` (default 0),
 ``point`` (the named place in the loop; default: any point, except the hang_* kinds which
 default to their phase), ``restart`` (``0`` by default: fire only on the first attempt, so
 the requeued job runs clean; ``any``, or a number), ``seconds`` (straggler delay, default 1).
+Point ``start`` (step 0) is a task before its rendezvous, where its peers wait for it; a fault
+fires there only when it names it (``point=start``).
 
 Kinds:
 - ``sigstop``: the rank stops itself (a hang; faulthandler cannot dump a stopped process);
@@ -52,6 +54,9 @@ ENV = "TULU_FAULT"
 KINDS = ("sigstop", "skip_collective", "sigkill", "exception", "straggler",
          "hang_weight_sync", "hang_checkpoint", "gil_hang", "enospc", "eio")
 _DEFAULT_POINT = {"hang_weight_sync": "weight_sync", "hang_checkpoint": "checkpoint"}
+# Points a fault fires at only when it names them: "start" (a task, before its rendezvous)
+# comes before step 0 of the loop, where a fault without a point has always fired.
+_NAMED_ONLY = ("start",)
 
 
 class InjectedFault(RuntimeError):
@@ -71,6 +76,8 @@ class FaultSpec:
         if self.rank is not None and rank != self.rank:
             return False
         if self.point is not None and point != self.point:
+            return False
+        if self.point is None and point in _NAMED_ONLY:
             return False
         if self.restart != "any" and int(self.restart) != restart:
             return False

@@ -36,6 +36,9 @@ class JobTask:
         from tulu.launch.stop import StopRequest
 
         stop = StopRequest().install()
+        from tulu.launch import local_peers
+
+        local_peers.start()   # a local task whose peer failed stops (srun --kill-on-bad-exit's job)
 
         cfg = config_from_dict(self.cfg_dict)
         env = task_env.current()
@@ -49,6 +52,7 @@ class JobTask:
         malloc = _tune_host_memory()
         ctx = JobContext(cfg, plan, role, env, stop, Path(self.run_dir))
         ctx.progress = _progress_tracker(ctx)
+        ctx.fault_point("start", 0)   # before the rendezvous: the peers wait there for this rank
         ctx.log(f"job {env.job_id} attempt {env.restart_count} on node {env.node} ({env.hostname}), "
                 f"mode {cfg.mode}, role {role.role} rank {role.role_rank}/{role.role_world_size} "
                 f"tp {role.tp_rank} pp {role.pp_rank} dp {role.dp_rank} bridge {role.bridge_rank}, "
