@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 MODES = {
     "rehearse": "tulu.modes.rehearse",
@@ -36,6 +37,7 @@ class JobTask:
         from tulu.launch.stop import StopRequest
 
         stop = StopRequest().install()
+        _drop_stale_result_temp()
         from tulu.launch import local_peers
 
         local_peers.start()   # a local task whose peer failed stops (srun --kill-on-bad-exit's job)
@@ -73,6 +75,28 @@ class JobTask:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _drop_stale_result_temp() -> Path | None:
+    """Delete this task's ``<job>_<task>_result.pkl.save_tmp`` left by an earlier attempt; the path
+    if there was one. A task SIGKILLed while submitit saved its result (a requeue's kill landing
+    in the error dump of a rank whose peer had just died) leaves it, and submitit refuses to save
+    over it: every later attempt of that task then failed at its very end ("A temporary saved
+    file already exists") and burned the restart budget (seen in the suite's five-fault run).
+    Only this task writes its result, so a temp file there at its start is stale."""
+    try:
+        import submitit
+
+        result = submitit.JobEnvironment().paths.result_pickle
+    except Exception:  # noqa: BLE001 - not in a submitit task
+        return None
+    stale = result.with_suffix(result.suffix + ".save_tmp")
+    try:
+        stale.unlink()
+    except OSError:
+        return None
+    print(f"removed {stale}, a result an earlier attempt of this task did not finish saving", flush=True)
+    return stale
 
 
 def _exit_without_teardown() -> None:
