@@ -75,17 +75,23 @@ def _read_json(path: Path) -> dict | None:
 
 def rank_alive(r: RankRecord) -> bool:
     """Whether rank r's process runs in this process table (not a zombie, not a reused pid)."""
+    return pid_running(r.pid, r.proc_start)
+
+
+def pid_running(pid: int, started: float = 0.0) -> bool:
+    """Whether process ``pid`` runs in this process table: not a zombie, and (with ``started``,
+    its start time) not a reused pid."""
     try:
         import psutil
 
-        p = psutil.Process(r.pid)
+        p = psutil.Process(pid)
         if p.status() == psutil.STATUS_ZOMBIE:
             return False
-        if r.proc_start and abs(p.create_time() - r.proc_start) > 1.0:
+        if started and abs(p.create_time() - started) > 1.0:
             return False   # the pid now belongs to another process
         return True
     except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied on a dying process
-        return os.path.exists(f"/proc/{r.pid}")
+        return os.path.exists(f"/proc/{pid}")
 
 
 def log(msg: str, **fields) -> None:

@@ -25,6 +25,7 @@ from datetime import timedelta
 
 from monitoring.faults import maybe_inject
 from monitoring.progress import ProgressTracker
+from monitoring.record import monitor_session
 
 
 def _seconds(spec: str, i: int) -> float:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0"))
                                              % 20000))
     tracker = ProgressTracker(args.monitor_dir, rank, world, role="drill", attempt=attempt,
-                              session=os.environ.get("TULU_MONITOR_SESSION", ""))
+                              session=monitor_session() or "")
 
     with tracker.phase("setup"):
         maybe_inject("setup", 0, rank, attempt)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from monitoring.record import (
     MAGIC, N_PHASE_SLOTS, NAME_LEN, RECORD_SIZE, STATE_EXITED, STATE_FAILED, STATE_RUNNING,
-    RecordLayout as L, record_path,
+    RecordLayout as L, monitor_session, record_path,
 )
 
 __all__ = ["ProgressTracker", "STACK_DUMP_SIGNAL", "stack_file", "meta_path"]
@@ -197,7 +197,7 @@ class ProgressTracker:
         if not monitor_dir:
             return None
         kwargs.setdefault("attempt", int(os.environ.get("TULU_ATTEMPT", "0") or 0))
-        kwargs.setdefault("session", os.environ.get("TULU_MONITOR_SESSION", ""))
+        kwargs.setdefault("session", monitor_session() or "")
         return cls(monitor_dir, rank, world_size, **kwargs)
 
     # ------------------------------------------------------------------ hot path

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from monitoring.agent import pid_running
+
 __all__ = ["failed_peer", "watch", "start"]
 
 EXIT_PEER_FAILED = 1
@@ -46,20 +48,6 @@ def _result(folder: Path, job_id: str, rank: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie (the controller reaps its tasks, but not at once)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
 def failed_peer(folder: Path, job_id: str, rank: int, ntasks: int, gone_since: dict[int, float],
                 grace_s: float = 3.0, now: float | None = None) -> tuple[int, str] | None:
     """(peer, why) for the first peer of ``rank`` that failed, or None. ``gone_since`` carries, from
@@ -77,7 +65,7 @@ def failed_peer(folder: Path, job_id: str, rank: int, ntasks: int, gone_since: d
             pid = int(_pid_file(folder, peer).read_text())
         except (OSError, ValueError):
             continue                      # not started yet
-        if _alive(pid):
+        if pid_running(pid):           # a zombie is gone: the controller reaps its tasks, not at once
             gone_since.pop(peer, None)
             continue
         first = gone_since.setdefault(peer, now)
@@ -87,9 +75,9 @@ def failed_peer(folder: Path, job_id: str, rank: int, ntasks: int, gone_since: d
 
 
 def watch(folder: Path, job_id: str, rank: int, ntasks: int, *, poll_s: float = 0.5,
-          grace_s: float = 3.0, stop: threading.Event | None = None, exit=os._exit) -> None:
+          grace_s: float = 3.0, exit=os._exit) -> None:
     gone: dict[int, float] = {}
-    while stop is None or not stop.is_set():
+    while True:
         found = failed_peer(folder, job_id, rank, ntasks, gone, grace_s)
         if found is not None:
             peer, why = found

@@ -10,7 +10,7 @@ its writer thread: events queue up (up to :data:`TB_QUEUE`) and reach the file e
 step wait for the thread to write its ~40 events: ~1 ms of each 65 ms RL step on 2 cores.) A
 record is one event holding all its scalars, the tags and steps ``add_scalar`` would give: one
 event per scalar cost ~1.3 ms per 33-key RL record (a queue hand-off and a file record each,
-under the GIL the training's Python needs), one event ~0.1 ms.
+under the GIL the training's Python needs), one event ~0.2 ms.
 """
 
 from __future__ import annotations
