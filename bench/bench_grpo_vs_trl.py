@@ -249,11 +249,17 @@ def sft_start_model(w: Path, a) -> tuple[Path, float | None]:
     return out, s
 
 
-def accuracy(model_dir: Path, heldout: Path, a) -> dict:
+def accuracy(model_dir: Path, heldout: Path, a, samples: Path | None = None) -> dict:
+    """Greedy held-out accuracy; with ``samples``, also each prompt's verdict (``verdicts``: prompt ->
+    0/1), so that two models can be compared prompt by prompt."""
     from tulu.rlvr.evaluate import evaluate
 
-    r = evaluate(model_dir, heldout, limit=a.eval_size, engine="transformers", max_new_tokens=a.eval_max_new_tokens)
+    r = evaluate(model_dir, heldout, limit=a.eval_size, engine="transformers", max_new_tokens=a.eval_max_new_tokens,
+                 samples_out=samples)
     out = {"accuracy": r["accuracy"], "n": r["n"], "example": r["example"]}
+    if samples is not None:
+        rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+        out["verdicts"] = {x["prompt"]: int(x["verified"]) for x in rows}
     if a.task == "embedded":
         out["per_task"] = r["per_task"]
     return out
@@ -273,10 +279,10 @@ def fresh(*paths: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def run_ours(w: Path, start: Path, train: Path, a) -> dict:
+def run_ours(w: Path, start: Path, train: Path, a, seed: int) -> dict:
     fresh(w / "ours", w / "ours-hf")
     rollouts = a.prompts_per_step * a.num_generations
-    rl = [f"run.dir={w}/ours", f"run.seed={a.seed}", f"data.shuffle_seed={a.seed}", f"data.train={train}",
+    rl = [f"run.dir={w}/ours", f"run.seed={seed}", f"data.shuffle_seed={seed}", f"data.train={train}",
           "data.synthetic=null", "model.tiny=null", f"model.name_or_path={start}",
           f"rlvr.steps={a.steps}", f"rlvr.prompts_per_step={a.prompts_per_step}",
           f"rlvr.samples_per_prompt={a.num_generations}", f"rlvr.response_length={a.max_new_tokens}",
@@ -304,7 +310,7 @@ def rlvr_default(name: str):
     return getattr(RLVRConfig(), name)
 
 
-def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:
+def run_trl(w: Path, start: Path, train: Path, py: Path, a, seed: int) -> dict:
     out, result = w / "trl-final", w / "trl-result.json"
     fresh(out, out.with_name(out.name + "-trainer"))
     result.unlink(missing_ok=True)
@@ -312,7 +318,7 @@ def run_trl(w: Path, start: Path, train: Path, py: Path, a) -> dict:
            "--out", str(out), "--result", str(result), "--steps", str(a.steps),
            "--prompts-per-step", str(a.prompts_per_step), "--num-generations", str(a.num_generations),
            "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
-           "--beta", str(a.kl_beta), "--epsilon", str(a.epsilon), "--loss-type", "dapo", "--seed", str(a.seed),
+           "--beta", str(a.kl_beta), "--epsilon", str(a.epsilon), "--loss-type", "dapo", "--seed", str(seed),
            "--threads", str(a.trl_threads)]
     if a.task == "embedded":  # each row's dataset -> our verifiers, by our RewardScorer as our RLVR builds it
         cmd += ["--verifiers", "tulu", "--tulu-python", sys.executable, "--tulu-root", str(REPO),
@@ -354,6 +360,18 @@ def side_figures(name: str, side: dict, before: dict, after: dict, a) -> list[di
          "n": after["n"], "train_verified_first_10pct": mean(rew[:k]), "train_verified_last_10pct": mean(rew[-k:]),
          "example_after": after["example"], **acc_extra},
     ]
+
+
+def gain_comparison(ours: list[dict[str, int]], trl: list[dict[str, int]]) -> dict:
+    """Ours minus TRL in held-out accuracy after RL, paired prompt by prompt over all repeats (both
+    sides start from one model, so this is also the difference of their gains); SE = sd of the
+    per-prompt difference / sqrt(n). Repeats of one seed repeat the same verdicts, so the SE only
+    means something across seeds (--seed-per-repeat)."""
+    diffs = [o[p] - t[p] for o, t in zip(ours, trl) for p in o.keys() & t.keys()]
+    if len(diffs) < 2:
+        return {}
+    return {"gain_paired_n": len(diffs), "gain_ours_minus_trl_mean": round(statistics.fmean(diffs), 4),
+            "gain_ours_minus_trl_se": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 4)}
 
 
 def tree_state() -> dict:
@@ -408,6 +426,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="run the sides this many times, alternating their "
                     "order (ours, trl, trl, ours, ...); the ratio line then also gives the median of the per-repeat "
                     "ratios, which a VM whose speed drifts over minutes moves less than a single pair")
+    ap.add_argument("--seed-per-repeat", action="store_true",
+                    help="repeat r trains both sides with RL seed --seed + r (sampling and prompt order; the "
+                         "prompts and the start model stay those of --seed), so the held-out gains are a sample "
+                         "over seeds, compared prompt by prompt, instead of one seeded number repeated")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     a = ap.parse_args()
     a.steps = a.steps or (3 if a.quick else 400)
@@ -481,21 +503,26 @@ def main() -> None:
           "train_prompts": a.train_size, "eval_prompts": n_held, "eval_max_new_tokens": a.eval_max_new_tokens,
           **task_info, "ours_task_set": a.task_sets,
           "engine_ours": a.engine, "executor": "slurm" if a.slurm else "local", "ours_set": a.ours_set,
-          "seed": a.seed, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
+          "seed": a.seed, "seed_per_repeat": a.seed_per_repeat, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
           "sft_s": round(sft_s, 1) if sft_s else None,
           "trl_threads": a.trl_threads if "trl" in sides else None, "versions_ours": ours_versions})
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
           "example": before["example"], **({"per_task": before["per_task"]} if "per_task" in before else {})})
 
     rounds: list[dict[str, list[dict]]] = []
+    verdicts: dict[str, list[dict[str, int]]] = {name: [] for name in sides}
     for r in range(a.repeats):
         figs: dict[str, list[dict]] = {}
+        rl_seed = a.seed + r if a.seed_per_repeat else a.seed
         for name in (sides if r % 2 == 0 else sides[::-1]):
             load0 = os.getloadavg()
-            side = run_ours(w, start, train, a) if name == "ours" else run_trl(w, start, train, trl_py, a)
+            side = run_ours(w, start, train, a, rl_seed) if name == "ours" else \
+                run_trl(w, start, train, trl_py, a, rl_seed)
             load1 = os.getloadavg()
-            after = accuracy(side["model"], heldout, a)
+            after = accuracy(side["model"], heldout, a, samples=w / f"heldout-{name}.jsonl")
+            verdicts[name].append(after.pop("verdicts"))
             figs[name] = side_figures(name, side, before, after, a)
+            figs[name][1]["rl_seed"] = rl_seed
             figs[name][0]["load_avg_1_5_15_before"] = [round(x, 2) for x in load0]
             figs[name][0]["load_avg_1_5_15_after"] = [round(x, 2) for x in load1]
             if name == "trl":
@@ -530,7 +557,10 @@ def main() -> None:
                         "samples_per_s_steady_median": statistics.median(per),
                         "samples_per_s_end_to_end_median": statistics.median(per_e2e),
                         "gain_ours_minus_trl_per_repeat": [round(f["ours"][1]["gain"] - f["trl"][1]["gain"], 4)
-                                                           for f in rounds]})
+                                                           for f in rounds],
+                        "gain_ours_mean": round(statistics.fmean(f["ours"][1]["gain"] for f in rounds), 4),
+                        "gain_trl_mean": round(statistics.fmean(f["trl"][1]["gain"] for f in rounds), 4),
+                        **gain_comparison(verdicts["ours"], verdicts["trl"])})
         emit(out)
     if not a.no_save:
         kind = ("embedded-" if a.task == "embedded" else "") + ("cpu-quick" if a.quick else "cpu")

@@ -86,3 +86,18 @@ def test_trl_side_scores_each_row_by_its_dataset_with_tulus_verifiers():
     finally:
         stats = reward.close()
     assert stats["rows"] == 6 and stats["verified"] == 3 and stats["errors"] == 0
+
+
+def test_gain_comparison_pairs_prompts_over_repeats(bench):
+    # two seeds, three prompts each: ours right where TRL is wrong on 2 of 6 pairs, wrong where it is
+    # right on 1 -> mean +1/6; the SE is the per-prompt difference's sd / sqrt(6)
+    ours = [{"a": 1, "b": 1, "c": 0}, {"a": 1, "b": 0, "c": 0}]
+    trl = [{"a": 1, "b": 0, "c": 1}, {"a": 0, "b": 0, "c": 0}]
+    out = bench.gain_comparison(ours, trl)
+    diffs = [0, 1, -1, 1, 0, 0]
+    mean = sum(diffs) / 6
+    sd = (sum((d - mean) ** 2 for d in diffs) / 5) ** 0.5
+    assert out == {"gain_paired_n": 6, "gain_ours_minus_trl_mean": round(mean, 4),
+                   "gain_ours_minus_trl_se": round(sd / 6 ** 0.5, 4)}
+    # a prompt one side never saw is not paired; one pair is no sample
+    assert bench.gain_comparison([{"a": 1, "z": 1}], [{"a": 0}]) == {}
