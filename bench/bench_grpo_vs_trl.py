@@ -365,7 +365,9 @@ def side_figures(name: str, side: dict, before: dict, after: dict, a) -> list[di
 def gain_comparison(ours: list[dict[str, int]], trl: list[dict[str, int]]) -> dict:
     """Ours minus TRL in held-out accuracy after RL, paired prompt by prompt over all repeats (both
     sides start from one model, so this is also the difference of their gains); SE = sd of the
-    per-prompt difference / sqrt(n). Repeats of one seed repeat the same verdicts, so the SE only
+    per-prompt difference / sqrt(n). Prompts are keyed by their text: one the held-out file holds
+    twice (the arithmetic file has 247 distinct prompts in 256) is counted once, as greedy decoding
+    gives both copies one verdict. Repeats of one seed repeat the same verdicts, so the SE only
     means something across seeds (--seed-per-repeat)."""
     diffs = [o[p] - t[p] for o, t in zip(ours, trl) for p in o.keys() & t.keys()]
     if len(diffs) < 2:
