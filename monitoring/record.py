@@ -27,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "RECORD_SIZE", "STATE_RUNNING", "STATE_EXITED", "STATE_FAILED", "RankRecord",
     "RecordLayout", "monitor_session", "monitor_start", "read_record", "read_all", "record_path",
+    "session_stamp",
 ]
 
 MAGIC = b"TPR1"
@@ -185,9 +186,15 @@ def read_all(monitor_dir: str | os.PathLike, world_size: int, since: float | Non
     return [r if r is not None and _this_jobs(r, since, session) else None for r in out]
 
 
+def session_stamp(session: str) -> str:
+    """``session`` as a record holds it: its first 64 bytes (UTF-8). A reader compares with this,
+    so a session string longer than the field still recognises its own records."""
+    return _s(session.encode("utf-8", "replace")[:RecordLayout.SESSION.size])
+
+
 def _this_jobs(r: RankRecord, since: float | None, session: str | None) -> bool:
     if session and r.session:
-        return r.session == session
+        return r.session == session_stamp(session)
     return since is None or r.updated >= since - 2.0
 
 

@@ -269,3 +269,18 @@ def test_the_exit_trap_removes_zero_byte_temp_files_a_full_disk_left_in_the_log_
     cfg = MonitorConfig(log_globs=[str(tmp_path / "logs" / "{job_id}" / "*_log.*")])
     assert _remove_empty_temp_files(cfg, "77") == [str(logs / "77_0_result.pkl.save_tmp")]
     assert sorted(p.name for p in logs.iterdir()) == ["77_0_log.err", "77_1_result.pkl.save_tmp"]
+
+
+def test_a_session_longer_than_the_record_field_still_recognises_its_own_records(tmp_path):
+    # the field holds 64 bytes: a longer session (a site's job ids, a longer clock) is stored cut,
+    # and the reader compares with the same cut, so its own ranks are not taken for a stranger's
+    from monitoring.record import session_stamp
+
+    mon = tmp_path / "mon"
+    long_session = "9" * 50 + ".4242." + "1796600000123456789"
+    t = ProgressTracker(mon, 0, 1, install_hooks=False, flight_recorder=False, session=long_session)
+    t.close()
+    rec = read_all(mon, 1, since=0.0, session=long_session)[0]
+    assert rec is not None and rec.session == session_stamp(long_session) != long_session
+    assert len(rec.session.encode()) == 64
+    assert read_all(mon, 1, since=0.0, session="207.12.2") == [None]
