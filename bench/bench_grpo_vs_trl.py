@@ -432,6 +432,9 @@ def main() -> None:
                     help="repeat r trains both sides with RL seed --seed + r (sampling and prompt order; the "
                          "prompts and the start model stay those of --seed), so the held-out gains are a sample "
                          "over seeds, compared prompt by prompt, instead of one seeded number repeated")
+    ap.add_argument("--rl-seed", type=int, default=None,
+                    help="the RL seed of the first repeat (default --seed): more seeds over the same prompts "
+                         "and start model, e.g. --rl-seed 1237 --seed-per-repeat after a run of --seed 1234")
     ap.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results/")
     a = ap.parse_args()
     a.steps = a.steps or (3 if a.quick else 400)
@@ -505,7 +508,7 @@ def main() -> None:
           "train_prompts": a.train_size, "eval_prompts": n_held, "eval_max_new_tokens": a.eval_max_new_tokens,
           **task_info, "ours_task_set": a.task_sets,
           "engine_ours": a.engine, "executor": "slurm" if a.slurm else "local", "ours_set": a.ours_set,
-          "seed": a.seed, "seed_per_repeat": a.seed_per_repeat, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
+          "seed": a.seed, "rl_seed": a.seed if a.rl_seed is None else a.rl_seed, "seed_per_repeat": a.seed_per_repeat, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
           "sft_s": round(sft_s, 1) if sft_s else None,
           "trl_threads": a.trl_threads if "trl" in sides else None, "versions_ours": ours_versions})
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
@@ -515,7 +518,7 @@ def main() -> None:
     verdicts: dict[str, list[dict[str, int]]] = {name: [] for name in sides}
     for r in range(a.repeats):
         figs: dict[str, list[dict]] = {}
-        rl_seed = a.seed + r if a.seed_per_repeat else a.seed
+        rl_seed = (a.seed if a.rl_seed is None else a.rl_seed) + (r if a.seed_per_repeat else 0)
         for name in (sides if r % 2 == 0 else sides[::-1]):
             load0 = os.getloadavg()
             side = run_ours(w, start, train, a, rl_seed) if name == "ours" else \
