@@ -508,7 +508,8 @@ def main() -> None:
           "train_prompts": a.train_size, "eval_prompts": n_held, "eval_max_new_tokens": a.eval_max_new_tokens,
           **task_info, "ours_task_set": a.task_sets,
           "engine_ours": a.engine, "executor": "slurm" if a.slurm else "local", "ours_set": a.ours_set,
-          "seed": a.seed, "rl_seed": a.seed if a.rl_seed is None else a.rl_seed, "seed_per_repeat": a.seed_per_repeat, "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
+          "seed": a.seed, "rl_seed": a.seed if a.rl_seed is None else a.rl_seed, "seed_per_repeat": a.seed_per_repeat,
+          "start_model": str(start), "sft_steps": None if (a.start_model or a.quick) else a.sft_steps,
           "sft_s": round(sft_s, 1) if sft_s else None,
           "trl_threads": a.trl_threads if "trl" in sides else None, "versions_ours": ours_versions})
     emit({"bench": BENCH, "figure": "heldout_accuracy_start", "accuracy": before["accuracy"], "n": before["n"],
@@ -528,6 +529,9 @@ def main() -> None:
             verdicts[name].append(after.pop("verdicts"))
             figs[name] = side_figures(name, side, before, after, a)
             figs[name][1]["rl_seed"] = rl_seed
+            # one 0/1 per distinct held-out prompt, in sorted prompt order: runs over the same prompts
+            # (more seeds later, --rl-seed) can be paired prompt by prompt from the results file
+            figs[name][1]["verified_by_sorted_prompt"] = "".join(str(v) for _, v in sorted(verdicts[name][-1].items()))
             figs[name][0]["load_avg_1_5_15_before"] = [round(x, 2) for x in load0]
             figs[name][0]["load_avg_1_5_15_after"] = [round(x, 2) for x in load1]
             if name == "trl":
