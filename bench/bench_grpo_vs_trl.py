@@ -3,7 +3,7 @@ prompts, same group size, generations per step and RL steps; throughput and held
 
     .venv/bin/python bench/bench_grpo_vs_trl.py [--quick] [--steps 300] [--engine transformers]
         [--ours-set rlvr.async_steps=1 ...] [--start-model HF_DIR] [--slurm] [--repeats N]
-        [--task arithmetic|embedded]
+        [--task arithmetic|embedded] [--seed-per-repeat] [--rl-seed N]
 
 Tasks (``--task``):
   ``arithmetic`` (default): 2-digit addition (`tulu.data.synthetic`, "rlvr"), every row scored by
@@ -75,7 +75,10 @@ Figures (one JSON line each): setup; held-out accuracy of the start model; per s
 (samples = completions per second: ``samples_per_s_steady`` over the steps after the first
 10% from per-step timings, ``samples_per_s_end_to_end`` over the whole RL run's wall clock
 including start-up and the final save, not the export/evaluation) and accuracy (after, gain,
-gain per minute of end-to-end RL wall and of the step loop); the ours/TRL ratios. Lines are
+gain per minute of end-to-end RL wall and of the step loop, the RL seed and each distinct
+held-out prompt's verdict); the ours/TRL ratios, and with ``--repeats`` the per-repeat and median
+ratios, each side's mean gain and ours minus TRL paired prompt by prompt over the repeats with its
+SE (a sample over seeds with ``--seed-per-repeat``). Lines are
 appended to bench/results/grpo_vs_trl-cpu[-quick]-DATE.jsonl (``--task embedded``:
 grpo_vs_trl-embedded-cpu[-quick]-DATE.jsonl); every line has ``task``.
 """
