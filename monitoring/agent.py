@@ -45,7 +45,7 @@ from monitoring.stacks import RankStack, collect_stacks, on_node, proc_state, re
 from monitoring.storage import _atomic_write
 
 __all__ = ["NodeAgent", "heartbeat_path", "request_stacks", "gather_stacks", "agent_liveness",
-           "rank_alive", "main"]
+           "rank_alive", "pid_running", "main"]
 
 AGENTS = "agents"
 
