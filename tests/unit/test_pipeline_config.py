@@ -124,3 +124,51 @@ def test_more_held_out_prompts_than_the_difficulty_has_are_refused_by_key(tmp_pa
         write_data(tmp_path / "data", p.settings)
     assert err.value.key == "pipeline.tasks.heldout_per_task"
     assert "only 63 distinct held-out math prompts" in str(err.value) and "ask for at most 63" in str(err.value)
+
+
+def test_held_out_prompts_per_task_as_a_mapping(tmp_path):
+    import json
+
+    from tulu.pipeline.steps import write_data
+
+    counts = {"gsm8k": 7, "math": 5, "ifeval": 6}
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.sft_per_task=10",
+                             "pipeline.tasks.train_per_task=10",
+                             "pipeline.tasks.heldout_per_task={gsm8k: 7, math: 5, ifeval: 6}"])
+    assert p.settings.tasks.heldout_counts() == counts
+    files = write_data(tmp_path / "data", p.settings)
+    rows = [json.loads(line) for line in files["heldout"].read_text().splitlines()]
+    by_verifier = {"gsm8k": "gsm8k", "math": "MATH", "ifeval": "ifeval"}
+    assert {t: sum(r["dataset"] == v for r in rows) for t, v in by_verifier.items()} == counts
+    card = json.loads((tmp_path / "data" / "card.json").read_text())
+    assert {t: c["heldout"] for t, c in card["tasks"].items()} == counts
+    # the first prompts of a task are those of a smaller count: a larger set extends the same draws
+    one = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.sft_per_task=10",
+                               "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task=5"])
+    small = [json.loads(x) for x in write_data(tmp_path / "small", one.settings)["heldout"].read_text().splitlines()]
+    assert {r["messages"][0]["content"] for r in small} <= {r["messages"][0]["content"] for r in rows}
+
+
+@pytest.mark.parametrize("value, key, says", [
+    ("{gsm8k: 7, math: 5}", "pipeline.tasks.heldout_per_task", "ifeval has none"),
+    ("{gsm8k: 7, math: 5, ifeval: 6, code: 3}", "pipeline.tasks.heldout_per_task.code", "gsm8k, math, ifeval"),
+    ("{gsm8k: 0, math: 5, ifeval: 6}", "pipeline.tasks.heldout_per_task.gsm8k", "an integer >= 1"),
+    ("{gsm8k: many, math: 5, ifeval: 6}", "pipeline.tasks.heldout_per_task", "a mapping of a string to an integer"),
+])
+def test_a_wrong_held_out_mapping_names_the_key_and_what_is_allowed(value, key, says):
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(TINY, [f"pipeline.tasks.heldout_per_task={value}"])
+    assert err.value.key == key and says in str(err.value)
+
+
+def test_more_held_out_prompts_of_one_task_than_exist_are_refused_by_its_key(tmp_path):
+    from tulu.pipeline.steps import write_data
+
+    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.math_max_denominator=5",
+                             "pipeline.tasks.names=[math, gsm8k]", "pipeline.tasks.sft_per_task=10",
+                             "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task={math: 64, gsm8k: 3}"])
+    with pytest.raises(ConfigError) as err:
+        write_data(tmp_path / "data", p.settings)
+    assert err.value.key == "pipeline.tasks.heldout_per_task.math"
+    assert "got 64; only 63 distinct held-out math prompts" in str(err.value)
+    assert not (tmp_path / "data" / "heldout.jsonl").exists()

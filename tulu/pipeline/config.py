@@ -31,7 +31,8 @@ class TasksConfig:
     names: list[str] = field(default_factory=lambda: ["gsm8k", "math", "ifeval"])
     sft_per_task: int = 2000
     train_per_task: int = 1000  # RLVR prompts (DPO pairs are sampled from the same pool)
-    heldout_per_task: int = 100
+    # held-out prompts: one count for every task, or one per task (`{gsm8k: 300, ifeval: 300, math: 114}`)
+    heldout_per_task: int | dict[str, int] = 100
     # task difficulty: GSM8K-style addends 2..N (minuends up to 1.5N), MATH-style denominators 2..N
     gsm8k_max_operand: int = 20
     gsm8k_steps: int = 1  # operations chained in one word problem: 1 or 2
@@ -45,8 +46,18 @@ class TasksConfig:
         require(bool(self.names), "pipeline.tasks.names", self.names, f"a non-empty list of {', '.join(TASKS)}")
         for name in self.names:
             require(name in TASKS, "pipeline.tasks.names", name, ", ".join(TASKS))
-        for key in ("sft_per_task", "train_per_task", "heldout_per_task"):
+        for key in ("sft_per_task", "train_per_task"):
             require(getattr(self, key) >= 1, f"pipeline.tasks.{key}", getattr(self, key), "an integer >= 1")
+        if isinstance(self.heldout_per_task, dict):
+            for name in self.heldout_per_task:
+                require(name in self.names, f"pipeline.tasks.heldout_per_task.{name}", name,
+                        f"a task of pipeline.tasks.names ({', '.join(self.names)})")
+            for name in self.names:
+                require(name in self.heldout_per_task, "pipeline.tasks.heldout_per_task", self.heldout_per_task,
+                        f"a count for every task of pipeline.tasks.names ({name} has none), or one count for all")
+        for name, n in self.heldout_counts().items():
+            key = "pipeline.tasks.heldout_per_task" + (f".{name}" if isinstance(self.heldout_per_task, dict) else "")
+            require(n >= 1, key, n, "an integer >= 1")
         require(gsm8k.MIN_MAX_OPERAND <= self.gsm8k_max_operand <= gsm8k.MAX_MAX_OPERAND,
                 "pipeline.tasks.gsm8k_max_operand", self.gsm8k_max_operand,
                 f"an integer {gsm8k.MIN_MAX_OPERAND}..{gsm8k.MAX_MAX_OPERAND}")
@@ -57,6 +68,11 @@ class TasksConfig:
                 f"an integer {math_fractions.MIN_MAX_DENOMINATOR}..{math_fractions.MAX_MAX_DENOMINATOR}")
         require(0.0 <= self.sft_slip < 1.0, "pipeline.tasks.sft_slip", self.sft_slip,
                 "a probability 0 <= p < 1 (the share of careless SFT answers)")
+
+    def heldout_counts(self) -> dict[str, int]:
+        """Held-out prompts per task."""
+        n = self.heldout_per_task
+        return {name: n[name] for name in self.names} if isinstance(n, dict) else {name: n for name in self.names}
 
     def difficulty(self) -> dict[str, dict[str, int]]:
         """The task generators' keywords (`tulu.data.tasks.problems(difficulty=...)`)."""

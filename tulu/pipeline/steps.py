@@ -31,11 +31,12 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
         return {k: data_dir / f for k, f in names.items()}
     try:
         paths = write_task_data(data_dir, seed=settings.seed, train_per_task=t.train_per_task,
-                                heldout_per_task=t.heldout_per_task, sft_per_task=t.sft_per_task,
+                                heldout_per_task=t.heldout_counts(), sft_per_task=t.sft_per_task,
                                 tasks=list(t.names), difficulty=t.difficulty(), sft_slip=t.sft_slip)
     except HeldOutExhausted as e:
-        raise ConfigError("pipeline.tasks.heldout_per_task",
-                          f"got {t.heldout_per_task}; only {e.found} distinct held-out {e.task} prompts exist at "
+        per_task = isinstance(t.heldout_per_task, dict)
+        raise ConfigError("pipeline.tasks.heldout_per_task" + (f".{e.task}" if per_task else ""),
+                          f"got {e.asked}; only {e.found} distinct held-out {e.task} prompts exist at "
                           f"this difficulty ({t.difficulty().get(e.task, {}) or 'the default'}): ask for at most "
                           f"{e.found}, or make the {e.task} task larger") from e
     info = json.loads(card.read_text()) if card.exists() else {}

@@ -153,13 +153,13 @@ def _readme(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int,
+def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int | Mapping[str, int],
                     sft_per_task: int, tasks: Sequence[str] = TASKS,
                     difficulty: Mapping[str, Mapping[str, int]] | None = None,
                     sft_slip: float = 0.0) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rlvr_train.jsonl`` and ``heldout.jsonl`` (``tasks`` mixed, shuffled
-    by seed) and ``README.md``/``card.json`` describing them, each atomically; ``sft_slip``: see
-    :func:`sft_rows`. Returns the paths by name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
+    by seed) and ``README.md``/``card.json`` describing them, each atomically; ``heldout_per_task``:
+    one count for every task or a count per task; ``sft_slip``: see :func:`sft_rows`. Returns the paths by name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
     tasks = tuple(tasks)
     if not 0.0 <= sft_slip <= 1.0:
         raise ValueError(f"sft_slip must be a probability 0..1, got {sft_slip}")
@@ -167,12 +167,13 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
         _family(task)
     if not tasks:
         raise ValueError(f"no tasks given; choose from {', '.join(TASKS)}")
+    heldout = {t: heldout_per_task[t] if isinstance(heldout_per_task, Mapping) else heldout_per_task for t in tasks}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mixes: dict[str, list[dict[str, Any]]] = {
         "sft": [r for t in tasks for r in sft_rows(t, sft_per_task, seed, difficulty, sft_slip)],
         "rlvr_train": [r for t in tasks for r in task_rows(t, "train", train_per_task, seed, difficulty)],
-        "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout_per_task, seed, difficulty)],
+        "heldout": [r for t in tasks for r in task_rows(t, "heldout", heldout[t], seed, difficulty)],
     }
     paths: dict[str, Path] = {}
     files: dict[str, dict[str, Any]] = {}
@@ -187,7 +188,7 @@ def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, held
         "heldout_per_mille": HELDOUT_PER_MILLE,
         **({"sft_slip": sft_slip} if sft_slip else {}),
         "tasks": {t: {"verifier": VERIFIERS[t], "sft": sft_per_task, "rlvr_train": train_per_task,
-                      "heldout": heldout_per_task, **({"difficulty": dict(difficulty[t])}
+                      "heldout": heldout[t], **({"difficulty": dict(difficulty[t])}
                                                       if (difficulty or {}).get(t) else {})} for t in tasks},
         "files": files,
     }
