@@ -137,6 +137,9 @@ def cmd_pipeline(args) -> int:
 
     pipeline = load_pipeline(args.config, list(args.set or []))
     if args.dry_run:
+        from tulu.pipeline.steps import check_heldout
+
+        check_heldout(pipeline.settings)  # what the data step would refuse
         if args.fresh:
             delete, keep = fresh_entries(pipeline)
         else:

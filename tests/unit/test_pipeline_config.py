@@ -151,14 +151,20 @@ def test_held_out_prompts_per_task_as_a_mapping(tmp_path):
 
 @pytest.mark.parametrize("value, key, says", [
     ("{gsm8k: 7, math: 5}", "pipeline.tasks.heldout_per_task", "ifeval has none"),
-    ("{gsm8k: 7, math: 5, ifeval: 6, code: 3}", "pipeline.tasks.heldout_per_task.code", "gsm8k, math, ifeval"),
+    ("{gsm8k: 7, math: 5, ifeval: 6, gsm8: 3}", "pipeline.tasks.heldout_per_task.gsm8", "gsm8k, math, ifeval"),
     ("{gsm8k: 0, math: 5, ifeval: 6}", "pipeline.tasks.heldout_per_task.gsm8k", "an integer >= 1"),
     ("{gsm8k: many, math: 5, ifeval: 6}", "pipeline.tasks.heldout_per_task", "a mapping of a string to an integer"),
 ])
 def test_a_wrong_held_out_mapping_names_the_key_and_what_is_allowed(value, key, says):
+    # from a config whose count is one number (a --set mapping merges into a mapping already there)
     with pytest.raises(ConfigError) as err:
-        load_pipeline(TINY, [f"pipeline.tasks.heldout_per_task={value}"])
+        load_pipeline(TINY, ["pipeline.tasks.heldout_per_task=100", f"pipeline.tasks.heldout_per_task={value}"])
     assert err.value.key == key and says in str(err.value)
+
+
+def test_fewer_task_names_keep_the_default_held_out_mapping_valid():
+    p = load_pipeline(TINY, ["pipeline.tasks.names=[gsm8k]"])
+    assert p.settings.tasks.heldout_counts() == {"gsm8k": 300}
 
 
 def test_more_held_out_prompts_of_one_task_than_exist_are_refused_by_its_key(tmp_path):

@@ -49,9 +49,8 @@ class TasksConfig:
         for key in ("sft_per_task", "train_per_task"):
             require(getattr(self, key) >= 1, f"pipeline.tasks.{key}", getattr(self, key), "an integer >= 1")
         if isinstance(self.heldout_per_task, dict):
-            for name in self.heldout_per_task:
-                require(name in self.names, f"pipeline.tasks.heldout_per_task.{name}", name,
-                        f"a task of pipeline.tasks.names ({', '.join(self.names)})")
+            for name in self.heldout_per_task:  # a task not in names is unused, a misspelt one refused
+                require(name in TASKS, f"pipeline.tasks.heldout_per_task.{name}", name, ", ".join(TASKS))
             for name in self.names:
                 require(name in self.heldout_per_task, "pipeline.tasks.heldout_per_task", self.heldout_per_task,
                         f"a count for every task of pipeline.tasks.names ({name} has none), or one count for all")

@@ -17,7 +17,6 @@ from tulu.pipeline.config import UNTRAINED
 
 def write_data(data_dir: Path, settings) -> dict[str, Path]:
     """The task files (same seed and sizes -> the same bytes); kept when the card matches."""
-    from tulu.config.schema import ConfigError
     from tulu.data.tasks import HeldOutExhausted, write_task_data
 
     t = settings.tasks
@@ -34,15 +33,34 @@ def write_data(data_dir: Path, settings) -> dict[str, Path]:
                                 heldout_per_task=t.heldout_counts(), sft_per_task=t.sft_per_task,
                                 tasks=list(t.names), difficulty=t.difficulty(), sft_slip=t.sft_slip)
     except HeldOutExhausted as e:
-        per_task = isinstance(t.heldout_per_task, dict)
-        raise ConfigError("pipeline.tasks.heldout_per_task" + (f".{e.task}" if per_task else ""),
-                          f"got {e.asked}; only {e.found} distinct held-out {e.task} prompts exist at "
-                          f"this difficulty ({t.difficulty().get(e.task, {}) or 'the default'}): ask for at most "
-                          f"{e.found}, or make the {e.task} task larger") from e
+        raise _heldout_error(t, e) from e
     info = json.loads(card.read_text()) if card.exists() else {}
     info["pipeline"] = wanted
     _write_json(card, info)
     return {k: Path(v) for k, v in paths.items()}
+
+
+def check_heldout(settings) -> None:
+    """Refuse, by its key, a held-out count above the distinct prompts a task has at its
+    difficulty, as `write_data` would, writing nothing (`tulu pipeline --dry-run`)."""
+    from tulu.data.tasks import HeldOutExhausted, task_rows
+
+    t = settings.tasks
+    for task, n in t.heldout_counts().items():
+        try:
+            task_rows(task, "heldout", n, settings.seed, t.difficulty())
+        except HeldOutExhausted as e:
+            raise _heldout_error(t, e) from e
+
+
+def _heldout_error(t, e):
+    from tulu.config.schema import ConfigError
+
+    per_task = isinstance(t.heldout_per_task, dict)
+    return ConfigError("pipeline.tasks.heldout_per_task" + (f".{e.task}" if per_task else ""),
+                       f"got {e.asked}; only {e.found} distinct held-out {e.task} prompts exist at this "
+                       f"difficulty ({t.difficulty().get(e.task, {}) or 'the default'}): ask for at most "
+                       f"{e.found}, or make the {e.task} task larger")
 
 
 def export_stage(stage_dir: Path) -> Path:
