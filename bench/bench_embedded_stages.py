@@ -72,16 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     lines = [{"figure": "run", **score_run(run, a.per_task, a.max_new_tokens)} for run in a.runs]
     rows = compare([run / "eval-large" for run in a.runs])
     lines += [{"figure": "paired_gain", **r} for r in rows]
-    stamp = {"bench": "embedded_stages", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "runs": [str(r) for r in a.runs], "wall_s": round(time.time() - t0, 1)}
+    report(lines, rows, {"bench": "embedded_stages", "runs": [str(r) for r in a.runs]}, t0, save=not a.no_save)
+    return 0
+
+
+def report(lines: list[dict], rows: list[dict], stamp: dict, t0: float, *, save: bool) -> None:
+    """Print each figure as a JSON line (with ``stamp``, the date and the wall time) and the paired
+    table; append the lines to bench/results/<stamp's bench>-DATE.jsonl when ``save``."""
+    stamp = {**stamp, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "wall_s": round(time.time() - t0, 1)}
     for line in lines:
         print(json.dumps({**line, **stamp}), flush=True)
     print(table(rows), file=sys.stderr)
-    if not a.no_save:
-        path = REPO / "bench" / "results" / f"embedded_stages-{datetime.now(timezone.utc).date()}.jsonl"
+    if save:
+        path = REPO / "bench" / "results" / f"{stamp['bench']}-{datetime.now(timezone.utc).date()}.jsonl"
         with open(path, "a") as f:
             f.writelines(json.dumps({**line, **stamp}) + "\n" for line in lines)
-    return 0
 
 
 if __name__ == "__main__":

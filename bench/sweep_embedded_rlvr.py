@@ -24,16 +24,15 @@ import re
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_embedded_stages import heldout_rows  # noqa: E402
+from bench_embedded_stages import heldout_rows, report  # noqa: E402
 from tulu.data.synthetic import write_jsonl  # noqa: E402
-from tulu.pipeline.paired import compare, table  # noqa: E402
+from tulu.pipeline.paired import compare  # noqa: E402
 
 CHAIN = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\. (\d+)([-+*])(\d+)=(\d+)\. The answer is (\d+)\.")
 SWEEP_ENTRIES = {"data", "dpo", "rlvr", "eval-large", "pipeline.json"}
@@ -163,15 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [sweep_run(run.resolve(), a) for run in a.runs]
     rows = compare([Path(line["folder"]) / "eval-large" for line in lines], ["dpo", "rlvr"])
     lines += [{"figure": "paired_gain", **r} for r in rows]
-    stamp = {"bench": "sweep_embedded_rlvr", "tag": a.tag, "set": a.set, "rlvr_tasks": a.rlvr_tasks,
-             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(time.time() - t0, 1)}
-    for line in lines:
-        print(json.dumps({**line, **stamp}), flush=True)
-    print(table(rows), file=sys.stderr)
-    if not a.no_save:
-        path = REPO / "bench" / "results" / f"sweep_embedded_rlvr-{datetime.now(timezone.utc).date()}.jsonl"
-        with open(path, "a") as f:
-            f.writelines(json.dumps({**line, **stamp}) + "\n" for line in lines)
+    report(lines, rows, {"bench": "sweep_embedded_rlvr", "tag": a.tag, "set": a.set, "rlvr_tasks": a.rlvr_tasks},
+           t0, save=not a.no_save)
     return 0
 
 

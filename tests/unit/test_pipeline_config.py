@@ -114,16 +114,25 @@ def test_careless_sft_answers_reach_the_data_and_its_card(tmp_path):
     assert abs(changed / len(rows) - slip) < 0.05
 
 
-def test_more_held_out_prompts_than_the_difficulty_has_are_refused_by_key(tmp_path):
-    from tulu.pipeline.steps import write_data
+@pytest.mark.parametrize("names, count, key, asked", [
+    ("[math]", "100", "pipeline.tasks.heldout_per_task", 100),
+    ("[math, gsm8k]", "{math: 64, gsm8k: 3}", "pipeline.tasks.heldout_per_task.math", 64),
+])
+def test_more_held_out_prompts_than_the_difficulty_has_are_refused_by_key(tmp_path, names, count, key, asked):
+    from tulu.pipeline.steps import check_heldout, write_data
 
     p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.math_max_denominator=5",
-                             "pipeline.tasks.names=[math]", "pipeline.tasks.sft_per_task=10",
-                             "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task=100"])
-    with pytest.raises(ConfigError) as err:
-        write_data(tmp_path / "data", p.settings)
-    assert err.value.key == "pipeline.tasks.heldout_per_task"
-    assert "only 63 distinct held-out math prompts" in str(err.value) and "ask for at most 63" in str(err.value)
+                             f"pipeline.tasks.names={names}", "pipeline.tasks.sft_per_task=10",
+                             "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task=1",
+                             f"pipeline.tasks.heldout_per_task={count}"])
+    for refuse in (lambda: check_heldout(p.settings), lambda: write_data(tmp_path / "data", p.settings)):
+        with pytest.raises(ConfigError) as err:
+            refuse()
+        assert err.value.key == key
+        assert f"got {asked}; only 63 distinct held-out math prompts" in str(err.value)
+        assert "ask for at most 63" in str(err.value)
+    assert not (tmp_path / "data" / "heldout.jsonl").exists()
+
 
 
 def test_held_out_prompts_per_task_as_a_mapping(tmp_path):
@@ -165,16 +174,3 @@ def test_a_wrong_held_out_mapping_names_the_key_and_what_is_allowed(value, key, 
 def test_fewer_task_names_keep_the_default_held_out_mapping_valid():
     p = load_pipeline(TINY, ["pipeline.tasks.names=[gsm8k]"])
     assert p.settings.tasks.heldout_counts() == {"gsm8k": 300}
-
-
-def test_more_held_out_prompts_of_one_task_than_exist_are_refused_by_its_key(tmp_path):
-    from tulu.pipeline.steps import write_data
-
-    p = load_pipeline(TINY, [f"pipeline.dir={tmp_path}", "pipeline.tasks.math_max_denominator=5",
-                             "pipeline.tasks.names=[math, gsm8k]", "pipeline.tasks.sft_per_task=10",
-                             "pipeline.tasks.train_per_task=10", "pipeline.tasks.heldout_per_task={math: 64, gsm8k: 3}"])
-    with pytest.raises(ConfigError) as err:
-        write_data(tmp_path / "data", p.settings)
-    assert err.value.key == "pipeline.tasks.heldout_per_task.math"
-    assert "got 64; only 63 distinct held-out math prompts" in str(err.value)
-    assert not (tmp_path / "data" / "heldout.jsonl").exists()
