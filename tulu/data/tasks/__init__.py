@@ -153,13 +153,14 @@ def _readme(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int, heldout_per_task: int | Mapping[str, int],
-                    sft_per_task: int, tasks: Sequence[str] = TASKS,
+def write_task_data(out_dir: str | Path, *, seed: int, train_per_task: int,
+                    heldout_per_task: int | Mapping[str, int], sft_per_task: int, tasks: Sequence[str] = TASKS,
                     difficulty: Mapping[str, Mapping[str, int]] | None = None,
                     sft_slip: float = 0.0) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``rlvr_train.jsonl`` and ``heldout.jsonl`` (``tasks`` mixed, shuffled
     by seed) and ``README.md``/``card.json`` describing them, each atomically; ``heldout_per_task``:
-    one count for every task or a count per task; ``sft_slip``: see :func:`sft_rows`. Returns the paths by name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
+    one count for every task or a count per task; ``sft_slip``: see :func:`sft_rows`. Returns the
+    paths by name (``sft``, ``rlvr_train``, ``heldout``, ``readme``, ``card``)."""
     tasks = tuple(tasks)
     if not 0.0 <= sft_slip <= 1.0:
         raise ValueError(f"sft_slip must be a probability 0..1, got {sft_slip}")
