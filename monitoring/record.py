@@ -183,7 +183,8 @@ def read_all(monitor_dir: str | os.PathLike, world_size: int, since: float | Non
       ``since`` (when this job's monitor started, ``$TULU_MONITOR_START``): one last updated
       before it is not this job's. 2 s of slack cover clock skew."""
     out = [read_record(record_path(monitor_dir, r)) for r in range(world_size)]
-    return [r if r is not None and _this_jobs(r, since, session) else None for r in out]
+    stamp = session_stamp(session) if session else None
+    return [r if r is not None and _this_jobs(r, since, stamp) else None for r in out]
 
 
 def session_stamp(session: str) -> str:
@@ -192,9 +193,9 @@ def session_stamp(session: str) -> str:
     return _s(session.encode("utf-8", "replace")[:RecordLayout.SESSION.size])
 
 
-def _this_jobs(r: RankRecord, since: float | None, session: str | None) -> bool:
-    if session and r.session:
-        return r.session == session_stamp(session)
+def _this_jobs(r: RankRecord, since: float | None, stamp: str | None) -> bool:
+    if stamp and r.session:
+        return r.session == stamp
     return since is None or r.updated >= since - 2.0
 
 
